@@ -1,0 +1,100 @@
+"""The ``cbatch`` command: parses arguments and routes to the module that owns each subcommand.
+
+Nothing here decides anything. Each route names ``module:function``; the module is imported only when its
+subcommand runs, so ``cbatch run`` inside a job does not pay for YAML or the Docker SDK.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from cbatch.errors import CbatchError
+
+DEFAULT_CONFIG = "/etc/cbatch/cbatch.yaml"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cbatch", description="Run batch jobs in container images.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    c = sub.add_parser("check", help="validate the site config, show what a script would run, or check this node")
+    c.add_argument("--config", default=None, help=f"site config (default {DEFAULT_CONFIG})")
+    c.add_argument("--queue", "-q", default=None, help="queue (or Slurm partition) to check the script against")
+    c.add_argument("--user", default=None, help="check as this user (default: you)")
+    c.add_argument("--node", action="store_true", help="check this node: engine, daemon, hooks, config")
+    c.add_argument("--mom-priv", default=None, help="with --node: pbs_mom's mom_priv directory")
+    c.add_argument("script", nargs="?", help="job script to check")
+    c.set_defaults(route="cbatch.checks:command")
+
+    r = sub.add_parser("run", help="run a command in a container from inside a job")
+    r.add_argument("--image", default=None)
+    r.add_argument("--mount", action="append", default=[], metavar="SRC:DST[:ro|rw]")
+    r.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
+    r.add_argument("--workdir", default=None)
+    r.add_argument("--network", default=None)
+    r.add_argument("--readonly", action="store_true")
+    r.add_argument("--entrypoint", action="store_true", help="use the image's entrypoint")
+    r.add_argument("--socket", default=None, help=argparse.SUPPRESS)
+    r.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD [ARGS...]")
+    r.set_defaults(route="cbatch.runcmd:command")
+
+    lo = sub.add_parser("local", help="run a job script on this node the way pbs_mom would")
+    lo.add_argument("--queue", "-q", default="batch")
+    lo.add_argument("-l", dest="resources", action="append", default=[], metavar="RESOURCES")
+    lo.add_argument("-v", dest="variables", action="append", default=[], metavar="VAR=VAL")
+    lo.add_argument("-N", dest="name", default=None)
+    lo.add_argument("--user", default=None, help="(root) run the job as this user")
+    lo.add_argument("--socket", default=None, help=argparse.SUPPRESS)
+    lo.add_argument("script")
+    lo.add_argument("args", nargs=argparse.REMAINDER)
+    lo.set_defaults(route="cbatch.local:command")
+
+    ih = sub.add_parser("install-hooks", help="install the pbs_mom hooks and print the mom_priv/config lines")
+    ih.add_argument("--mom-priv", default="/var/spool/torque/mom_priv")
+    ih.add_argument("--libexec", default="/usr/libexec/cbatch")
+    ih.set_defaults(route="cbatch.install:command")
+
+    for name in ("prologue", "epilogue"):
+        h = sub.add_parser(name, help=f"the batch system's {name} (root)")
+        h.add_argument("--slurm", action="store_true", help="read the job from Slurm's environment")
+        h.add_argument("--socket", default=None, help=argparse.SUPPRESS)
+        h.add_argument("args", nargs=argparse.REMAINDER)
+        h.set_defaults(route=f"cbatch.hooks:{name}_command")
+
+    im = sub.add_parser("images", help="list, sync or prune this node's images")
+    im.add_argument("action", nargs="?", choices=("list", "sync", "prune"), default="list")
+    im.add_argument("--config", default=None)
+    im.add_argument("--socket", default=None, help=argparse.SUPPRESS)
+    im.set_defaults(route="cbatch.images:command")
+
+    sf = sub.add_parser("submit-filter", help="Torque SUBMITFILTER: check #CBATCH directives at qsub time")
+    sf.add_argument("--config", default=None)
+    sf.add_argument("qsub_args", nargs=argparse.REMAINDER)
+    sf.set_defaults(route="cbatch.submitfilter:command")
+    return p
+
+
+def route(target: str):
+    """Import ``module:function`` lazily and return the function."""
+    module, _, func = target.partition(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def main(argv=None) -> int:
+    """Entry point of the ``cbatch`` console script."""
+    args = _parser().parse_args(argv)
+    try:
+        status = route(args.route)(args)
+    except CbatchError as exc:
+        print(exc.message, file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    return int(status or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
