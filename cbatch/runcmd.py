@@ -1,0 +1,91 @@
+"""``cbatch run``: run one command in a container from inside a job, as if it ran directly.
+
+The client side only: it sends what the caller asked for (the command, the ``cbatch run`` options as
+written, cwd, environment) and its own stdin/stdout/stderr to cbatchd, then sits in the shared
+:func:`cbatch.client.run_session` loop until the container exits. Everything that matters is decided by the
+daemon: which job the caller belongs to (its Torque session or its Slurm cgroup, read from /proc on the
+server side), whether the image and options are allowed, the identity and the cgroup parent. That is why a
+user-chosen ``--socket`` or ``CBATCH_SOCKET`` is harmless: a fake daemon could only lie to its own caller.
+
+Behaviour the caller can rely on:
+- stdin, stdout and stderr are the caller's own descriptors (pipes, files, terminals), passed to the daemon
+  with SCM_RIGHTS, so bytes flow live and unmodified and interactive stdin works;
+- the exit status is the command's (128+N when a signal killed it); a cbatch failure is one line on stderr
+  and status 125/126/127;
+- SIGINT, SIGTERM, SIGHUP (and USR1/USR2/CONT) are forwarded to the container; if ``cbatch run`` itself is
+  SIGKILLed the daemon sees the connection close and removes the container.
+
+Stdlib only (runs inside every job that uses it): imports cbatch.client, cbatch.protocol, cbatch.errors.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import List
+
+from cbatch import client, protocol
+from cbatch.errors import DirectiveError
+
+ENV_SOCKET = "CBATCH_SOCKET"
+
+
+def socket_path(explicit: str | None = None) -> str:
+    """``--socket``, else ``$CBATCH_SOCKET``, else the default socket."""
+    return explicit or os.environ.get(ENV_SOCKET) or client.DEFAULT_SOCKET
+
+
+def options_of(args) -> List[str]:
+    """The ``cbatch run`` options back as ``--opt=value`` words.
+
+    The daemon parses them itself (``directives.parse_options``) with the same rules as ``#CBATCH`` lines,
+    so the client never interprets an option and cannot disagree with the server about what it means.
+    """
+    out: List[str] = []
+    if args.image is not None:
+        out.append(f"--image={args.image}")
+    out.extend(f"--mount={m}" for m in args.mount)
+    out.extend(f"--env={e}" for e in args.env)
+    if args.workdir is not None:
+        out.append(f"--workdir={args.workdir}")
+    if args.network is not None:
+        out.append(f"--network={args.network}")
+    if args.readonly:
+        out.append("--readonly")
+    if args.entrypoint:
+        out.append("--entrypoint")
+    return out
+
+
+def command_of(args) -> List[str]:
+    """The user's command: everything after the options, without a leading ``--``."""
+    cmd = list(args.cmd or [])
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        raise DirectiveError("cbatch run", "no command given", None,
+                             "usage: cbatch run [--image IMG] [options] [--] CMD [ARGS...]")
+    return cmd
+
+
+def _std_fds() -> List[int]:
+    """fds 0, 1, 2 to send; a closed one is replaced by /dev/null (SCM_RIGHTS cannot carry a hole)."""
+    fds = []
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+            fds.append(fd)
+        except OSError:
+            fds.append(os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC))
+    return fds
+
+
+def command(args) -> int:
+    """Entry point of ``cbatch run`` (routed from cli.py); returns the command's exit status."""
+    cmd = command_of(args)
+    try:
+        cwd = os.getcwd()
+    except OSError:
+        cwd = os.environ.get("PWD", "/")
+    req = protocol.request("run", argv=cmd, options=options_of(args), cwd=cwd,
+                           env=protocol.env_pairs(os.environ.items()))
+    return client.run_session(socket_path(args.socket), req, _std_fds())

@@ -1,0 +1,58 @@
+"""Shared fixtures. Nothing here skips a test: an integration test whose engine or image is missing fails.
+
+- ``engine``: an :class:`cbatch.engine.Engine` on ``$CBATCH_ENGINE_URL`` (default the local socket).
+- ``test_images``: session-wide; runs ``scripts/build-test-images`` once (cached by tag) and returns the tags.
+- ``helper``: session-wide; builds ``libexec/cbatch-exec`` with make and returns its path.
+- ``unique_instance``: a fresh ``cbatch.instance`` label value; every container carrying it is removed when
+  the test ends, whatever the test did (tests still remove their own containers themselves).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ENGINE_URL = os.environ.get("CBATCH_ENGINE_URL", "unix:///var/run/docker.sock")
+
+
+@pytest.fixture(scope="session")
+def test_images():
+    """Build (or find cached) the local test images; return {short name: tag}."""
+    subprocess.run([str(ROOT / "scripts" / "build-test-images")], check=True)
+    return {
+        "busybox": "cbatch-test/busybox:1",
+        "debian": "cbatch-test/debian:12",
+        "setuid": "cbatch-test/setuid:1",
+        "noshell": "cbatch-test/noshell:1",
+        "entrypoint": "cbatch-test/entrypoint:1",
+    }
+
+
+@pytest.fixture(scope="session")
+def helper():
+    """Path of a freshly built static cbatch-exec (make is a no-op when it is up to date)."""
+    subprocess.run(["make", "-s", "-C", str(ROOT / "libexec"), "all"], check=True)
+    return str(ROOT / "libexec" / "cbatch-exec")
+
+
+@pytest.fixture
+def engine():
+    """An Engine on the test engine URL."""
+    from cbatch.engine import Engine
+    return Engine(ENGINE_URL, timeout=60)
+
+
+@pytest.fixture
+def unique_instance():
+    """A unique cbatch.instance value; its containers are removed after the test."""
+    from cbatch.engine import Engine
+    from cbatch.spec import LABEL_INSTANCE
+    instance = "test-" + uuid.uuid4().hex[:12]
+    yield instance
+    leftovers = Engine(ENGINE_URL, timeout=60).cleanup({LABEL_INSTANCE: instance})
+    assert not leftovers, f"containers left behind for {instance}: {leftovers}"

@@ -1,0 +1,151 @@
+"""End-to-end 9 and 10: every failure is one clear line in the job's .e file, 125 where cbatch failed, and
+nothing is left behind; the prologue never fails a job."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from cbatch import install
+from torque_helpers import cbatch_lines, instance_containers, job_containers, run_epilogue, script, wait_until
+
+
+def _one_cbatch_line(r, *words):
+    lines = cbatch_lines(r.stderr)
+    assert lines, (r.stdout, r.stderr)
+    assert any(all(w in l for w in words) for l in lines), lines
+    return lines
+
+
+def test_engine_unreachable(daemon_factory, mom_factory, alice):
+    d = daemon_factory("badengine", engine={"url": "unix:///run/cbatch-test/no-such-docker.sock", "timeout": 5})
+    m = mom_factory(d)
+    job = m.submit(script("echo never"), alice.name)
+    r = job.wait(120)
+    assert r.exit_status == 125, (r.stdout, r.stderr)
+    assert r.stdout == b""
+    _one_cbatch_line(r)
+    assert r.epilogue_status == 0 and r.prologue_status == 0
+
+
+def test_daemon_down(mom_factory, alice):
+    path = f"/run/cbatch-test/nobody-{os.getpid()}.sock"
+    m = mom_factory(path)
+    job = m.submit(script("echo never"), alice.name)
+    r = job.wait(60)
+    assert r.prologue_status == 0 and r.epilogue_status == 0, "hooks must never fail the job"
+    assert r.exit_status == 125, (r.stdout, r.stderr)
+    assert r.stdout == b""
+    lines = r.stderr.decode().splitlines()
+    # The prologue's log line comes first (pbs_mom appends its stderr before the job's), then the starter's.
+    assert lines[0].startswith("cbatch prologue:") and job.job_id in lines[0], lines
+    assert any(l.startswith("cbatch:") and "not reachable" in l for l in lines[1:]), lines
+
+
+def test_image_missing(mom, daemon, alice):
+    job = mom.submit(script("echo never", image="cbatch-test/does-not-exist:1"), alice.name)
+    r = job.wait(120)
+    assert r.exit_status == 125, (r.stdout, r.stderr)
+    assert r.stdout == b""
+    lines = _one_cbatch_line(r, "cbatch-test/does-not-exist:1")
+    assert len(lines) == 1
+    assert not job_containers(daemon.instance, job.job_id)
+
+
+def test_script_vanished_after_registration(mom_factory, daemon, alice):
+    m = mom_factory(daemon)
+    real = os.path.join(m.mom_priv, "cbatch-prologue")
+    install.write_file(real, install.shim_text("prologue", daemon.socket), 0o500)
+    # Register, then lose the script (a full disk, an admin's clean-up): $8 is the script path.
+    wrapper = f'#!/bin/sh\n{real} "$@"\nrm -f "$8"\nexit 0\n'
+    install.write_file(m.prologue, wrapper, 0o500)
+    job = m.submit(script("echo never"), alice.name)
+    r = job.wait(120)
+    assert r.exit_status in (125, 127), (r.stdout, r.stderr)
+    assert r.stdout == b""
+    lines = cbatch_lines(r.stderr)
+    assert len(lines) == 1, r.stderr
+    assert not job_containers(daemon.instance, job.job_id)
+
+
+def test_daemon_restarted_mid_job(daemon_factory, mom_factory, alice):
+    d = daemon_factory("restart")
+    m = mom_factory(d)
+    job = m.submit(script("echo ready; sleep 5; echo done"), alice.name)
+    assert job.wait_output(b"ready\n", timeout=60), job.peek()
+    d.restart()
+    r = job.wait(120)
+    if r.exit_status == 0:
+        assert r.stdout == b"ready\ndone\n"
+    else:
+        assert cbatch_lines(r.stderr), (r.exit_status, r.stderr)
+    assert wait_until(lambda: not instance_containers(d.instance), timeout=10) is not None, \
+        f"containers left: {instance_containers(d.instance)}"
+
+
+def test_startup_removes_unregistered_containers(daemon_factory, alice):
+    d = daemon_factory("sweep")
+    name = f"cbt-orphan-{os.getpid()}"
+    subprocess.run(["docker", "run", "-d", "--name", name, "--label", f"cbatch.instance={d.instance}",
+                    "--label", "cbatch.job=999999.nowhere", "--label", "cbatch.kind=job",
+                    "--label", f"cbatch.uid={alice.uid}", "--network", "none", "cbatch-test/busybox:1",
+                    "sleep", "300"], check=True, capture_output=True)
+    try:
+        d.restart()
+        took = wait_until(lambda: not instance_containers(d.instance), timeout=15)
+        assert took is not None, f"orphan not removed: {instance_containers(d.instance)}\n{d.log()[-3000:]}"
+    finally:
+        subprocess.run(["docker", "rm", "-f", name], capture_output=True)
+
+
+def test_daemon_killed_starter_killed_nothing_leaks(daemon_factory, mom_factory, alice):
+    d = daemon_factory("crash")
+    m = mom_factory(d, run_epilogue=False)
+    job = m.submit(script("echo ready; sleep 300"), alice.name)
+    assert job.wait_output(b"ready\n", timeout=60), job.peek()
+    assert job_containers(d.instance, job.job_id)
+    d.stop(sig=signal.SIGKILL)
+    job.kill_starter(signal.SIGKILL)
+    r = job.wait(30)
+    assert r.exit_status == 265
+    assert run_epilogue(m, job, r.exit_status).returncode == 0     # daemon down: logs, exits 0
+    d.start()
+    took = wait_until(lambda: not job_containers(d.instance, job.job_id), timeout=20)
+    assert took is not None, f"container of a dead job survived the restart:\n{d.log()[-3000:]}"
+
+
+JUNK = [
+    [],
+    ["only-one"],
+    ["1.vm", "no-such-user-cbt", "grp", "n", "nodes=1", "batch", "", "/x/1.vm.SC"],
+    ["1\n.vm", "cbt-alice", "grp", "n", "nodes=1", "batch", "", "/x/1.vm.SC"],
+    ["1.vm", "cbt-alice", "grp", "n", "nodes=1", "batch", "", "relative/1.vm.SC"],
+    ["x"] * 20,
+]
+
+
+@pytest.mark.parametrize("argv", JUNK, ids=[f"junk{i}" for i in range(len(JUNK))])
+def test_prologue_with_junk_argv_exits_0_and_logs(mom, argv):
+    env = {"PATH": "/bin:/usr/bin", "LANG": "C.UTF-8"}
+    p = subprocess.run([mom.prologue, *argv], env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                       cwd=mom.mom_priv, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stderr.decode().startswith("cbatch prologue:"), p.stderr
+    assert len(p.stderr.decode().splitlines()) == 1
+    p = subprocess.run([mom.epilogue_path, *argv], env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                       cwd=mom.mom_priv, timeout=60)
+    assert p.returncode == 0, p.stderr
+
+
+def test_prologue_daemon_down_is_quick(mom_factory):
+    m = mom_factory(f"/run/cbatch-test/nobody-{os.getpid()}.sock")
+    t0 = time.monotonic()
+    p = subprocess.run([m.prologue, "1.vm", "cbt-alice", "cbt-alice", "n", "nodes=1", "batch", "",
+                        f"{m.jobs_dir}/1.vm.SC"], env={"PATH": "/bin:/usr/bin"}, capture_output=True, timeout=60)
+    assert p.returncode == 0
+    assert time.monotonic() - t0 < 10
+    assert b"not reachable" in p.stderr

@@ -1,0 +1,53 @@
+"""End-to-end 1: the job runs as its user, inside the container, with the user's identity and home."""
+
+from __future__ import annotations
+
+import os
+
+from torque_helpers import job_containers, script
+
+
+def _lines(result):
+    return dict(line.split("=", 1) for line in result.stdout.decode().splitlines() if "=" in line)
+
+
+def test_identity_matches_user(mom, daemon, alice):
+    job = mom.submit(script("""
+echo uid=$(id -u)
+echo gid=$(id -g)
+echo groups=$(id -G)
+echo whoami=$(whoami)
+echo home=$HOME
+echo incontainer=$(test -e /.cbatch && echo yes || echo no)
+"""), alice.name)
+    r = job.wait(120)
+    assert r.exit_status == 0, r.stderr
+    got = _lines(r)
+    assert got["uid"] == str(alice.uid)
+    assert got["gid"] == str(alice.gid)
+    assert sorted(got["groups"].split()) == sorted(str(g) for g in alice.groups)
+    assert got["whoami"] == alice.name
+    assert got["home"] == alice.home
+    assert got["incontainer"] == "yes"
+    assert not job_containers(daemon.instance, job.job_id)
+
+
+def test_files_written_are_owned_by_user(mom, daemon, alice, workdir):
+    job = mom.submit(script("""
+echo hello > out.txt
+mkdir sub && touch sub/f
+pwd
+"""), alice.name, initdir=str(workdir), workdir=str(workdir))
+    r = job.wait(120)
+    assert r.exit_status == 0, r.stderr
+    assert r.stdout.decode().strip() == str(workdir)
+    for path in (workdir / "out.txt", workdir / "sub", workdir / "sub" / "f"):
+        st = os.stat(path)
+        assert (st.st_uid, st.st_gid) == (alice.uid, alice.gid), path
+    assert (workdir / "out.txt").read_text() == "hello\n"
+
+
+def test_bob_is_bob(mom, bob):
+    r = mom.submit(script("id -un; id -u"), bob.name).wait(120)
+    assert r.exit_status == 0, r.stderr
+    assert r.stdout.decode().split() == [bob.name, str(bob.uid)]

@@ -1,0 +1,69 @@
+"""Helpers for the Torque end-to-end tests (imported by conftest.py and the tests)."""
+
+from __future__ import annotations
+
+import subprocess
+from typing import List, Optional
+
+
+def instance_containers(instance: str) -> List[str]:
+    """Ids of every container (running or not) labelled with this daemon instance."""
+    out = subprocess.run(["docker", "ps", "-a", "-q", "--no-trunc", "--filter", f"label=cbatch.instance={instance}"],
+                         check=True, capture_output=True, text=True).stdout
+    return out.split()
+
+
+def job_containers(instance: str, job_id: str) -> List[str]:
+    """Ids of the containers of one job of this instance."""
+    out = subprocess.run(["docker", "ps", "-a", "-q", "--no-trunc", "--filter", f"label=cbatch.instance={instance}",
+                          "--filter", f"label=cbatch.job={job_id}"], check=True, capture_output=True, text=True).stdout
+    return out.split()
+
+
+def remove_instance_containers(instance: str) -> List[str]:
+    """Remove this instance's containers (ours only: filtered by our unique label)."""
+    ids = instance_containers(instance)
+    if ids:
+        subprocess.run(["docker", "rm", "-f", *ids], capture_output=True)
+    return ids
+
+
+def script(body: str, image: Optional[str] = "cbatch-test/debian:12", shebang: str = "#!/bin/bash") -> bytes:
+    """A job script with ``#CBATCH --image`` (none when image is None)."""
+    head = [shebang, "#PBS -N test"]
+    if image:
+        head.append(f"#CBATCH --image={image}")
+    return ("\n".join(head) + "\n" + body.strip("\n") + "\n").encode()
+
+
+def docker_inspect(cid: str) -> dict:
+    """``docker inspect`` of one container, as a dict."""
+    import json
+    out = subprocess.run(["docker", "inspect", cid], check=True, capture_output=True, text=True).stdout
+    return json.loads(out)[0]
+
+
+def run_epilogue(mom, job, exit_status: int = 0) -> subprocess.CompletedProcess:
+    """Run the mom's installed epilogue by hand (for a Mom made with run_epilogue=False), root, 11 args."""
+    plan = job.plan
+    args = [job.job_id, plan["user"], plan["group"], plan["name"], str(job.session_id), plan["resource_list"],
+            "cput=00:00:00,vmem=0kb,walltime=00:00:01,mem=0kb,energy_used=0", plan["queue"], plan["account"],
+            str(exit_status), plan["script"]]
+    return subprocess.run([mom.epilogue_path, *args], env=plan["hook_env"], capture_output=True,
+                          stdin=subprocess.DEVNULL, cwd=mom.mom_priv, timeout=60)
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.05) -> Optional[float]:
+    """Poll ``predicate`` until true; return the seconds it took, or None on timeout."""
+    import time
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if predicate():
+            return time.monotonic() - t0
+        time.sleep(interval)
+    return None
+
+
+def cbatch_lines(data: bytes) -> List[str]:
+    """The lines of a spool file that cbatch wrote (they all start with "cbatch")."""
+    return [l for l in data.decode(errors="replace").splitlines() if l.startswith("cbatch")]

@@ -1,0 +1,108 @@
+"""resolve_as_user on a real temporary tree: symlinks, .., missing and inaccessible paths."""
+
+import os
+import pwd
+
+import pytest
+
+from cbatch.errors import PolicyError
+from cbatch.job import Identity
+from cbatch.paths import resolve_as_user
+
+
+def me() -> Identity:
+    return Identity.lookup_uid(os.geteuid())
+
+
+@pytest.fixture
+def tree(tmp_path):
+    (tmp_path / "scratch" / "data").mkdir(parents=True)
+    (tmp_path / "secret").mkdir()
+    (tmp_path / "secret" / "file").write_text("x")
+    (tmp_path / "scratch" / "to-secret").symlink_to(tmp_path / "secret" / "file")
+    (tmp_path / "scratch" / "rel-up").symlink_to("../secret")
+    (tmp_path / "scratch" / "dangling").symlink_to(tmp_path / "nowhere")
+    return tmp_path
+
+
+def test_plain_path(tree):
+    assert resolve_as_user(str(tree / "scratch" / "data"), me()) == str(tree / "scratch" / "data")
+
+
+def test_dotdot_is_resolved(tree):
+    assert resolve_as_user(f"{tree}/scratch/../secret/file", me()) == str(tree / "secret" / "file")
+
+
+def test_symlinks_are_resolved(tree):
+    assert resolve_as_user(str(tree / "scratch" / "to-secret"), me()) == str(tree / "secret" / "file")
+    assert resolve_as_user(str(tree / "scratch" / "rel-up" / "file"), me()) == str(tree / "secret" / "file")
+
+
+def test_etc_shadow_symlink_resolves_to_etc_shadow(tree):
+    # The resolver reports the truth; the policy's prefix check then refuses it.
+    (tree / "scratch" / "shadow").symlink_to("/etc/shadow")
+    if not os.path.exists("/etc/shadow"):
+        pytest.skip("no /etc/shadow here")
+    if os.geteuid() == 0:
+        assert resolve_as_user(str(tree / "scratch" / "shadow"), me()) == "/etc/shadow"
+    else:
+        with pytest.raises(PolicyError) as exc:
+            resolve_as_user(str(tree / "scratch" / "shadow"), me())
+        assert exc.value.message == f"cbatch: path: permission denied: {tree}/scratch/shadow (the job's user cannot access it)"
+
+
+def test_missing_and_dangling(tree):
+    with pytest.raises(PolicyError) as exc:
+        resolve_as_user(str(tree / "nope"), me())
+    assert exc.value.message == f"cbatch: path: no such file or directory: {tree}/nope (check the path exists on this node)"
+    with pytest.raises(PolicyError):
+        resolve_as_user(str(tree / "scratch" / "dangling"), me())
+
+
+def test_relative_and_nul_refused():
+    with pytest.raises(PolicyError) as exc:
+        resolve_as_user("scratch", me())
+    assert exc.value.message == "cbatch: path: not an absolute path: scratch"
+    with pytest.raises(PolicyError):
+        resolve_as_user("/tmp/a\0b", me())
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="needs a non-root uid")
+def test_other_user_needs_root():
+    other = Identity("root", 0, 0, (0,), "/root", "/bin/sh")
+    with pytest.raises(PolicyError) as exc:
+        resolve_as_user("/", other)
+    assert exc.value.message == "cbatch: path: cannot resolve paths as another user without root: root"
+
+
+def _nobody():
+    try:
+        return Identity.lookup("nobody")
+    except PolicyError:
+        return None
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or _nobody() is None, reason="needs root and the nobody user")
+def test_as_root_resolves_with_the_users_rights():
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    nobody = _nobody()
+    tree = Path(tempfile.mkdtemp(prefix="cbatch-paths-", dir="/tmp"))     # pytest's tmp is root-only
+    try:
+        os.chmod(tree, 0o755)
+        (tree / "scratch" / "data").mkdir(parents=True)
+        (tree / "secret").mkdir(mode=0o700)                                # root-only directory
+        (tree / "secret" / "file").write_text("x")
+        (tree / "scratch" / "to-secret").symlink_to(tree / "secret" / "file")
+        # root sees through the symlink; nobody must not get a canonical path out of it.
+        assert resolve_as_user(str(tree / "scratch" / "to-secret"), me()) == str(tree / "secret" / "file")
+        with pytest.raises(PolicyError) as exc:
+            resolve_as_user(str(tree / "scratch" / "to-secret"), nobody)
+        assert exc.value.message == (f"cbatch: path: permission denied: {tree}/scratch/to-secret "
+                                     "(the job's user cannot access it)")
+        assert resolve_as_user(str(tree / "scratch" / "data"), nobody) == str(tree / "scratch" / "data")
+        assert os.geteuid() == 0                                           # the parent kept its rights
+    finally:
+        shutil.rmtree(tree)
