@@ -132,7 +132,8 @@ def tidy(parent: str, root: str = CGROUP_ROOT, keep_parent_in: Optional[Iterable
             try:
                 os.rmdir(path)
             except OSError as exc:
-                if exc.errno not in (errno.ENOENT, errno.EBUSY, errno.ENOTEMPTY, errno.EACCES, errno.EPERM):
+                if exc.errno not in (errno.ENOENT, errno.EBUSY, errno.ENOTEMPTY, errno.EACCES, errno.EPERM,
+                                     errno.ENOTDIR):
                     raise
     left = []
     for hier in hierarchies(root):

@@ -32,10 +32,15 @@ def command(args) -> int:
         return nodecheck.command(args)
     path = args.config or configmod.DEFAULT_PATH
     cfg = configmod.load(path)
-    if not getattr(args, "script", None):
-        print_config(cfg, sys.stdout)
+    try:
+        if not getattr(args, "script", None):
+            print_config(cfg, sys.stdout)
+            return 0
+        return check_script(cfg, args.script, queue=args.queue, user=args.user, out=sys.stdout)
+    except BrokenPipeError:
+        # `cbatch check ... | head`: the reader has what it wanted; no traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    return check_script(cfg, args.script, queue=args.queue, user=args.user, out=sys.stdout)
 
 
 def _fmt_size(n: Optional[int]) -> str:
@@ -94,7 +99,7 @@ def print_config(cfg: configmod.SiteConfig, out: TextIO) -> None:
 
 
 def _pbs_options(data: bytes) -> dict:
-    """``#PBS -l``, ``-q`` and ``-N`` from the leading comment block, as qsub would read them."""
+    """``#PBS -l``, ``-q``, ``-N`` and ``-S`` from the leading comment block, as qsub would read them."""
     found: dict = {"l": []}
     for raw in data[:MAX_SCAN_BYTES].split(b"\n"):
         stripped = raw.strip()
@@ -110,7 +115,7 @@ def _pbs_options(data: bytes) -> dict:
         while i < len(words):
             w = words[i]
             i += 1
-            if len(w) >= 2 and w[0] == "-" and w[1] in "lqN":
+            if len(w) >= 2 and w[0] == "-" and w[1] in "lqNS":
                 value = w[2:]
                 if not value and i < len(words):
                     value, i = words[i], i + 1
@@ -129,6 +134,8 @@ def build_job(script: str, identity: Identity, queue: Optional[str], data: bytes
     queue = queue if queue is not None else pbs.get("q", "")
     name = pbs.get("N") or os.path.basename(script)
     cwd = os.getcwd()
+    # pbs_mom starts the job starter with the -S shell if given, else the user's login shell.
+    shell = pbs.get("S", "").split(",")[0].split("@")[0] or identity.shell
     reg = Registration(job_id=CHECK_JOB_ID, user=identity.user, group=str(identity.gid), name=name,
                        resource_list=",".join(pbs["l"]), queue=queue, account="", script_path=script,
                        session_id=os.getpid(), batch="local")
@@ -139,7 +146,7 @@ def build_job(script: str, identity: Identity, queue: Optional[str], data: bytes
            ("USER", identity.user)]
     if environ.get(policy.IMAGE_ENV):
         env.append((policy.IMAGE_ENV, environ[policy.IMAGE_ENV]))   # as with qsub -v CBATCH_IMAGE=...
-    return JobContext.for_start(reg, identity, identity.shell, script + "\n", cwd, env)
+    return JobContext.for_start(reg, identity, shell, script + "\n", cwd, env)
 
 
 def _describe(out: TextIO, cfg: configmod.SiteConfig, job: JobContext, directives, result) -> None:

@@ -15,9 +15,18 @@ from cbatch.errors import CbatchError
 DEFAULT_CONFIG = "/etc/cbatch/cbatch.yaml"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with cbatch's one-line error format (users read these in a job's .e file)."""
+
+    def error(self, message):
+        subject = self.prog.partition(" ")[2] or "arguments"
+        print(f"cbatch: {subject}: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cbatch", description="Run batch jobs in container images.")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    p = _Parser(prog="cbatch", description="Run batch jobs in container images.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
     c = sub.add_parser("check", help="validate the site config, show what a script would run, or check this node")
@@ -67,13 +76,13 @@ def _parser() -> argparse.ArgumentParser:
     im = sub.add_parser("images", help="list, sync or prune this node's images")
     im.add_argument("action", nargs="?", choices=("list", "sync", "prune"), default="list")
     im.add_argument("--config", default=None)
+    im.add_argument("--dry-run", action="store_true", help="with prune: list what would be removed")
     im.add_argument("--socket", default=None, help=argparse.SUPPRESS)
     im.set_defaults(route="cbatch.images:command")
 
-    sf = sub.add_parser("submit-filter", help="Torque SUBMITFILTER: check #CBATCH directives at qsub time")
-    sf.add_argument("--config", default=None)
-    sf.add_argument("qsub_args", nargs=argparse.REMAINDER)
-    sf.set_defaults(route="cbatch.submitfilter:command")
+    # Listed for --help only: main() hands its raw arguments (qsub's own syntax) to the filter.
+    sub.add_parser("submit-filter", help="Torque SUBMITFILTER: check #CBATCH directives at qsub time",
+                   add_help=False)
     return p
 
 
@@ -83,8 +92,16 @@ def route(target: str):
     return getattr(importlib.import_module(module), func)
 
 
+# Commands whose arguments belong to another program (qsub's options for the submit filter): argparse
+# would reject them, so they get the raw argument list.
+RAW_ROUTES = {"submit-filter": "cbatch.submitfilter:main"}
+
+
 def main(argv=None) -> int:
     """Entry point of the ``cbatch`` console script."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in RAW_ROUTES:
+        return int(route(RAW_ROUTES[argv[0]])(argv[1:]) or 0)
     args = _parser().parse_args(argv)
     try:
         status = route(args.route)(args)

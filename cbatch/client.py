@@ -24,7 +24,8 @@ from cbatch.errors import EXIT_CBATCH, CbatchError, DaemonError, from_wire
 
 DEFAULT_SOCKET = "/run/cbatch/cbatchd.sock"
 CONNECT_TIMEOUT = 10.0
-REPLY_TIMEOUT = 120.0          # a start may pull or create a container; the daemon answers or fails
+REPLY_TIMEOUT = 120.0          # one request, one reply
+START_TIMEOUT = None           # a start may pull an image first (pull: missing): the daemon answers or closes
 REATTACH_EVERY = 0.5
 REATTACH_FOR = 15.0
 # Signals a job may receive from pbs_mom/slurmd or a terminal that mean something to the job itself.
@@ -203,7 +204,7 @@ def run_session(path: str, request: dict, fds: Sequence[int] = (0, 1, 2),
         s.sock = connect(path)
         protocol.send(s.sock, request, fds)
         try:
-            first = s.next_message(REPLY_TIMEOUT)
+            first = s.next_message(START_TIMEOUT)
         except protocol.Closed as exc:
             raise DaemonError("daemon", "closed the connection without a reply", request.get("op")) from exc
         if first.get("mode") == "native":

@@ -11,30 +11,26 @@ Queues start from ``defaults`` and override it key by key; the maps ``env``, ``u
 from __future__ import annotations
 
 import os
-import re
 import socket
 import stat
-from dataclasses import dataclass, replace
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
 
 import yaml
 
-from cbatch.directives import NATIVE, parse_mount, valid_reference
+from cbatch.configkeys import (GLOB, MERGED_MAPS, NAME, QUEUE_KEYS, RESERVED_TARGETS, Ctx, abspath, instance,
+                               integer, is_reserved_target, mapping, number, positive, section, unknown, url)
+from cbatch.directives import NATIVE
 from cbatch.errors import ConfigError
-from cbatch.resources import SIZE_HINT, parse_size
 from cbatch.spec import Mount
+
+__all__ = ["DEFAULT_PATH", "DEFAULT_ENV_DROP", "RESERVED_TARGETS", "EngineConfig", "DaemonConfig", "UserMounts",
+           "Hardening", "QueuePolicy", "RegistryConfig", "ImagesConfig", "SiteConfig", "ConfigError",
+           "is_reserved_target", "normalize_reference", "image_allowed", "parse", "check_trusted", "load"]
 
 DEFAULT_PATH = "/etc/cbatch/cbatch.yaml"
 DEFAULT_ENV_DROP = ("PATH", "LD_LIBRARY_PATH", "LD_PRELOAD", "LD_AUDIT", "HOSTNAME", "PWD", "OLDPWD", "SHLVL",
                     "_", "MANPATH", "MODULEPATH", "LOADEDMODULES", "_LMFILES_", "BASH_FUNC_*")
-# Container paths cbatch itself provides, or that would hand the host's kernel interfaces to a job.
-RESERVED_TARGETS = ("/etc/passwd", "/etc/group", "/etc/shadow", "/proc", "/sys", "/dev", "/.cbatch")
-URL_SCHEMES = ("unix", "tcp", "http", "https", "ssh")
-
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
-_ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
-_ENV_PATTERN = re.compile(r"^[A-Za-z0-9_*?%\[\]]+\Z")
-_GLOB = re.compile(r"[*?\[]")
 
 
 @dataclass(frozen=True)
@@ -138,233 +134,10 @@ class SiteConfig:
         return tuple(seen)
 
 
-def is_reserved_target(target: str, extra: Tuple[str, ...] = ()) -> bool:
-    """True if a container path is ``/``, or equal to or under a reserved path (or one of ``extra``)."""
-    if target == "/":
-        return True
-    reserved = RESERVED_TARGETS + tuple(e for e in extra if e and e != "/")
-    return any(target == r or target.startswith(r.rstrip("/") + "/") for r in reserved)
-
-
-# --- converters: (path, key, value) -> python value, ConfigError on anything unexpected -----------------
-
-class _Ctx:
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def err(self, key: str, problem: str, value: object, hint: Optional[str] = None) -> ConfigError:
-        return ConfigError(self.path, key, problem, _show(value), hint)
-
-
-def _show(value: object) -> object:
-    if value is None:
-        return "null"
-    if isinstance(value, (dict, list)):
-        return repr(value)
-    return value
-
-
-def _str(c: _Ctx, key: str, v: Any, hint: str = "a string") -> str:
-    if not isinstance(v, str) or not v:
-        raise c.err(key, "expected a non-empty string", v, hint)
-    return v
-
-
-def _abspath(c: _Ctx, key: str, v: Any) -> str:
-    v = _str(c, key, v, "an absolute path")
-    if not v.startswith("/") or "\0" in v:
-        raise c.err(key, "not an absolute path", v, "an absolute path")
-    return os.path.normpath(v)
-
-
-def _bool(c: _Ctx, key: str, v: Any) -> bool:
-    if not isinstance(v, bool):
-        raise c.err(key, "expected true or false", v, "true | false")
-    return v
-
-
-def _int(c: _Ctx, key: str, v: Any, minimum: int = 0, nullable: bool = False) -> Optional[int]:
-    if v is None and nullable:
-        return None
-    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-        raise c.err(key, "expected an integer", v, f"an integer >= {minimum}" + (" or null" if nullable else ""))
-    return v
-
-
-def _number(c: _Ctx, key: str, v: Any, positive: bool = False) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (positive and v == 0):
-        raise c.err(key, "expected a number", v, "a number > 0" if positive else "a number >= 0")
-    return float(v)
-
-
-def _list(c: _Ctx, key: str, v: Any, item: Callable[[_Ctx, str, Any], Any]) -> tuple:
-    if not isinstance(v, list):
-        raise c.err(key, "expected a list", v, "a YAML list, e.g. [a, b]")
-    return tuple(item(c, f"{key}[{i}]", x) for i, x in enumerate(v))
-
-
-def _map(c: _Ctx, key: str, v: Any) -> Mapping:
-    if v is None:
-        return {}
-    if not isinstance(v, dict):
-        raise c.err(key, "expected a mapping", v, "a YAML mapping of key: value")
-    return v
-
-
-def _unknown(c: _Ctx, prefix: str, data: Mapping, known) -> None:
-    for k in data:
-        if k not in known:
-            where = f"{prefix}.{k}" if prefix else str(k)
-            raise c.err(where, "unknown key", k, "known keys: " + ", ".join(known))
-
-
-def _image(c: _Ctx, key: str, v: Any) -> str:
-    v = _str(c, key, v, "an image reference or native")
-    if v != NATIVE and not valid_reference(v):
-        raise c.err(key, "not a valid image reference", v, "[registry[:port]/]name[:tag][@sha256:<64 hex>] or native")
-    return v
-
-
-def _ref(c: _Ctx, key: str, v: Any) -> str:
-    v = _str(c, key, v, "an image reference")
-    if not valid_reference(v):
-        raise c.err(key, "not a valid image reference", v, "[registry[:port]/]name[:tag][@sha256:<64 hex>]")
-    return v
-
-
-def _image_pattern(c: _Ctx, key: str, v: Any) -> str:
-    v = _str(c, key, v, "an image reference or fnmatch glob")
-    # A glob cannot be checked against the grammar; an exact reference can and a typo would lock jobs out.
-    if not _GLOB.search(v) and not valid_reference(v):
-        raise c.err(key, "not a valid image reference", v, "an exact reference or a glob like debian:*")
-    return v
-
-
-def _network(c: _Ctx, key: str, v: Any) -> str:
-    v = _str(c, key, v, "a Docker network name")
-    if not _NAME.match(v):
-        raise c.err(key, "not a valid network name", v, "letters, digits, _ . -")
-    return v
-
-
-def _env(c: _Ctx, key: str, v: Any) -> Dict[str, str]:
-    out = {}
-    for k, val in _map(c, key, v).items():
-        if not isinstance(k, str) or not _ENV_KEY.match(k):
-            raise c.err(f"{key}.{k}", "not a valid variable name", k, "letters, digits and _")
-        if isinstance(val, bool) or not isinstance(val, (str, int, float)) or "\0" in str(val):
-            raise c.err(f"{key}.{k}", "expected a string", val, "quote the value")
-        out[k] = str(val)
-    return out
-
-
-def _env_pattern(c: _Ctx, key: str, v: Any) -> str:
-    v = _str(c, key, v, "a variable name or glob")
-    if not _ENV_PATTERN.match(v):
-        raise c.err(key, "not a variable name or glob", v, "e.g. LD_PRELOAD or BASH_FUNC_*")
-    return v
-
-
-def _site_mount(c: _Ctx, key: str, v: Any) -> Mount:
-    v = _str(c, key, v, "SRC[:DST][:ro|rw]")
-    try:
-        src, dst, ro = parse_mount(v)
-    except ValueError as exc:
-        raise c.err(key, "malformed mount", v, "SRC[:DST][:ro|rw] with absolute paths") from exc
-    dst = os.path.normpath(dst)
-    if is_reserved_target(dst):
-        raise c.err(key, "mount onto a reserved path", v, "not /, " + ", ".join(RESERVED_TARGETS))
-    # Site mounts default to read-only: an admin must opt in to jobs writing into a shared host path.
-    return Mount(source=os.path.normpath(src), target=dst, read_only=True if ro is None else ro)
-
-
-def _user_mounts(c: _Ctx, key: str, v: Any) -> Dict[str, Any]:
-    data = _map(c, key, v)
-    _unknown(c, key, data, ("allowed", "prefixes"))
-    out: Dict[str, Any] = {}
-    if "allowed" in data:
-        out["allowed"] = _bool(c, f"{key}.allowed", data["allowed"])
-    if "prefixes" in data:
-        def prefix(c2: _Ctx, k: str, x: Any) -> str:
-            return "~" if x == "~" else _abspath(c2, k, x)
-        out["prefixes"] = _list(c, f"{key}.prefixes", data["prefixes"], prefix)
-    return out
-
-
-def _hardening(c: _Ctx, key: str, v: Any) -> Dict[str, Any]:
-    data = _map(c, key, v)
-    _unknown(c, key, data, ("pids_limit", "read_only_rootfs", "no_new_privileges", "init", "cap_drop_all"))
-    out: Dict[str, Any] = {}
-    for k, x in data.items():
-        out[k] = _int(c, f"{key}.{k}", x, 1, nullable=True) if k == "pids_limit" else _bool(c, f"{key}.{k}", x)
-    return out
-
-
-def _pull(c: _Ctx, key: str, v: Any) -> str:
-    if v not in ("never", "missing"):
-        raise c.err(key, "not a pull mode", v, "never | missing")
-    return v
-
-
-def _size(c: _Ctx, key: str, v: Any) -> Optional[int]:
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, (str, int)):
-        raise c.err(key, "not a size", v, SIZE_HINT)
-    try:
-        return parse_size(str(v))
-    except ValueError as exc:
-        raise c.err(key, "not a size", v, SIZE_HINT) from exc
-
-
-_QUEUE_KEYS: Dict[str, Callable[[_Ctx, str, Any], Any]] = {
-    "image": _image,
-    "images": lambda c, k, v: _list(c, k, v, _image_pattern),
-    "native": _bool,
-    "env": _env,
-    "env_drop": lambda c, k, v: _list(c, k, v, _env_pattern),
-    "mounts": lambda c, k, v: _list(c, k, v, _site_mount),
-    "user_mounts": _user_mounts,
-    "network": _network,
-    "networks": lambda c, k, v: _list(c, k, v, _network),
-    "allow_root": _bool,
-    "hardening": _hardening,
-    "pull": _pull,
-    "prepull": lambda c, k, v: _list(c, k, v, _ref),
-    "shm_size": _size,
-}
-_MERGED_MAPS = ("env", "user_mounts", "hardening")
-
-
-def _url(c: _Ctx, key: str, v: Any) -> str:
-    url = _str(c, key, v, "e.g. unix:///var/run/docker.sock")
-    if "://" not in url or url.split("://", 1)[0] not in URL_SCHEMES:
-        raise c.err(key, "not an engine URL", url, "scheme one of " + ", ".join(URL_SCHEMES))
-    return url
-
-
-def _positive(c: _Ctx, key: str, v: Any) -> float:
-    return _number(c, key, v, positive=True)
-
-
-def _instance(c: _Ctx, key: str, v: Any) -> str:
-    v = _str(c, key, v, "letters, digits, _ . -")
-    if not _NAME.match(v):
-        raise c.err(key, "not a valid instance name", v, "letters, digits, _ . -")
-    return v
-
-
-def _section(c: _Ctx, name: str, data: Mapping, default: Any, keys: Dict[str, Callable[[_Ctx, str, Any], Any]]):
-    """A flat top-level section: each given key converted, the rest from ``default`` (a frozen dataclass)."""
-    raw = _map(c, name, data.get(name))
-    _unknown(c, name, raw, tuple(keys))
-    return replace(default, **{k: keys[k](c, f"{name}.{k}", v) for k, v in raw.items()})
-
-
-def _queue_partial(c: _Ctx, prefix: str, data: Any) -> Dict[str, Any]:
-    data = _map(c, prefix, data)
-    _unknown(c, prefix, data, tuple(_QUEUE_KEYS))
-    return {k: _QUEUE_KEYS[k](c, f"{prefix}.{k}", v) for k, v in data.items()}
+def _queue_partial(c: Ctx, prefix: str, data: Any) -> Dict[str, Any]:
+    data = mapping(c, prefix, data)
+    unknown(c, prefix, data, tuple(QUEUE_KEYS))
+    return {k: QUEUE_KEYS[k](c, f"{prefix}.{k}", v) for k, v in data.items()}
 
 
 def _builtin() -> Dict[str, Any]:
@@ -379,11 +152,11 @@ def _builtin() -> Dict[str, Any]:
 def _merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
     out = dict(base)
     for k, v in over.items():
-        out[k] = {**base[k], **v} if k in _MERGED_MAPS else v
+        out[k] = {**base[k], **v} if k in MERGED_MAPS else v
     return out
 
 
-def _build_queue(c: _Ctx, name: str, merged: Dict[str, Any], own: Dict[str, Any], prefix: str) -> QueuePolicy:
+def _build_queue(c: Ctx, name: str, merged: Dict[str, Any], own: Dict[str, Any], prefix: str) -> QueuePolicy:
     def where(k: str) -> str:
         return f"{prefix}.{k}" if k in own else f"defaults.{k}"
 
@@ -425,7 +198,7 @@ def image_allowed(ref: str, patterns: Tuple[str, ...]) -> bool:
 
     norm = normalize_reference(ref)
     for pat in patterns:
-        if _GLOB.search(pat):
+        if GLOB.search(pat):
             if fnmatchcase(ref, pat) or fnmatchcase(norm, pat):
                 return True
         elif ref == pat or norm == normalize_reference(pat):
@@ -435,36 +208,37 @@ def image_allowed(ref: str, patterns: Tuple[str, ...]) -> bool:
 
 def parse(text: str, path: str = DEFAULT_PATH, hostname: Optional[str] = None) -> SiteConfig:
     """Validate YAML text into a SiteConfig (no file access). ``hostname`` defaults to this host's name."""
-    c = _Ctx(path)
+    c = Ctx(path)
     try:
-        data = yaml.safe_load(text)
+        # libyaml's safe loader when present: same semantics, ~10x faster (the submit filter runs per qsub).
+        data = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(path, where, "not valid YAML", getattr(exc, "problem", None) or str(exc).split("\n")[0],
                           "check indentation and quoting") from exc
-    data = _map(c, "", data) if data is not None else {}
-    _unknown(c, "", data, ("engine", "daemon", "defaults", "queues", "registry", "images"))
+    data = mapping(c, "", data) if data is not None else {}
+    unknown(c, "", data, ("engine", "daemon", "defaults", "queues", "registry", "images"))
 
     host = hostname if hostname is not None else socket.gethostname()
-    engine = _section(c, "engine", data, EngineConfig(), {"url": _url, "timeout": _positive})
-    daemon = _section(c, "daemon", data, DaemonConfig(instance=host, hostname=host),
-                      {"socket": _abspath, "state_dir": _abspath, "instance": _instance, "stop_grace": _number,
-                       "helper": _abspath})
+    engine = section(c, "engine", data, EngineConfig(), {"url": url, "timeout": positive})
+    daemon = section(c, "daemon", data, DaemonConfig(instance=host, hostname=host),
+                     {"socket": abspath, "state_dir": abspath, "instance": instance, "stop_grace": number,
+                      "helper": abspath})
     own_defaults = _queue_partial(c, "defaults", data.get("defaults"))
     base = _merge(_builtin(), own_defaults)
     defaults = _build_queue(c, "", base, own_defaults, "defaults")
     queues = []
-    for qname, qdata in _map(c, "queues", data.get("queues")).items():
-        if not isinstance(qname, str) or not _NAME.match(qname):
+    for qname, qdata in mapping(c, "queues", data.get("queues")).items():
+        if not isinstance(qname, str) or not NAME.match(qname):
             raise c.err(f"queues.{qname}", "not a valid queue name", qname, "letters, digits, _ . -")
         own = _queue_partial(c, f"queues.{qname}", qdata)
         queues.append((qname, _build_queue(c, qname, _merge(base, own), own, f"queues.{qname}")))
 
-    registry = _section(c, "registry", data, RegistryConfig(),
-                        {"auth_file": lambda c_, k, v: None if v is None else _abspath(c_, k, v)})
-    images = _section(c, "images", data, ImagesConfig(),
-                      {"prune_max_age_days": lambda c_, k, v: _int(c_, k, v, 1, nullable=True)})
+    registry = section(c, "registry", data, RegistryConfig(),
+                       {"auth_file": lambda c_, k, v: None if v is None else abspath(c_, k, v)})
+    images = section(c, "images", data, ImagesConfig(),
+                     {"prune_max_age_days": lambda c_, k, v: integer(c_, k, v, 1, nullable=True)})
     return SiteConfig(path=path, engine=engine, daemon=daemon, defaults=defaults, queues=tuple(queues),
                       registry=registry, images=images)
 

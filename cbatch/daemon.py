@@ -39,6 +39,7 @@ DEFAULT_CONFIG = "/etc/cbatch/cbatch.yaml"
 MAX_CONNECTIONS = 1024
 FIRST_REQUEST_TIMEOUT = 10.0   # a connection that never says anything is dropped
 ADOPT_WAIT = 10.0
+TORQUE_KILL_DELAY = 2.0
 UNREGISTER_SETTLE = 5.0     # seconds unregister waits for containers already being removed
 ROOT_OPS = ("register", "unregister", "status")
 
@@ -70,6 +71,12 @@ class Daemon:
         self.lock = threading.Lock()
         self.stopping = False
         self.listener = None
+        self.images = None                 # the image manager (pre-pull, job-start checks, images op)
+        try:
+            from cbatch.imagesync import ImageManager
+            self.images = ImageManager(self.engine, config, log)
+        except ImportError as exc:         # an install without image management still runs jobs
+            log.error("image manager unavailable: %s", exc)
 
     # -- start-up -----------------------------------------------------------------------------------
     def recover(self) -> None:
@@ -159,6 +166,8 @@ class Daemon:
     def serve_forever(self) -> None:
         """Accept connections until stopped; each gets its own thread."""
         sock = self.listener or self.listen()
+        if self.images is not None:
+            self.images.start()
         log.info("cbatchd listening on %s (instance %s, %d registered jobs)", self.config.daemon.socket,
                  self.instance, len(self.registry))
         while not self.stopping:
@@ -232,6 +241,12 @@ class Daemon:
                          "containers": sorted(rec.containers)})
         return {"instance": self.instance, "jobs": jobs, "adopting": sorted(self.adoptions)}
 
+    def op_images(self, conn, peer, msg, fds) -> dict:
+        if self.images is None:
+            raise DaemonError("images", "image management unavailable", self.instance)
+        from cbatch.imagesync import handle_request
+        return handle_request(self.images, msg, peer.uid)
+
     def op_register(self, conn, peer, msg, fds) -> dict:
         from cbatch.job import Registration
 
@@ -239,6 +254,8 @@ class Daemon:
         if not isinstance(data, dict):
             raise protocol.bad_field("registration", "an object")
         reg = Registration.from_dict(data)
+        from cbatch import peers
+        peers.owner_uid(reg)      # the owner must exist here (and match Slurm's uid): refuse now, logged
         replaced = self.registry.register(reg)
         log.info("job %s: registered (user %s, queue %s, session %s, %s)%s", reg.job_id, reg.user, reg.queue,
                  reg.session_id, reg.batch, " again" if replaced else "")
@@ -316,7 +333,8 @@ def _launch(name):
     return handler
 
 
-_HANDLERS = {"ping": Daemon.op_ping, "status": Daemon.op_status, "register": Daemon.op_register,
+_HANDLERS = {"ping": Daemon.op_ping, "status": Daemon.op_status, "images": Daemon.op_images,
+             "register": Daemon.op_register,
              "unregister": Daemon.op_unregister, "start": _launch("start"), "run": _launch("run"),
              "attach": _launch("attach")}
 
@@ -362,6 +380,9 @@ def main(argv=None) -> int:
         ctx = pydaemon.DaemonContext(umask=0o022, working_directory="/")
         ctx.open()
     setup_logging(args.foreground)
+    if cfg.daemon.stop_grace >= TORQUE_KILL_DELAY:
+        log.warning("daemon.stop_grace %.1f s is not shorter than Torque's default kill_delay (%.0f s): qdel may "
+                    "SIGKILL the starter before the container is stopped", cfg.daemon.stop_grace, TORQUE_KILL_DELAY)
     try:
         d = Daemon(cfg)
         d.recover()

@@ -27,7 +27,7 @@ from fnmatch import fnmatchcase
 from typing import Callable, Dict, List, Optional, Tuple
 
 from cbatch import regauth
-from cbatch.config import QueuePolicy, SiteConfig, image_allowed
+from cbatch.config import QueuePolicy, SiteConfig, image_allowed, normalize_reference
 from cbatch.directives import NATIVE
 from cbatch.errors import AccessDenied, CbatchError, EngineError, JobError
 from cbatch.imagerefs import created_epoch, mb as _mb, pick_digest, progress_line, repo_of
@@ -52,6 +52,23 @@ class PullState:
 def _reason(exc: CbatchError) -> str:
     """The useful part of an engine error for a log line or a job's .e file (one line, no subject)."""
     return exc.hint or exc.problem
+
+
+def ref_key(ref: str) -> str:
+    """One spelling per image reference, to compare config entries with the engine's tags and digests:
+    Docker's familiar-name expansion, and ``name:tag@digest`` -> ``name@digest`` (the digest decides)."""
+    norm = normalize_reference(ref)
+    if "@" in norm:
+        return repo_of(norm) + "@" + norm.split("@", 1)[1]
+    return norm
+
+
+def _wanted(ref: str, pol: QueuePolicy) -> bool:
+    """Queue ``pol`` allows ``ref``, pre-pulls it or uses it as its default."""
+    if image_allowed(ref, pol.images):
+        return True
+    key = ref_key(ref)
+    return any(ref_key(r) == key for r in (*pol.prepull, pol.image) if r != NATIVE)
 
 
 class ImageManager:
@@ -214,7 +231,7 @@ class ImageManager:
             present = []
             for img in images:
                 for tag in img.tags:
-                    if image_allowed(tag, pol.images) or tag in pol.prepull or tag == pol.image:
+                    if _wanted(tag, pol):
                         present.append({"ref": tag, "id": img.id, "digest": pick_digest(tuple(img.digests), tag),
                                         "size": img.size, "created": img.created})
             tags = {p["ref"] for p in present}
@@ -293,10 +310,7 @@ class ImageManager:
 
     # -- prune --------------------------------------------------------------------------------------
     def _kept(self, ref: str) -> bool:
-        for _, pol in [("", self.config.defaults), *self.config.queues]:
-            if image_allowed(ref, pol.images) or ref in pol.prepull or ref == pol.image:
-                return True
-        return False
+        return any(_wanted(ref, pol) for pol in (self.config.defaults, *(p for _, p in self.config.queues)))
 
     def prune(self, dry_run: bool = False, scope: Optional[str] = None, now: Optional[float] = None) -> List[str]:
         """Untag every local image reference that no queue allows, pre-pulls or defaults to, whose image no

@@ -103,7 +103,7 @@ def start(daemon, conn, peer, msg: dict, fds) -> dict | None:
     if isinstance(decision, Native):
         log.info("job %s: native (%s)", reg.job_id, decision.reason)
         return {"mode": "native", "reason": decision.reason}
-    stdio, pump = choose_stdio(fds, attach_stdin=False)
+    stdio, pump = choose_stdio(fds, attach_stdin=False, uid=peer.uid)
     return _launch(daemon, conn, peer, job, decision, stdio, pump, fds, "job")
 
 
@@ -129,12 +129,27 @@ def run(daemon, conn, peer, msg: dict, fds) -> dict | None:
         return {"mode": "native", "reason": decision.reason}
     # stdin always goes through the attach socket: interactive input must work, and its EOF closes the
     # container's stdin.
-    stdio, pump = choose_stdio(fds, attach_stdin=True)
+    stdio, pump = choose_stdio(fds, attach_stdin=True, uid=peer.uid)
     return _launch(daemon, conn, peer, job, decision, stdio, pump, fds, "run")
 
 
+def _progress(fd: int):
+    """Image pull progress goes to the client's stderr (the job's .e file), one line at a time."""
+    def say(line: str) -> None:
+        try:
+            os.write(fd, (line.rstrip("\n") + "\n").encode("utf-8", "replace"))
+        except OSError:
+            pass
+    return say
+
+
 def _launch(daemon, conn, peer, job, spec, stdio, pump, fds, kind: str) -> None:
-    spec = dataclasses.replace(spec, labels=tuple(spec.labels) + ((LABEL_PEER, str(peer.pid)),))
+    env = tuple(spec.env)
+    if daemon.images is not None:
+        # Present, or pulled now when the queue says pull: missing; else one "not on this node" line.
+        info = daemon.images.ensure(spec.image, daemon.config.queue(job.queue), _progress(fds[2]))
+        env += tuple(daemon.images.job_env(spec.image, info))
+    spec = dataclasses.replace(spec, env=env, labels=tuple(spec.labels) + ((LABEL_PEER, str(peer.pid)),))
     cid = daemon.engine.start(spec, stdio, daemon.instance, daemon.config.daemon.helper)
     limit = spec.memory_bytes or job.resources.memory_on(daemon.config.daemon.hostname or None)
     sess = Session(cid=cid, job_id=job.job_id, batch=job.batch, kind=kind, peer_pid=peer.pid, uid=peer.uid,

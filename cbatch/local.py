@@ -79,6 +79,7 @@ class Job:
         self.tmpdir = plan["env"].get("TMPDIR")
         self.session_id: Optional[int] = None
         self.started = threading.Event()      # set once the prologue passed and the starter was exec'ed
+        self._spawned = threading.Event()     # the job child exists: session_id is known, qdel can act
         self._done = threading.Event()
         self._lock = threading.Lock()
         self._proc: Optional[subprocess.Popen] = None
@@ -86,6 +87,7 @@ class Job:
         self._result: Optional[Result] = None
         self._thread = threading.Thread(target=self._run, name=f"mom-{job_id}", daemon=True)
         self._thread.start()
+        self._spawned.wait(30)
 
     # ---- the user's (and test's) side -------------------------------------------------------------
     def qdel(self) -> None:
@@ -143,6 +145,7 @@ class Job:
             self._result = Result(self.job_id, None, b"", f"mom emulator failed: {exc!r}\n".encode(), False)
             raise
         finally:
+            self._spawned.set()
             self._done.set()
 
     def _lifecycle(self) -> Result:
@@ -188,6 +191,7 @@ class Job:
         os.close(status_w)
         with self._lock:
             self._proc, self.session_id = proc, proc.pid
+        self._spawned.set()
         with os.fdopen(status_r, "rb") as fh:
             lines = [json.loads(x) for x in fh.read().splitlines() if x.strip()]
         report = {k: v for item in lines for k, v in item.items()}
@@ -257,13 +261,15 @@ class Mom:
     ``socket_path`` installs cbatch's real shims (prologue, epilogue, job_starter) via :mod:`cbatch.install`;
     ``prologue``/``epilogue``/``starter`` given as text replace them (unit tests of the emulator itself).
     ``run_epilogue=False`` installs but never runs the epilogue (``epilogue_path`` still names it).
+    ``run_privileged=True`` is ``$job_starter_run_privileged true``: the starter starts as root (uid, gid and
+    groups 0) with the user's environment, cwd and umask, and must drop privileges itself.
     """
 
     def __init__(self, root: str, socket_path: Optional[str] = None, *, prologue: Optional[str] = None,
                  epilogue: Optional[str] = None, starter: Optional[str] = None, host: Optional[str] = None,
                  first_id: Optional[int] = None, tmpdir_base: str = "/tmp", cgroup_root: str = "/sys/fs/cgroup",
                  max_requeues: int = 3, prologalarm: float = 300.0, python: Optional[str] = None,
-                 run_epilogue: bool = True):
+                 run_epilogue: bool = True, run_privileged: bool = False):
         self.root = os.path.abspath(root)
         self.host = host or socket.gethostname().split(".")[0]
         self.mom_priv = os.path.join(self.root, "mom_priv")
@@ -288,6 +294,7 @@ class Mom:
                 install.write_file(paths[kind], text, mode)
         self.prologue, self.epilogue = paths.get("prologue"), paths.get("epilogue")
         self.epilogue_path = self.epilogue
+        self.run_privileged = run_privileged    # mom_priv/config: $job_starter_run_privileged true
         if not run_epilogue:
             self.epilogue = None    # tests that must see what is left when the starter exits
         self.starter = paths.get("job_starter")
@@ -338,7 +345,7 @@ class Mom:
                 "prologue": self.prologue, "prologalarm": self.prologalarm, "starter": self.starter,
                 "shell": shell or pw.pw_shell or "/bin/sh", "cwd": cwd, "env": env, "hook_env": hook_env,
                 "stdin_line": " ".join([script_path, *args]) + "\n", "mem": res["mem"],
-                "walltime": res["walltime"], "tasks": [os.path.join(d, "tasks") for d in cgroup_dirs],
+                "walltime": res["walltime"], "privileged": self.run_privileged, "tasks": [os.path.join(d, "tasks") for d in cgroup_dirs],
                 "plan_file": os.path.join(self.jobs_dir, job_id + ".plan")}
         momproc.write_owned(plan["plan_file"], json.dumps(plan).encode(), 0, 0, 0o600)
         return Job(self, job_id, plan, kill_delay, walltime_poll, cgroup_dirs)

@@ -259,9 +259,12 @@ def child() -> None:
                 resource.setrlimit(lim, (plan["mem"], plan["mem"]))
         resource.setrlimit(resource.RLIMIT_NOFILE, (20000, 20000))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        os.initgroups(plan["user"], plan["gid"])
-        os.setresgid(plan["gid"], plan["gid"], plan["gid"])
-        os.setresuid(plan["uid"], plan["uid"], plan["uid"])
+        if plan.get("privileged"):
+            os.setgroups([0])       # $job_starter_run_privileged: root, with the user's environment
+        else:
+            os.initgroups(plan["user"], plan["gid"])
+            os.setresgid(plan["gid"], plan["gid"], plan["gid"])
+            os.setresuid(plan["uid"], plan["uid"], plan["uid"])
         os.umask(0o077)
         os.chdir(plan["cwd"])
         os.set_inheritable(status_fd, False)

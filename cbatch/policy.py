@@ -29,6 +29,7 @@ from cbatch.spec import LABEL_JOB, LABEL_KIND, LABEL_UID, ContainerSpec, Mount, 
 Resolver = Callable[[str, Identity], str]
 IMAGE_ENV = "CBATCH_IMAGE"
 _NAME_BAD = re.compile(r"[^a-zA-Z0-9_.-]")
+KERNEL_SOURCES = ("/proc", "/sys", "/dev")
 RESERVED_HINT = "not /, " + ", ".join(RESERVED_TARGETS) + ", the job script, or anything under them"
 
 
@@ -65,7 +66,8 @@ def choose_image(policy: QueuePolicy, job: JobContext, directives: Directives,
     return policy.image, f"queue {policy.name or 'defaults'} default"
 
 
-def _check_image(policy: QueuePolicy, queue: str, image: str, source: str) -> None:
+def check_image(policy: QueuePolicy, queue: str, image: str, source: str) -> None:
+    """Refuse an image the queue does not allow (or native where it is not allowed), or a bad reference."""
     if image == NATIVE:
         if not policy.native:
             raise PolicyError("image", f"native (no container) is not allowed in queue {queue}", source,
@@ -79,6 +81,9 @@ def _check_image(policy: QueuePolicy, queue: str, image: str, source: str) -> No
         if policy.native:
             allowed += ", native"
         raise PolicyError("image", f"not allowed in queue {queue}", image, "allowed: " + allowed)
+
+
+_check_image = check_image     # the submit filter's earlier name
 
 
 def environment(policy: QueuePolicy, job: JobContext, directives: Directives,
@@ -143,6 +148,10 @@ def _user_mounts(policy: QueuePolicy, job: JobContext, directives: Directives, r
         if is_reserved_target(target, (job.script_path,)):
             raise PolicyError(subject, "mount onto a reserved path", m.target, RESERVED_HINT)
         source = resolve(m.source, job.identity)
+        if any(_under(source, k) for k in KERNEL_SOURCES):
+            # Even under a generous prefix ("/"), host kernel interfaces are not data.
+            raise PolicyError(subject, "mount source is a kernel filesystem", source,
+                              "not " + ", ".join(KERNEL_SOURCES) + " or anything under them")
         if not any(_under(source, p) for p in prefixes):
             shown = source if source == m.source else f"{source} (resolved from {m.source})"
             raise PolicyError(subject, "mount source outside the allowed directories", shown,
@@ -156,7 +165,7 @@ def _common(config: SiteConfig, job: JobContext, directives: Directives, resolve
     queue = job.queue or "(none)"
     fallback = "cbatch run" if run else "directive"
     image, source = choose_image(policy, job, directives, run=run)
-    _check_image(policy, queue, image, source)
+    check_image(policy, queue, image, source)
     if image == NATIVE:
         return Native(shell=job.shell, reason=f"image native (from {source})")
     if job.identity.uid == 0 and not policy.allow_root:

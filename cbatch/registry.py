@@ -109,12 +109,12 @@ class Registry:
             return list(self._jobs.values())
 
     def by_session(self, sid: int) -> Optional[Record]:
-        """The Torque/local job whose session id is ``sid``."""
+        """The Torque/local job whose session id is ``sid`` (the newest, should a stale record whose epilogue
+        never ran share a recycled pid)."""
         with self._lock:
-            for rec in self._jobs.values():
-                if rec.registration.batch != "slurm" and rec.registration.session_id == sid:
-                    return rec
-        return None
+            found = [rec for rec in self._jobs.values()
+                     if rec.registration.batch != "slurm" and rec.registration.session_id == sid]
+        return max(found, key=lambda r: r.registration.registered_at) if found else None
 
     def __len__(self) -> int:
         with self._lock:

@@ -12,6 +12,7 @@ Behaviour the caller can rely on:
   with SCM_RIGHTS, so bytes flow live and unmodified and interactive stdin works;
 - the exit status is the command's (128+N when a signal killed it); a cbatch failure is one line on stderr
   and status 125/126/127;
+- when the daemon answers "native" (a native queue and no ``--image``) the command is exec'ed directly;
 - SIGINT, SIGTERM, SIGHUP (and USR1/USR2/CONT) are forwarded to the container; if ``cbatch run`` itself is
   SIGKILLed the daemon sees the connection close and removes the container.
 
@@ -21,10 +22,11 @@ Stdlib only (runs inside every job that uses it): imports cbatch.client, cbatch.
 from __future__ import annotations
 
 import os
+import signal
 from typing import List
 
 from cbatch import client, protocol
-from cbatch.errors import DirectiveError
+from cbatch.errors import EXIT_CANNOT_INVOKE, EXIT_NOT_FOUND, DirectiveError, JobError
 
 ENV_SOCKET = "CBATCH_SOCKET"
 
@@ -79,6 +81,22 @@ def _std_fds() -> List[int]:
     return fds
 
 
+def exec_native(cmd: List[str], pending) -> None:
+    """The daemon said "native" (the job's queue runs without containers and no --image was given): run the
+    command directly, exactly as if ``cbatch run`` were not there - same process, fds, cwd, environment."""
+    for sig in pending:
+        if sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            # A signal that arrived while we were asking the daemon ends us as it would have ended CMD.
+            signal.signal(sig, signal.SIG_DFL)
+            os.kill(os.getpid(), sig)
+    try:
+        os.execvp(cmd[0], cmd)
+    except OSError as exc:
+        err = JobError("cbatch run", "cannot run the command", f"{cmd[0]}: {exc.strerror}")
+        err.exit_code = EXIT_NOT_FOUND if isinstance(exc, FileNotFoundError) else EXIT_CANNOT_INVOKE
+        raise err from exc
+
+
 def command(args) -> int:
     """Entry point of ``cbatch run`` (routed from cli.py); returns the command's exit status."""
     cmd = command_of(args)
@@ -88,4 +106,5 @@ def command(args) -> int:
         cwd = os.environ.get("PWD", "/")
     req = protocol.request("run", argv=cmd, options=options_of(args), cwd=cwd,
                            env=protocol.env_pairs(os.environ.items()))
-    return client.run_session(socket_path(args.socket), req, _std_fds())
+    return client.run_session(socket_path(args.socket), req, _std_fds(),
+                              on_native=lambda pending: exec_native(cmd, pending))

@@ -27,6 +27,9 @@ from cbatch import client
 from cbatch.errors import CbatchError
 
 LOG_IDENT = "cbatch-slurm"
+# slurmd waits for the Prolog without limit by default (PrologEpilogTimeout): a hung daemon must not hold
+# every job on the node, so a registration gets this long and the job then runs unregistered.
+HOOK_TIMEOUT = 30.0
 
 
 def _log(text: str) -> None:
@@ -65,13 +68,13 @@ def register(env: Mapping[str, str], socket_path: str) -> dict:
     from cbatch.job import Registration
 
     reg = Registration.from_slurm_env(env)
-    return client.call(socket_path, "register", registration=reg.to_dict())
+    return client.call(socket_path, "register", _timeout=HOOK_TIMEOUT, registration=reg.to_dict())
 
 
 def unregister(env: Mapping[str, str], socket_path: str) -> dict:
     """Tell the daemon the job is over (it stops and removes the job's containers)."""
     job_id = env.get("SLURM_JOB_ID", "")
-    return client.call(socket_path, "unregister", job_id=job_id, batch="slurm")
+    return client.call(socket_path, "unregister", _timeout=HOOK_TIMEOUT, job_id=job_id)
 
 
 def tidy(env: Mapping[str, str]) -> list:

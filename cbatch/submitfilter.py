@@ -30,7 +30,6 @@ from typing import List, Optional, Sequence, Tuple
 QSUB_OPTSTRING = "a:A:b:c:C:d:D:e:EfF:hIj:J:k:l:m:M:nN:o:p:P:q:r:S:t:T:u:v:Vw:W:Xxz-:"
 DEFAULT_CONFIG = "/etc/cbatch/cbatch.yaml"
 DEFAULT_QUEUE = "batch"
-MAX_SCRIPT = 64 << 20
 EXIT_REJECT = 1
 
 
@@ -157,7 +156,7 @@ def check(script: bytes, qsub_args: Sequence[str], config, default_queue: str = 
     env = _variables([v for l, v in both if l == "v"], any(l == "V" for l, _ in both))
     policy = config.queue(queue)
     image, source = pol.choose_image(policy, _JobView(env), directives)
-    pol._check_image(policy, queue, image, source)
+    pol.check_image(policy, queue, image, source)
     if image != "native":
         from cbatch.errors import PolicyError
         network = directives.network or policy.network
@@ -184,7 +183,7 @@ def run(argv: Sequence[str], stdin, stdout, stderr) -> int:
     if args and args[0] == "--":
         del args[0]
 
-    script = stdin.read(MAX_SCRIPT + 1)
+    script = stdin.read()                  # all of it: what goes back must be byte-identical
     from cbatch.errors import CbatchError, ConfigError, DirectiveError, PolicyError
 
     try:

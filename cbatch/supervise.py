@@ -30,15 +30,18 @@ POLL = 0.2
 PUMP_DRAIN = 2.0          # after exit, how long the proxy may take to flush the last output
 
 
-def file_path(fd: int) -> Optional[str]:
-    """The path naming the regular file open as ``fd``, or None (pipe, tty, deleted, renamed, read-only).
+def file_path(fd: int, uid: int) -> Optional[str]:
+    """The path naming the regular file open as ``fd``, or None (pipe, tty, deleted, renamed, read-only,
+    or not owned by ``uid``).
 
     The path comes from ``/proc/self/fd`` and must still name the same file (device and inode) - otherwise
-    the engine would bind-mount something other than what the client handed us.
+    the engine would bind-mount something other than what the client handed us. Only the client's own files
+    are bind-mounted: a bind mount skips the directory permissions on the way to the file, so a file
+    someone else owns is written through the proxy instead.
     """
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != uid:
             return None
         import fcntl
         if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
@@ -54,12 +57,12 @@ def file_path(fd: int) -> Optional[str]:
     return path
 
 
-def choose_stdio(fds: Sequence[int], attach_stdin: bool):
-    """``(engine.Stdio, pump fds (stdin, stdout, stderr))`` for the client's fds 0, 1, 2."""
+def choose_stdio(fds: Sequence[int], attach_stdin: bool, uid: int):
+    """``(engine.Stdio, pump fds (stdin, stdout, stderr))`` for the client's fds 0, 1, 2 (client ``uid``)."""
     from cbatch.engine import Stdio
 
-    out = file_path(fds[1]) if len(fds) > 1 else None
-    err = file_path(fds[2]) if len(fds) > 2 else None
+    out = file_path(fds[1], uid) if len(fds) > 1 else None
+    err = file_path(fds[2], uid) if len(fds) > 2 else None
     pump = (fds[0] if attach_stdin and fds else None,
             None if out or len(fds) < 2 else fds[1],
             None if err or len(fds) < 3 else fds[2])

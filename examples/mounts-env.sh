@@ -1,5 +1,6 @@
 #!/bin/sh
 #PBS -N mounts-env
+#PBS -S /bin/sh
 #PBS -l nodes=1:ppn=1,walltime=00:02:00,pmem=128mb
 #CBATCH --image=cbatch-test/busybox:1
 # Host /tmp appears as /scratch (the queue must allow user mounts under /tmp); quotes work as in a shell,

@@ -170,7 +170,9 @@ class Slurm:
 @pytest.fixture(scope="session")
 def slurm(users, daemon_factory, tmp_path_factory):
     """The running Slurm cluster, its Prolog/Epilog wired to a dedicated test cbatchd."""
-    daemon = daemon_factory("slurm")
+    # Partition `debug` runs every `cbatch run` in busybox (no --image needed, native refused); `batch` is
+    # the test default: native unless --image.
+    daemon = daemon_factory("slurm", queues={"debug": {"image": "cbatch-test/busybox:1", "native": False}})
     t0 = time.monotonic()
     res = subprocess.run([str(ROOT / "scripts" / "slurm-up"), "--socket", daemon.socket],
                          capture_output=True, text=True, timeout=300)

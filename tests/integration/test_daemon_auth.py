@@ -324,3 +324,14 @@ def test_many_idle_connections_do_not_block_ping(daemon):
         for s in socks:
             s.close()
     _still_serving(daemon)
+
+
+def test_attach_to_a_container_not_waiting_for_you_is_refused(daemon, alice, workdir, registered):
+    job_id = _job_id()
+    script = _script(workdir, alice, job_id)
+    c = Client(daemon.socket, "attach", alice.name, job_id=job_id, id="0" * 64)
+    registered(job_id, alice, script, c.info["pid"])
+    [res] = c.go()
+    _assert_refused(res, "attach", "no container is waiting for this client")
+    _assert_logged(daemon, "attach", "no container is waiting")
+    _still_serving(daemon)

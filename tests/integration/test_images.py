@@ -14,6 +14,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 import tarfile
 import time
 import uuid
@@ -50,9 +51,10 @@ class Registry:
 
     def up(self, auth: bool = False):
         argv = [str(ROOT / "scripts" / "registry-up"), "--name", self.name, "--port", str(self.port)]
+        env = {k: v for k, v in os.environ.items() if k != "CBATCH_REGISTRY_AUTH"}
         if auth:
-            argv += ["--auth", f"{USER}:{PASSWORD}"]
-        out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+            env["CBATCH_REGISTRY_AUTH"] = f"{USER}:{PASSWORD}"     # not in argv: keeps it out of ps
+        out = subprocess.run(argv, capture_output=True, text=True, check=True, env=env).stdout
         assert f"on {self.host}" in out
 
     def down(self, purge: bool = False):
@@ -290,3 +292,79 @@ def test_prune_removes_only_unallowed_unused(clean, engine, unique_instance):
         docker("rm", "-f", cid, check=False)
         docker("rmi", used, check=False)
         docker("rmi", extra, check=False)
+
+
+# -- through cbatchd: the `images` op, pre-pull at start, job-start checks into the job's .e file -----------
+
+@pytest.fixture(scope="module")
+def reg_daemon(registry, daemon_factory):
+    reg = registry
+    reg.untag_all()
+    queues = {
+        "reg": {"images": [f"{reg.host}/cbt/*"], "image": reg.ref("cbt/busybox:1"),
+                "prepull": [reg.ref("cbt/busybox:1")]},
+        "regpull": {"images": [f"{reg.host}/cbt/*"], "image": reg.ref("cbt/busybox:1"), "pull": "missing"},
+    }
+    return daemon_factory("images", queues=queues)
+
+
+def _images(d, **fields):
+    from cbatch import client
+    return client.call(d.socket, "images", **fields)
+
+
+def test_daemon_prepulls_and_lists(reg_daemon, registry):
+    reg = registry
+    ref = reg.ref("cbt/busybox:1")
+    assert wait_for(lambda: (_images(reg_daemon, action="list")["inventory"]["sync"].get(ref) or {})
+                    .get("state") == "ok", 120), reg_daemon.log()
+    inv = _images(reg_daemon, action="list")["inventory"]
+    q = {x["name"]: x for x in inv["queues"]}["reg"]
+    assert [p["digest"] for p in q["present"] if p["ref"] == ref] == [
+        f"{reg.host}/cbt/busybox@{reg.digests['cbt/busybox:1']}"]
+    assert f"pulled {ref} digest" in reg_daemon.log()
+    p = subprocess.run([sys.executable, "-m", "cbatch.cli", "images", "list", "--socket", reg_daemon.socket],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert "queue reg: default " + ref in p.stdout and f"{ref} [ok]" in p.stdout
+    assert reg.digests["cbt/busybox:1"][:19] in p.stdout
+
+
+def test_daemon_sync_and_prune_need_root(reg_daemon, registry, alice):
+    code = ("import sys; from cbatch import client; from cbatch.errors import CbatchError\n"
+            "try:\n client.call(sys.argv[1], 'images', action=sys.argv[2])\n"
+            "except CbatchError as e:\n print(e.message); sys.exit(e.exit_code)\n")
+    for action in ("sync", "prune"):
+        p = subprocess.run(["setpriv", f"--reuid={alice.uid}", f"--regid={alice.gid}", "--clear-groups",
+                            sys.executable, "-c", code, reg_daemon.socket, action], capture_output=True, text=True)
+        assert p.returncode != 0 and f"cbatch: images: {action} needs root: uid {alice.uid}" in p.stdout, p
+    p = subprocess.run(["setpriv", f"--reuid={alice.uid}", f"--regid={alice.gid}", "--clear-groups",
+                        sys.executable, "-c", code, reg_daemon.socket, "list"], capture_output=True, text=True)
+    assert p.returncode == 0, p
+    status = _images(reg_daemon, action="sync")["sync"]                    # root: allowed, waits
+    assert status[registry.ref("cbt/busybox:1")]["state"] == "ok"
+
+
+def test_job_missing_image_fails_with_message(reg_daemon, registry, mom_factory, alice):
+    from torque_helpers import script
+    reg = registry
+    docker("rmi", reg.ref("cbt/debian:12"), check=False)
+    mom = mom_factory(reg_daemon)
+    r = mom.submit(script("echo ran", image=reg.ref("cbt/debian:12"), shebang="#!/bin/sh"), alice.name,
+                   queue="reg").wait(60)
+    assert r.exit_status == 125 and r.stdout == b""
+    assert f"cbatch: image: not on this node: {reg.ref('cbt/debian:12')} (present here: ".encode() in r.stderr
+
+
+def test_job_pulls_missing_image_and_sees_digest(reg_daemon, registry, mom_factory, alice):
+    from torque_helpers import script
+    reg = registry
+    docker("rmi", reg.ref("cbt/debian:12"), check=False)
+    mom = mom_factory(reg_daemon)
+    r = mom.submit(script('echo "digest=$CBATCH_IMAGE_DIGEST"', image=reg.ref("cbt/debian:12")), alice.name,
+                   queue="regpull").wait(180)
+    assert r.exit_status == 0, r.stderr
+    assert r.stdout.decode().strip() == f"digest={reg.host}/cbt/debian@{reg.digests['cbt/debian:12']}"
+    err = r.stderr.decode()
+    assert f"cbatch: image: {reg.ref('cbt/debian:12')}: not on this node, pulling" in err
+    assert f"cbatch: image: {reg.ref('cbt/debian:12')}: pulled {reg.host}/cbt/debian@" in err

@@ -54,6 +54,20 @@ $C run --image {IMG} id -u
     assert not job_containers(daemon.instance, job.job_id)
 
 
+def test_native_queue_without_image_runs_directly(mom, daemon, alice):
+    job = _submit(mom, daemon, alice, """
+$C run sh -c 'echo native-$(id -u); test -e /.cbatch && echo in-container; exit 5'
+echo rc=$?
+$C run /nonexistent/cmd
+echo rc=$?
+""")
+    r = job.wait(60)
+    assert r.stdout.decode().splitlines() == [f"native-{alice.uid}", "rc=5", "rc=127"], r.stderr
+    err = r.stderr.decode().splitlines()
+    assert len(err) == 1 and err[0].startswith("cbatch: cbatch run: cannot run the command"), err
+    assert not job_containers(daemon.instance, job.job_id)
+
+
 def test_byte_exact_files_and_pipes(mom, daemon, alice, workdir):
     data = bytes(range(256)) * 64 + os.urandom(3 << 20) + b"\0\r\n\xff no newline at the end"
     (workdir / "in.bin").write_bytes(data)
@@ -68,6 +82,17 @@ echo done
     assert r.stdout == b"done\n", r.stderr
     assert (workdir / "out-file.bin").read_bytes() == data
     assert (workdir / "out-pipe.bin").read_bytes() == data
+
+
+def test_piped_output_is_live(mom, daemon, alice):
+    # stdout is a pipe (proxied by the daemon): each line must arrive when written, not at the end.
+    job = _submit(mom, daemon, alice, f"""
+$C run --image {IMG} sh -c 'echo one; sleep 2; echo two' | while read -r l; do echo "$(date +%s.%N) $l"; done
+""")
+    r = job.wait(60)
+    stamps = [float(line.split()[0]) for line in r.stdout.decode().splitlines()]
+    assert [line.split()[1] for line in r.stdout.decode().splitlines()] == ["one", "two"], r.stderr
+    assert stamps[1] - stamps[0] >= 1.5, stamps
 
 
 def test_interactive_stdin_is_live(mom, daemon, alice, workdir):
@@ -112,6 +137,7 @@ echo rc=$?
     assert job.wait_output(f"got-{name}".encode(), timeout=15), job.peek()
     r = job.wait(60)
     lines = r.stdout.decode().splitlines()
+    print(f"{name}: {lines}")
     assert f"got-{name}" in lines
     # The command's own status, or 128+N when the client re-raised the signal on itself after forwarding it.
     assert lines[-1] in ("rc=7", f"rc={128 + sig}"), lines
@@ -134,6 +160,7 @@ echo rc=$?
     while job_containers(daemon.instance, job.job_id) and time.monotonic() - t0 < 30:
         time.sleep(0.05)
     elapsed = time.monotonic() - t0
+    print(f"container removed {elapsed:.2f}s after SIGKILL of cbatch run")
     assert not job_containers(daemon.instance, job.job_id)
     assert elapsed <= 2.0, f"container removed only after {elapsed:.2f}s"
     r = job.wait(60)

@@ -50,15 +50,30 @@ cbatch run --image {IMG} sh -c 'echo out-line; echo err-line >&2; exit 42'
 echo "rc=$?"
 cbatch run --image {IMG} id -u
 cbatch run --image {IMG} id -g
+cbatch run --image {IMG} id -G
 cbatch run --image {IMG} -- printf '%s|' a 'b c' '$HOME'
 echo
 """)
     fields = job.wait()
     out, err = job.stdout(), job.stderr()
     assert fields["JobState"] == "COMPLETED", job.dump()
-    assert out.splitlines() == ["out-line", "rc=42", str(alice.uid), str(alice.gid), "a|b c|$HOME|"], job.dump()
+    assert out.splitlines() == ["out-line", "rc=42", str(alice.uid), str(alice.gid),
+                            " ".join(map(str, alice.groups)), "a|b c|$HOME|"], job.dump()
     assert err.splitlines() == ["err-line"], job.dump()
     assert not job.containers(), "containers left after the job"
+
+
+def test_partition_decides_the_default(slurm, users):
+    body = "cbatch run sh -c 'test -e /.cbatch && echo container || echo native; id -un'\necho rc=$?\n"
+    native = slurm.submit("cbt-bob", body)
+    boxed = slurm.submit("cbt-bob", body, "--partition=debug")
+    native.wait()
+    boxed.wait()
+    assert native.stdout().splitlines() == ["native", "cbt-bob", "rc=0"], native.dump()
+    # In the container the user has no passwd entry unless the image has one: `id -un` may print the uid.
+    lines = boxed.stdout().splitlines()
+    assert lines[0] == "container" and lines[-1] == "rc=0", boxed.dump()
+    assert lines[1] in ("cbt-bob", str(users["cbt-bob"].uid)), boxed.dump()
 
 
 def test_container_nested_in_job_cgroup_and_removed(slurm, users):
@@ -87,6 +102,7 @@ echo "rc=$?"
     job.wait()
     assert job.stdout().splitlines() == ["rc=137"], job.dump()
     lines = _cbatch_lines(job.stderr())
+    print(lines)
     assert len(lines) == 1, job.dump()
     assert "memory" in lines[0].lower(), lines
     assert not job.containers()
@@ -106,6 +122,7 @@ cbatch run --image {IMG} sh -c 'trap "" TERM; echo ready; while :; do sleep 1; d
     while job.containers() and time.monotonic() - t0 < 30:
         time.sleep(0.1)
     elapsed = time.monotonic() - t0
+    print(f"container removed {elapsed:.2f}s after scancel (KillWait {KILL_WAIT:.0f}s)")
     assert not job.containers(), job.dump()
     assert elapsed <= KILL_WAIT + 2.0, f"container gone only after {elapsed:.1f}s"
     fields = job.wait()
@@ -126,6 +143,7 @@ echo "rc=$?"
     fields = job.wait()
     assert fields["JobState"] == "COMPLETED", job.dump()
     lines = job.stdout().splitlines()
+    print(lines)
     assert lines[:2] == ["ready", "got-TERM"], job.dump()
     # cbatch run ends the way the command did when the signal was its own: srun reports 3, or 143 when the
     # client re-raised SIGTERM on itself after forwarding it.
@@ -137,6 +155,8 @@ def test_srun_four_ranks(slurm):
     job = slurm.submit("cbt-alice", f"""
 srun -n 4 bash -c 'cbatch run --image {IMG} sh -c "echo rank=\\$SLURM_PROCID cg=\\$(grep -m1 :memory: /proc/self/cgroup); exit \\$((10 + SLURM_PROCID))"; echo "rc[$SLURM_PROCID]=$?"'
 echo "srun=$?"
+srun -n 4 cbatch run --image {IMG} sh -c 'echo direct=$SLURM_PROCID; exit $SLURM_PROCID'
+echo "srun-direct=$?"
 """, "-n", "4")
     fields = job.wait(timeout=120)
     out = job.stdout().splitlines()
@@ -148,6 +168,9 @@ echo "srun=$?"
     codes = sorted(line for line in out if line.startswith("rc["))
     assert codes == ["rc[0]=10", "rc[1]=11", "rc[2]=12", "rc[3]=13"], job.dump()
     assert "srun=0" in out
+    # srun -n 4 cbatch run ... directly: four containers, srun exits with the highest rank status.
+    assert sorted(line for line in out if line.startswith("direct=")) == [f"direct={i}" for i in range(4)]
+    assert "srun-direct=3" in out, job.dump()
     assert fields["JobState"] == "COMPLETED"
     assert not job.containers()
 
@@ -160,6 +183,7 @@ def test_refused_outside_any_job(slurm, users):
         res = subprocess.run(["runuser", "-u", "cbt-bob", "--", "env", *[f"{k}={v}" for k, v in
                               {**env, **extra}.items()], CBATCH, "run", "--image", IMG, "true"],
                              capture_output=True, text=True, timeout=30, cwd="/")
+        print(res.stderr.strip())
         assert res.returncode != 0
         assert res.stdout == ""
         assert len(res.stderr.splitlines()) == 1, res.stderr
@@ -186,10 +210,13 @@ def test_refused_claiming_another_users_job(slurm, users):
         for ctrl in ("memory", "freezer"):
             with open(f"/sys/fs/cgroup/{ctrl}/{rel}/cgroup.procs", "w") as f:
                 f.write(target)
+        with open(f"/proc/{target}/cgroup") as f:
+            assert f"/{rel}" in f.read()      # bob's process really is inside alice's job now
         os.write(gate_w, b"go\n")
     finally:
         os.close(gate_w)
     out, err = proc.communicate(timeout=30)
+    print(err.strip())
     assert proc.returncode != 0
     assert out == ""
     assert len(err.splitlines()) == 1 and err.startswith("cbatch: "), err

@@ -51,3 +51,16 @@ def test_bob_is_bob(mom, bob):
     r = mom.submit(script("id -un; id -u"), bob.name).wait(120)
     assert r.exit_status == 0, r.stderr
     assert r.stdout.decode().split() == [bob.name, str(bob.uid)]
+
+
+def test_run_privileged_starter_still_runs_job_as_user(mom_factory, daemon, alice, workdir):
+    """$job_starter_run_privileged true: the starter starts as root and must drop to the job's owner."""
+    m = mom_factory(daemon, run_privileged=True)
+    for queue, image in (("batch", "cbatch-test/debian:12"), ("native", None)):
+        job = m.submit(script("id -u; id -g; touch made-$PBS_JOBID", image=image), alice.name, queue=queue,
+                       initdir=str(workdir))
+        r = job.wait(120)
+        assert r.exit_status == 0, (queue, r.stderr)
+        assert r.stdout.decode().split() == [str(alice.uid), str(alice.gid)], queue
+        st = os.stat(workdir / f"made-{job.job_id}")
+        assert (st.st_uid, st.st_gid) == (alice.uid, alice.gid)

@@ -29,13 +29,13 @@ echo "np=$PBS_NP"
 echo "nodes=$(wc -l < "$PBS_NODEFILE")"
 echo "env=$PBS_ENVIRONMENT"
 echo "jobname=$PBS_JOBNAME"
-"""), alice.name, args=["first", "sec'ond"], initdir=str(workdir), workdir=str(workdir),
+"""), alice.name, args=["first", "second"], initdir=str(workdir), workdir=str(workdir),
         resources="nodes=1:ppn=2,walltime=00:05:00", name="argtest")
     r = job.wait(120)
     assert r.exit_status == 0, r.stderr
     kv = _kv(r)
     assert kv["zero"] == [job.script_path]
-    # The stdin line is "<script> first sec'ond": the shell parses it, so the quote is the shell's business.
+    assert kv["n"] == ["2"] and kv["arg"] == ["first", "second"]
     assert kv["bash"] == ["/bin/bash"]
     assert kv["cwd"] == [str(workdir)]
     assert kv["jobid"] == [job.job_id]
@@ -51,6 +51,13 @@ def test_plain_args(mom, alice):
     assert r.exit_status == 0, r.stderr
     # pbs_mom joins the -F arguments with blanks on the stdin line; the shell splits them again.
     assert r.stdout.decode().split("|")[1:-1] == ["a", "b", "c"]
+
+
+def test_unbalanced_quote_is_the_shells_business(mom, alice):
+    # pbs_mom writes "<script> it's" on the shell's stdin: bash itself reports the quote, exit 2, as natively.
+    r = mom.submit(script("echo never"), alice.name, args=["it's"]).wait(120)
+    assert r.exit_status == 2
+    assert b"unexpected EOF" in r.stderr and b"cbatch" not in r.stderr
 
 
 def test_cwd_defaults_to_home(mom, alice):

@@ -67,3 +67,19 @@ def wait_until(predicate, timeout: float, interval: float = 0.05) -> Optional[fl
 def cbatch_lines(data: bytes) -> List[str]:
     """The lines of a spool file that cbatch wrote (they all start with "cbatch")."""
     return [l for l in data.decode(errors="replace").splitlines() if l.startswith("cbatch")]
+
+
+def container_events(cid: str, since: float) -> List[dict]:
+    """The engine's events for one container since ``since`` (epoch seconds): action, signal, exit code."""
+    import json
+    import time
+    out = subprocess.run(["docker", "events", "--since", f"{since:.3f}", "--until", f"{time.time() + 0.5:.3f}",
+                          "--filter", f"container={cid}", "--format", "{{json .}}"],
+                         check=True, capture_output=True, text=True, timeout=30).stdout
+    events = []
+    for line in out.splitlines():
+        e = json.loads(line)
+        attrs = (e.get("Actor") or {}).get("Attributes") or {}
+        events.append({"action": e.get("Action") or e.get("status"), "signal": attrs.get("signal"),
+                       "exit": attrs.get("exitCode"), "time": e.get("timeNano", 0) / 1e9})
+    return events

@@ -140,3 +140,11 @@ def test_node_is_delegated(monkeypatch, capsys):
     import cbatch
     monkeypatch.setattr(cbatch, "nodecheck", fake, raising=False)
     assert cli.main(["check", "--node"]) == 3 and seen == [True]
+
+
+def test_pbs_shell_option_is_the_container_command(config, capsys):
+    # busybox has no bash: the example asks for /bin/sh with #PBS -S, as pbs_mom would honour it.
+    script = REPO / "examples" / "hello-busybox.sh"
+    status, out, _ = run(["--config", config, str(script)], capsys)
+    assert status == 0 and f"argv: /bin/sh with stdin '{script}\\n'" in out
+    assert "limits: cpus 1, memory 64 MiB" in out

@@ -318,3 +318,57 @@ def test_regauth_registry_of():
     assert regauth.registry_of("library/debian") == "docker.io"
     assert regauth.registry_of("localhost/x") == "localhost"
     assert regauth.registry_of(f"{REG}/a/b@sha256:" + "a" * 64) == REG
+
+
+def test_handle_request_and_cli_formatting():
+    from cbatch.errors import AccessDenied, DaemonError
+    from cbatch.images import format_inventory, format_sync
+    from cbatch.imagesync import handle_request
+
+    eng = FakeEngine()
+    eng.add(f"{REG}/cbt/busybox:1", "sha256:" + "b" * 64, digests=(f"{REG}/cbt/busybox@sha256:" + "1" * 64,))
+    eng.add("junk/a:1", "sha256:" + "1" * 64)
+    eng.registry[f"{REG}/cbt/busybox:1"] = busybox_info()
+    m = ImageManager(eng, cfg(), None)
+    inv = handle_request(m, {"v": 1, "op": "images"}, 1000)["inventory"]
+    text = format_inventory(inv)
+    assert f"queue batch: default {REG}/cbt/busybox:1, pull never" in text
+    assert "sha256:111111111111" in text and "  allowed: 127.0.0.1:5999/cbt/*, local/ok:*" in text
+    for action in ("sync", "prune"):
+        with pytest.raises(AccessDenied, match=f"cbatch: images: {action} needs root: uid 1000"):
+            handle_request(m, {"action": action}, 1000)
+    with pytest.raises(DaemonError, match="bad field: action"):
+        handle_request(m, {"action": "nuke"}, 0)
+    assert handle_request(m, {"action": "prune", "dry_run": True}, 0) == {"removed": ["junk/a:1"], "dry_run": True}
+    assert eng.removed == []
+    m.start()
+    try:
+        status = handle_request(m, {"action": "sync"}, 0)["sync"]
+    finally:
+        m.stop()
+    assert status[f"{REG}/cbt/busybox:1"]["state"] == "ok"
+    assert format_sync(status).startswith(f"{REG}/cbt/busybox:1: ok {REG}/cbt/busybox@sha256:")
+    failed = {"x:1": {"state": "failed", "error": "connection refused", "retry_in": 5.0, "attempts": 2}}
+    assert format_sync(failed) == "x:1: FAILED (connection refused); retry in 5.0 s\n"
+    assert "x:1 [failed x2, retry in 5.0 s: connection refused]" in format_inventory(
+        {"queues": [{"name": "q", "default": "native", "pull": "never", "allowed": [], "prepull": ["x:1"],
+                     "present": [], "missing": ["x:1"]}], "sync": failed})
+
+
+def test_prune_keeps_prepull_and_default_in_any_spelling():
+    from cbatch.imagesync import ref_key
+    d = "sha256:" + "7" * 64
+    assert ref_key("debian:12") == ref_key("docker.io/library/debian:12")
+    assert ref_key(f"reg.example/x:1@{d}") == ref_key(f"reg.example/x@{d}")
+    eng = FakeEngine()
+    eng.add(None, "sha256:" + "6" * 64, digests=(f"pinned.example/tool@{d}",))   # pulled by digest only
+    eng.add("docker.io/library/debian:12", "sha256:" + "8" * 64)
+    eng.add("junk/z:1", "sha256:" + "9" * 64)
+    extra = f"""
+  pinned:
+    images: ["other/img:1"]
+    image: native
+    prepull: ["pinned.example/tool:3@{d}", "debian:12"]
+"""
+    m = ImageManager(eng, cfg(extra=extra), None)
+    assert m.prune(dry_run=True) == ["junk/z:1"]

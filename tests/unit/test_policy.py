@@ -379,3 +379,18 @@ def test_policy_source_does_no_io():
     for needle in ("open(", "os.stat", "os.lstat", "os.path.", "os.environ", "os.getcwd", "pwd.", "grp.",
                    "subprocess", "socket", "import docker", "realpath", "os.listdir", "Path(", "getgrouplist"):
         assert needle not in source, needle
+
+
+def test_kernel_filesystems_refused_even_under_a_root_prefix():
+    wide = parse(CONFIG.replace('prefixes: ["~", /scratch]', "prefixes: [/]"), path="site.yaml", hostname="vm")
+    EXISTS_ADD = {"/proc", "/proc/1", "/sys", "/dev"}
+    def resolve(path, ident):
+        return path if path in EXISTS_ADD else fake_resolve(path, ident)
+    for src in ("/proc/1", "/sys", "/dev"):
+        with pytest.raises(PolicyError) as exc:
+            policy.decide(wide, job(), Directives(image="debian:12", mounts=(UserMount(src, "/x", True, 2),)), resolve)
+        assert exc.value.message == (f"cbatch: directive line 2: mount source is a kernel filesystem: {src} "
+                                     "(not /proc, /sys, /dev or anything under them)")
+    spec = policy.decide(wide, job(), Directives(image="debian:12", mounts=(UserMount("/etc", "/hostetc", True, 2),)),
+                         resolve)
+    assert spec.mounts[-1] == Mount("/etc", "/hostetc", True)      # the admin allowed "/": their call

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import os
 import subprocess
-import sys
 import time
 
 import pytest
@@ -25,7 +24,8 @@ queues:
     networks: [none, bridge]
 """
 
-OK = b"#!/bin/bash\n#PBS -l nodes=1\n#CBATCH --image=cbatch-test/busybox:1\n# caf\xe9 \xff\xfe latin-1 comment\necho \xff\x00\xc3(\n"
+OK = (b"#!/bin/bash\n#PBS -l nodes=1\n#CBATCH --image=cbatch-test/busybox:1\n"
+      b"# caf\xe9 \xff\xfe latin-1 comment\necho \xff\x00\xc3(\n")
 
 
 @pytest.fixture

@@ -1,0 +1,79 @@
+"""``python -m bench [--quick] [--only NAME ...]``: run the benchmarks, print each table, write the results.
+
+Run as root with the venv's interpreter (``scripts/bench`` does the set-up first). Default repetition
+counts keep the whole suite near 10 minutes on a 2-core machine; ``--quick`` is a smoke run (a minute or
+two, numbers not meaningful). A benchmark that fails is recorded under ``errors`` and the others still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from bench import clicalls, footprint, latency, output, overhead, report, throughput
+from bench.env import BENCH, Bench
+
+FULL = {"latency_reps": 15, "throughput_jobs": 40, "footprint_jobs": 50, "footprint_docker_jobs": 20,
+        "output_mib": 1024, "output_reps": 3, "output_docker_reps": 1, "spin_millions": 1200,
+        "write_mib": 512, "overhead_reps": 5, "cli_reps": 20}
+QUICK = {"latency_reps": 2, "throughput_jobs": 4, "footprint_jobs": 4, "footprint_docker_jobs": 2,
+         "output_mib": 64, "output_reps": 1, "output_docker_reps": 1, "spin_millions": 100,
+         "write_mib": 32, "overhead_reps": 1, "cli_reps": 2}
+BENCHMARKS = {
+    "latency": lambda b, s: latency.run(b, s["latency_reps"]),
+    "throughput": lambda b, s: throughput.run(b, s["throughput_jobs"]),
+    "footprint": lambda b, s: footprint.run(b, s["footprint_jobs"], s["footprint_docker_jobs"]),
+    "output": lambda b, s: output.run(b, s["output_mib"], s["output_reps"], s["output_docker_reps"]),
+    "overhead": lambda b, s: overhead.run(b, s["spin_millions"], s["write_mib"], s["overhead_reps"]),
+    "clicalls": lambda b, s: clicalls.run(b, s["cli_reps"]),
+}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny counts: a smoke run, not a measurement")
+    p.add_argument("--only", nargs="+", choices=sorted(BENCHMARKS), default=None)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=N", help="override a count, e.g. "
+                   "throughput_jobs=100")
+    p.add_argument("--out", default=str(BENCH), help="directory for results.json and results.md")
+    args = p.parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench: must run as root (it plays pbs_mom and starts cbatchd)", file=sys.stderr)
+        return 2
+    settings = dict(QUICK if args.quick else FULL)
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key not in settings:
+            p.error(f"unknown setting {key}")
+        settings[key] = int(value)
+    started = time.time()
+    results = {}
+    bench = Bench()
+    try:
+        for name in args.only or BENCHMARKS:
+            t0 = time.monotonic()
+            print(f"bench: {name} ...", flush=True)
+            try:
+                results[name] = BENCHMARKS[name](bench, settings)
+            except Exception as exc:  # noqa: BLE001 - record it, run the rest
+                traceback.print_exc()
+                results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+            results[name]["seconds"] = round(time.monotonic() - t0, 1)
+            print(json.dumps(results[name], indent=1), flush=True)
+    finally:
+        bench.close()
+    doc = report.headline(results, started, settings)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report.write(doc, out)
+    print(report.markdown(doc))
+    return 1 if doc["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

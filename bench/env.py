@@ -1,0 +1,209 @@
+"""The benchmark environment: the probe, the bench user and image, a private cbatchd, and the moms.
+
+Everything is created idempotently and owned by this run: the daemon has its own config, socket, state
+directory and ``daemon.instance`` (``cbatch-bench-<pid>``), the moms have their own TORQUE homes, and only
+containers of that instance (or with the ``cbatch-bench=1`` label of the docker-run baseline) are ever
+removed. The daemon config is the test suite's shape: native by default, the bench and test images allowed,
+``pids_limit: 256``.
+
+Modes (how a job is started once the mom has run the prologue):
+
+- ``cbatch``: the real cbatch shims (prologue, ``$job_starter``, epilogue) talking to our cbatchd.
+- ``native``: no cbatch at all: the starter execs the shell, which reads the stdin line (pbs_mom without a
+  ``$job_starter``); no prologue or epilogue.
+- ``docker_run``: no cbatch: the starter is ``bench/starters/docker-run`` (the docker CLI with cbatch's
+  flags), for a job user in the docker group.
+
+A *stamped* mom runs the same starter behind ``#!benchtool stamp+exec...``, which writes one
+``stamp <time>`` line into the job's stdout right before exec'ing it: the start of the latency interval.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+from bench import BASE_IMAGE, IMAGE, TOOL, USER
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+VENV_BIN = Path(sys.executable).parent
+HELPER = os.environ.get("CBATCH_HELPER", "/usr/libexec/cbatch/cbatch-exec")
+ENGINE_URL = os.environ.get("CBATCH_ENGINE_URL", "unix:///var/run/docker.sock")
+RUN_BASE = Path("/run/cbatch-bench")
+MOM_BASE = Path("/var/spool/cbatch-bench")
+DOCKER_STARTER = BENCH / "starters" / "docker-run"
+MODES = ("native", "cbatch", "docker_run")
+
+
+def run(argv, **kw) -> subprocess.CompletedProcess:
+    """subprocess.run with check=True and captured text output (argv lists only)."""
+    return subprocess.run(argv, check=True, capture_output=True, text=True, **kw)
+
+
+def build_tool() -> str:
+    """Build and install the static probe (``make -C bench install``); return its path."""
+    run(["make", "-s", "-C", str(BENCH), "install", f"DESTDIR={os.path.dirname(TOOL)}"])
+    return TOOL
+
+
+def ensure_user() -> pwd.struct_passwd:
+    """The bench job user (``/bin/sh``, in the docker group for the docker-run baseline), made with the
+    integration suite's own user helper."""
+    sys.path.insert(0, str(ROOT / "tests" / "integration"))
+    import users  # noqa: E402 - tests/integration/users.py
+    users._ensure_user(USER, ("docker",), "/bin/sh")
+    return pwd.getpwnam(USER)
+
+
+def ensure_image() -> str:
+    """Build ``cbatch-bench/busybox:1`` unless the tag already carries this probe (label = its sha256)."""
+    run([str(ROOT / "scripts" / "build-test-images")])
+    digest = hashlib.sha256(Path(TOOL).read_bytes()).hexdigest()[:16]
+    got = subprocess.run(["docker", "image", "inspect", "--format",
+                          '{{index .Config.Labels "cbatch.bench.tool"}}', IMAGE],
+                         capture_output=True, text=True)
+    if got.returncode == 0 and got.stdout.strip() == digest:
+        return IMAGE
+    context = BENCH / "out"
+    shutil.copy2(TOOL, context / "benchtool")
+    run(["docker", "build", "-q", "--label", f"cbatch.bench.tool={digest}", "-t", IMAGE,
+         "-f", str(BENCH / "Dockerfile"), str(context)])
+    run(["docker", "image", "inspect", BASE_IMAGE])
+    return IMAGE
+
+
+def daemon_config(run_dir: Path, instance: str) -> dict:
+    """The bench site config (the integration suite's shape)."""
+    return {
+        "engine": {"url": ENGINE_URL, "timeout": 60},
+        "daemon": {"socket": str(run_dir / "cbatchd.sock"), "state_dir": str(run_dir / "state"),
+                   "instance": instance, "stop_grace": 1.0, "helper": HELPER},
+        "defaults": {"image": "native", "images": ["cbatch-bench/*", "cbatch-test/*"], "native": True,
+                     "hardening": {"pids_limit": 256}},
+        "queues": {"batch": {}},
+    }
+
+
+class Daemon:
+    """A private cbatchd in the foreground (root), with its own config, socket, state and instance."""
+
+    def __init__(self, run_dir: Path):
+        import yaml
+        self.run_dir = run_dir
+        self.instance = f"cbatch-bench-{os.getpid()}"
+        self.config = daemon_config(run_dir, self.instance)
+        self.socket = self.config["daemon"]["socket"]
+        self.config_path = run_dir / "cbatch.yaml"
+        self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
+        os.chmod(self.config_path, 0o644)
+        self.log_path = run_dir / "cbatchd.log"
+        self.proc: Optional[subprocess.Popen] = None
+
+    def start(self, timeout: float = 30.0) -> "Daemon":
+        from cbatch import client
+        from cbatch.errors import CbatchError
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen([str(VENV_BIN / "cbatchd"), "--foreground", "--config",
+                                          str(self.config_path)], stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"cbatchd exited {self.proc.returncode}: {self.log()[-2000:]}")
+            try:
+                client.call(self.socket, "ping", _timeout=5)
+                return self
+            except CbatchError:
+                time.sleep(0.1)
+        raise RuntimeError(f"cbatchd not answering after {timeout}s: {self.log()[-2000:]}")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class Bench:
+    """One benchmark run's environment: ``mom(mode, stamped)`` gives the mom for a mode (made on first use)."""
+
+    def __init__(self) -> None:
+        self.tool = build_tool()
+        self.user = ensure_user()
+        self.image = ensure_image()
+        self.run_dir = RUN_BASE / str(os.getpid())
+        self.mom_dir = MOM_BASE / str(os.getpid())
+        for base in (RUN_BASE, MOM_BASE):
+            base.mkdir(mode=0o755, exist_ok=True)
+            os.chmod(base, 0o755)
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        self.run_dir.mkdir(mode=0o755)
+        self.mom_dir.mkdir(mode=0o755, exist_ok=True)
+        self.daemon = Daemon(self.run_dir).start()
+        self.host = socket.gethostname().split(".")[0]
+        self._moms: Dict[Tuple[str, bool], object] = {}
+
+    def mom(self, mode: str, stamped: bool = False):
+        """The :class:`cbatch.local.Mom` running jobs in ``mode`` (see the module docstring)."""
+        from cbatch.local import Mom
+        key = (mode, stamped)
+        if key in self._moms:
+            return self._moms[key]
+        index = len(self._moms) + 1
+        root = str(self.mom_dir / f"{mode}{'-stamped' if stamped else ''}")
+        # Job ids 9PPPPKK...: distinct per mom and from the test suite's (pid * 1000 + clock) ids.
+        first = 900_000_000 + (os.getpid() % 1000) * 100_000 + index * 5_000
+        if stamped:
+            inner = self.mom(mode, False).starter
+            kw = {"starter": f"#!{self.tool} stamp+exec:{inner}\n" if mode != "native"
+                  else f"#!{self.tool} stamp+exec\n"}
+        elif mode == "native":
+            kw = {"starter": f"#!{self.tool} exec\n"}
+        elif mode == "docker_run":
+            kw = {"starter": DOCKER_STARTER.read_text()}
+        else:
+            kw = {}
+        socket_path = self.daemon.socket if mode == "cbatch" else None
+        self._moms[key] = Mom(root, socket_path, first_id=first, **kw)
+        return self._moms[key]
+
+    def cbatch_containers(self) -> list:
+        """Ids of the containers our daemon owns right now."""
+        from cbatch.engine import Engine
+        from cbatch.spec import LABEL_INSTANCE
+        return Engine(ENGINE_URL).list_ids({LABEL_INSTANCE: self.daemon.instance})
+
+    def close(self) -> None:
+        """Stop the daemon and remove what this run created (its containers, moms, run directory)."""
+        from cbatch.engine import Engine
+        from cbatch.spec import LABEL_INSTANCE
+        self.daemon.stop()
+        try:
+            Engine(ENGINE_URL).cleanup({LABEL_INSTANCE: self.daemon.instance})
+        except Exception as exc:  # noqa: BLE001 - report, keep tidying
+            print(f"bench: cleanup of {self.daemon.instance}: {exc}", file=sys.stderr)
+        shutil.rmtree(self.mom_dir, ignore_errors=True)
+        shutil.rmtree(self.run_dir, ignore_errors=True)

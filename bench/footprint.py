@@ -1,0 +1,93 @@
+"""Benchmark 3: per-job memory of what cbatch keeps alive for the whole job, with many jobs running.
+
+``jobs`` concurrent cbatch jobs that print ``ready`` and sleep; once every one is ready we read, for each
+job's starter (the process pbs_mom started: the session leader), VmRSS from ``/proc/<pid>/status`` and Pss
+from ``/proc/<pid>/smaps_rollup`` (PSS shares the interpreter's pages among the starters), and cbatchd's
+own RSS/PSS at that load (and idle, before). The same for ``docker_jobs`` docker-run jobs, whose
+long-lived process is the docker CLI. For context, the engine's per-container ``containerd-shim`` (the same
+for both modes) is measured too. Then every job is qdel'ed.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from typing import Dict, List, Optional
+
+from bench import jobs
+from bench.stats import summary
+
+MIB = 1024 * 1024
+
+
+def memory(pid: int) -> Optional[Dict[str, float]]:
+    """``{"rss", "pss"}`` in MiB for a live process, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            rss = next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
+        with open(f"/proc/{pid}/smaps_rollup") as fh:
+            pss = next(int(line.split()[1]) for line in fh if line.startswith("Pss:"))
+    except (OSError, StopIteration):
+        return None
+    return {"rss": rss / 1024, "pss": pss / 1024}
+
+
+def shim_pids(cids: List[str]) -> List[int]:
+    """The containerd-shim process of each container id (matched on its ``-id <cid>`` argument)."""
+    want, found = set(cids), []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as fh:
+                argv = fh.read().split(b"\0")
+        except OSError:
+            continue
+        if argv and b"containerd-shim" in argv[0] and b"-id" in argv:
+            i = argv.index(b"-id")
+            if i + 1 < len(argv) and argv[i + 1].decode() in want:
+                found.append(int(name))
+    return found
+
+
+def _docker_run_ids() -> List[str]:
+    out = subprocess.run(["docker", "ps", "-q", "--no-trunc", "--filter", "label=cbatch-bench=1"],
+                         capture_output=True, text=True, check=True).stdout
+    return out.split()
+
+
+def _load(bench, mode: str, n: int, containers) -> dict:
+    """Start n sleeping jobs, measure their long-lived processes and shims, then qdel them all."""
+    text = jobs.script("sleep", seconds=900)
+    mom = bench.mom(mode)
+    started = [jobs.submit(mom, text) for _ in range(n)]
+    t0 = time.monotonic()
+    try:
+        for job in started:
+            if not job.wait_output(b"ready", timeout=max(5.0, 300 - (time.monotonic() - t0))):
+                raise jobs.JobFailed(f"{mode} job {job.job_id} not ready: {job.peek()[1][-500:]!r}")
+        time.sleep(1.0)
+        procs = [m for m in (memory(job.session_id) for job in started) if m]
+        shims = [m for m in (memory(p) for p in shim_pids(containers())) if m]
+        out = {"jobs": n, "ready_after_s": round(time.monotonic() - t0, 1),
+               "rss_mib": summary([m["rss"] for m in procs], 2), "pss_mib": summary([m["pss"] for m in procs], 2),
+               "shim_rss_mib": summary([m["rss"] for m in shims], 2),
+               "shim_pss_mib": summary([m["pss"] for m in shims], 2)}
+        if mode == "cbatch":
+            out["daemon"] = {k: round(v, 2) for k, v in (memory(bench.daemon.pid) or {}).items()}
+        return out
+    finally:
+        for job in started:
+            job.qdel()
+        for job in started:
+            job.wait(120)
+
+
+def run(bench, n_jobs: int, n_docker: int) -> dict:
+    """Footprint of n_jobs cbatch jobs and n_docker docker-run jobs (MiB summaries)."""
+    idle = memory(bench.daemon.pid)
+    cb = _load(bench, "cbatch", n_jobs, bench.cbatch_containers)
+    cb["daemon_idle"] = {k: round(v, 2) for k, v in (idle or {}).items()}
+    dr = _load(bench, "docker_run", n_docker, _docker_run_ids)
+    return {"cbatch": cb, "docker_run": dr}

@@ -1,0 +1,225 @@
+"""The pbs_mom emulator itself (cbatch.local), with probe hooks and a probe starter: no daemon, no engine.
+
+These pin the emulator to what a real TORQUE 6.1 mom was seen doing (torque-mom.md), so the end-to-end
+tests built on it prove behaviour under the real thing. Needs root (it plays pbs_mom); run as root.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import stat
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cbatch.local import Mom
+
+pytestmark = pytest.mark.root
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "integration"))
+
+PROBE = """#!/bin/bash
+{ echo "ARGV $*"; echo "NARGS $#"; echo "IDS $(id -u) $(id -g) $(id -G)"; echo "PPID $PPID";
+  echo "UMASK $(umask)"; echo "CWD $(pwd)"; echo "STDIN $(readlink /proc/self/fd/0)";
+  env -0 | sort -z | tr '\\0' '\\n' | grep -v -e '^_=' -e '^SHLVL=' -e '^PWD=' | sed 's/^/ENV /'; } >> %s
+exit %s
+"""
+STARTER = """#!/bin/bash
+{ echo "ARGV $0 $*"; echo "IDS $(id -u) $(id -g) $(id -G)"; echo "RES $(id -ru) $(id -rg)";
+  echo "PID $$ $(ps -o pgid=,sid= -p $$ | tr -s ' ')"; echo "UMASK $(umask)"; echo "CWD $(pwd)";
+  echo "LIMITS $(ulimit -d) $(ulimit -m) $(ulimit -n) $(ulimit -c)"; echo "STDIN $(stat -L -c %F /proc/self/fd/0)";
+  echo "CG $(grep memory /proc/self/cgroup)"; } > /dev/null
+read -r line
+echo "LINE $line"
+exec "$1" -c "$line"
+"""
+if shutil.which("ps") is None:
+    STARTER = STARTER.replace('$(ps -o pgid=,sid= -p $$ | tr -s \' \')', '$(cut -d" " -f5,6 /proc/$$/stat)')
+
+
+@pytest.fixture(scope="module")
+def alice():
+    import users
+    return users.ensure()["cbt-alice"]
+
+
+@pytest.fixture
+def tree(tmp_path):
+    root = Path("/var/spool/cbatch-test") / f"unit-{os.getpid()}-{time.monotonic_ns()}"
+    root.parent.mkdir(mode=0o755, exist_ok=True)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def make_mom(tree, prologue_rc=0, starter=None, **kw):
+    logs = tree.parent / (tree.name + "-log")
+    logs.mkdir(exist_ok=True)
+    os.chmod(logs, 0o777)
+    mom = Mom(str(tree), prologue=PROBE % (logs / "prologue", prologue_rc), epilogue=PROBE % (logs / "epilogue", 0),
+              starter=starter or STARTER.replace("> /dev/null", f">> {logs / 'starter'}"), **kw)
+    return mom, logs
+
+
+def read_log(logs, name):
+    text = (logs / name).read_text() if (logs / name).exists() else ""
+    return [l for l in text.splitlines()]
+
+
+def env_of(lines):
+    return dict(l[4:].split("=", 1) for l in lines if l.startswith("ENV "))
+
+
+def value(lines, key):
+    return next(l[len(key) + 1:] for l in lines if l.startswith(key + " "))
+
+
+def test_prologue_starter_epilogue_as_pbs_mom(tree, alice):
+    mom, logs = make_mom(tree)
+    job = mom.submit(b"#!/bin/bash\necho out $0 $@\necho err >&2\nexit 3\n", alice.name, args=["a", "b"],
+                     resources="nodes=1:ppn=2,walltime=00:01:00,mem=100mb", variables={"EXITCODE": "3"},
+                     name="name", tmpdir=True)
+    sc = os.stat(job.script_path)
+    assert (sc.st_uid, stat.S_IMODE(sc.st_mode)) == (alice.uid, 0o700)
+    assert stat.S_IMODE(os.stat(mom.mom_priv).st_mode) == 0o751
+    for path in (job.stdout_path, job.stderr_path):
+        st = os.stat(path)
+        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (alice.uid, 0o600)
+    r = job.wait(30)
+    assert r.exit_status == 3 and r.prologue_status == 0 and r.epilogue_status == 0
+    assert r.stdout == f"LINE {job.script_path} a b\nout {job.script_path} a b\n".encode()
+    assert r.stderr == b"err\n"
+
+    pro = read_log(logs, "prologue")
+    assert value(pro, "ARGV") == (f"{job.job_id} {alice.name} {alice.group} name "
+                                  f"nodes=1:ppn=2,walltime=00:01:00,mem=100mb,neednodes=1:ppn=2 batch  {job.script_path}")
+    assert value(pro, "NARGS") == "8"
+    assert value(pro, "IDS") == f"0 0 0 {alice.gid}"
+    assert value(pro, "PPID") == str(r.session_id)          # the prologue's parent became the starter
+    assert value(pro, "UMASK") == "0077" and value(pro, "CWD") == mom.mom_priv
+    assert value(pro, "STDIN") == "/dev/null"
+    assert sorted(env_of(pro)) == ["LANG", "PATH", "PBS_MSHOST", "PBS_NODEFILE", "PBS_NODENUM", "PBS_NP",
+                                   "PBS_NUM_NODES", "PBS_NUM_PPN", "PBS_O_WORKDIR", "PBS_RESOURCE_NODES"]
+    assert env_of(pro)["PATH"] == "/bin:/usr/bin"
+
+    st = read_log(logs, "starter")
+    assert value(st, "ARGV") == f"{mom.starter} /bin/bash"
+    assert value(st, "IDS") == f"{alice.uid} {alice.gid} " + " ".join(map(str, alice.groups))
+    assert value(st, "RES") == f"{alice.uid} {alice.gid}"
+    pid, pgid, sid = value(st, "PID").split()
+    assert pid == pgid == sid == str(r.session_id)
+    assert value(st, "UMASK") == "0077" and value(st, "CWD") == alice.home
+    assert value(st, "LIMITS") == "102400 102400 20000 0"
+    assert value(st, "STDIN") == "fifo"
+
+    epi = read_log(logs, "epilogue")
+    args = value(epi, "ARGV").split(" ")
+    assert value(epi, "NARGS") == "11"
+    assert args[0] == job.job_id and args[4] == str(r.session_id) and args[-2] == "3"
+    assert args[-1] == job.script_path and args[6].startswith("cput=")
+    assert value(epi, "UMASK") == "0022" and value(epi, "IDS") == f"0 0 0 {alice.gid}"
+    # After the job: spool, script, node file and TMPDIR are gone.
+    for path in (job.script_path, job.stdout_path, job.stderr_path, job.plan["nodefile"], job.tmpdir):
+        assert not os.path.exists(path), path
+
+
+def test_job_environment(tree, alice):
+    mom, logs = make_mom(tree)
+    r = mom.submit(b"#!/bin/bash\nenv\n", alice.name, resources="nodes=1:ppn=1,walltime=00:01:00,mem=100mb",
+                   variables={"EXITCODE": "3"}, name="name", tmpdir=True).wait(30)
+    env = dict(l.split("=", 1) for l in r.stdout.decode().splitlines()[1:] if "=" in l)
+    for key in ("ENVIRONMENT", "EXITCODE", "HOME", "HOSTNAME", "LANG", "LOGNAME", "PATH", "PBS_ENVIRONMENT",
+                "PBS_GPUFILE", "PBS_JOBCOOKIE", "PBS_JOBID", "PBS_JOBNAME", "PBS_MICFILE", "PBS_MOMPORT",
+                "PBS_NODEFILE", "PBS_NODENUM", "PBS_NP", "PBS_NUM_NODES", "PBS_NUM_PPN", "PBS_O_HOME",
+                "PBS_O_HOST", "PBS_O_LANG", "PBS_O_LOGNAME", "PBS_O_MAIL", "PBS_O_PATH", "PBS_O_QUEUE",
+                "PBS_O_SERVER", "PBS_O_SHELL", "PBS_O_WORKDIR", "PBS_QUEUE", "PBS_TASKNUM", "PBS_VERSION",
+                "PBS_VNODENUM", "PBS_WALLTIME", "SHELL", "USER", "TMPDIR"):
+        assert key in env, key
+    assert env["PATH"] == "/bin:/usr/bin" and env["ENVIRONMENT"] == "BATCH" and env["PBS_WALLTIME"] == "60"
+    assert env["PBS_NODEFILE"] == f"{mom.aux}//{env['PBS_JOBID']}" and env["TMPDIR"].startswith("/tmp/")
+    assert env["EXITCODE"] == "3" and env["USER"] == alice.name and env["HOSTNAME"] == ""
+
+
+def test_prologue_exit_1_aborts_without_output(tree, alice):
+    mom, logs = make_mom(tree, prologue_rc=1)
+    r = mom.submit(b"#!/bin/bash\necho never\n", alice.name).wait(30)
+    assert r.aborted and r.exit_status == -2 and r.epilogue_ran and r.epilogue_status == 0
+    assert r.stdout == r.stderr == b""
+    assert not (logs / "starter").exists()
+    assert value(read_log(logs, "epilogue"), "ARGV").split(" ")[-2] == "-2"
+
+
+def test_prologue_other_exit_requeues(tree, alice):
+    mom, logs = make_mom(tree, prologue_rc=2, max_requeues=3)
+    r = mom.submit(b"#!/bin/bash\necho never\n", alice.name).wait(30)
+    assert r.exit_status is None and r.requeues == 3 and not r.epilogue_ran
+    assert len([l for l in read_log(logs, "prologue") if l.startswith("ARGV")]) == 4
+
+
+def test_bad_hook_permissions_requeue(tree, alice):
+    mom, logs = make_mom(tree, max_requeues=1)
+    os.chmod(mom.prologue, 0o777)
+    r = mom.submit(b"#!/bin/bash\necho never\n", alice.name).wait(30)
+    assert r.exit_status is None and r.requeues == 1
+
+
+def test_qdel_kill_delay_and_session_sweep(tree, alice):
+    # A starter that ignores SIGTERM: the mom SIGKILLs it after kill_delay (265).
+    stubborn = "#!/bin/bash\ntrap '' TERM\nread -r line\necho started\nsleep 60 & wait\n"
+    mom, logs = make_mom(tree, starter=stubborn)
+    job = mom.submit(b"#!/bin/bash\n", alice.name, kill_delay=1.0)
+    assert job.wait_output(b"started", timeout=10)
+    t0 = time.monotonic()
+    job.qdel()
+    r = job.wait(30)
+    assert r.exit_status == 265
+    assert 0.9 < r.ended_at - t0 < 3
+    from cbatch import momproc
+    assert momproc.session_pids(r.session_id) == []
+
+
+def test_starter_exit_kills_session_leftovers(tree, alice):
+    leaver = "#!/bin/bash\nread -r line\nsleep 300 &\nsleep 301 &\nexit 0\n"
+    mom, logs = make_mom(tree, starter=leaver)
+    r = mom.submit(b"#!/bin/bash\n", alice.name).wait(30)
+    assert r.exit_status == 0
+    from cbatch import momproc
+    assert momproc.session_pids(r.session_id) == []       # the "sleep &" was SIGKILLed with no grace
+
+
+def test_killed_by_signal_is_256_plus_n(tree, alice):
+    mom, logs = make_mom(tree, starter="#!/bin/bash\nkill -TERM $$\n")
+    r = mom.submit(b"#!/bin/bash\n", alice.name).wait(30)
+    assert r.exit_status == 271
+
+
+def test_walltime_poll(tree, alice):
+    mom, logs = make_mom(tree, starter="#!/bin/bash\nread -r line\nsleep 60\n")
+    r = mom.submit(b"#!/bin/bash\n", alice.name, resources="walltime=00:00:01", walltime_poll=1.0).wait(30)
+    assert r.walltime_killed and r.exit_status == 271
+    assert b"=>> PBS: job killed: walltime" in r.stderr and b"exceeded limit 1" in r.stderr
+
+
+def test_initdir_sets_cwd(tree, alice):
+    mom, logs = make_mom(tree)
+    r = mom.submit(b"#!/bin/bash\npwd; echo $PBS_O_INITDIR\n", alice.name, initdir="/tmp").wait(30)
+    assert r.stdout.decode().splitlines()[1:] == ["/tmp", "/tmp"]
+
+
+def test_torque_cgroups_on_fake_tree(tree, alice, tmp_path):
+    fake = tmp_path / "cg"
+    for ctl in ("cpuacct", "cpuset", "memory", "devices"):
+        (fake / ctl).mkdir(parents=True)
+    (fake / "cpuset" / "cpuset.cpus").write_text("0-3\n")
+    (fake / "cpuset" / "cpuset.mems").write_text("0\n")
+    mom, logs = make_mom(tree, cgroup_root=str(fake))
+    job = mom.submit(b"#!/bin/bash\n", alice.name, resources="nodes=1:ppn=2,mem=64mb", cgroups=True)
+    jobdir = fake / "memory" / "torque" / job.job_id
+    assert (jobdir / "memory.limit_in_bytes").read_text() == str(64 << 20)
+    assert (fake / "cpuset" / "torque" / job.job_id / "cpuset.cpus").read_text() == "0,1"
+    r = job.wait(30)
+    assert (jobdir / "tasks").read_text() == str(r.session_id)    # the starter was attached before exec
+    # Plain directories with files cannot be rmdir'ed: the mom reports them as leftovers, as TORQUE would.
+    assert len(r.cgroup_leftovers) == 4
