@@ -14,5 +14,4 @@ jobs, concurrency), :mod:`bench.stats` (medians and ranges), one module per benc
 
 TOOL = "/opt/cbatch/bench/benchtool"        # host path == path in the bench image
 IMAGE = "cbatch-bench/busybox:1"
-BASE_IMAGE = "cbatch-test/busybox:1"
 USER = "cbt-bench"                          # shell /bin/sh (the image has no bash), in the docker group

@@ -18,9 +18,9 @@ from pathlib import Path
 from bench import clicalls, footprint, latency, output, overhead, report, throughput
 from bench.env import BENCH, Bench
 
-FULL = {"latency_reps": 15, "throughput_jobs": 40, "footprint_jobs": 50, "footprint_docker_jobs": 20,
-        "output_mib": 1024, "output_reps": 3, "output_docker_reps": 1, "spin_millions": 1200,
-        "write_mib": 512, "overhead_reps": 5, "cli_reps": 20}
+FULL = {"latency_reps": 20, "throughput_jobs": 100, "footprint_jobs": 50, "footprint_docker_jobs": 20,
+        "output_mib": 1024, "output_reps": 7, "output_docker_reps": 1, "spin_millions": 1200,
+        "write_mib": 512, "overhead_reps": 7, "cli_reps": 20}
 QUICK = {"latency_reps": 2, "throughput_jobs": 4, "footprint_jobs": 4, "footprint_docker_jobs": 2,
          "output_mib": 64, "output_reps": 1, "output_docker_reps": 1, "spin_millions": 100,
          "write_mib": 32, "overhead_reps": 1, "cli_reps": 2}

@@ -21,6 +21,7 @@ A *stamped* mom runs the same starter behind ``#!benchtool stamp+exec...``, whic
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pwd
 import shutil
@@ -32,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
-from bench import BASE_IMAGE, IMAGE, TOOL, USER
+from bench import IMAGE, TOOL, USER
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -66,7 +67,8 @@ def ensure_user() -> pwd.struct_passwd:
 
 
 def ensure_image() -> str:
-    """Build ``cbatch-bench/busybox:1`` unless the tag already carries this probe (label = its sha256)."""
+    """Build ``cbatch-bench/busybox:1`` (``bench/Dockerfile``: the test busybox image plus the probe) unless
+    the tag already carries this probe (label = its sha256)."""
     run([str(ROOT / "scripts" / "build-test-images")])
     digest = hashlib.sha256(Path(TOOL).read_bytes()).hexdigest()[:16]
     got = subprocess.run(["docker", "image", "inspect", "--format",
@@ -78,7 +80,6 @@ def ensure_image() -> str:
     shutil.copy2(TOOL, context / "benchtool")
     run(["docker", "build", "-q", "--label", f"cbatch.bench.tool={digest}", "-t", IMAGE,
          "-f", str(BENCH / "Dockerfile"), str(context)])
-    run(["docker", "image", "inspect", BASE_IMAGE])
     return IMAGE
 
 
@@ -95,7 +96,8 @@ def daemon_config(run_dir: Path, instance: str) -> dict:
 
 
 class Daemon:
-    """A private cbatchd in the foreground (root), with its own config, socket, state and instance."""
+    """A private cbatchd in the foreground (root), with its own config, socket, state and instance, run
+    with the timing probes of :mod:`bench.tracedaemon` (:meth:`trace` collects them)."""
 
     def __init__(self, run_dir: Path):
         import yaml
@@ -107,15 +109,18 @@ class Daemon:
         self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
         os.chmod(self.config_path, 0o644)
         self.log_path = run_dir / "cbatchd.log"
+        self.trace_path = run_dir / "trace.json"
         self.proc: Optional[subprocess.Popen] = None
 
     def start(self, timeout: float = 30.0) -> "Daemon":
         from cbatch import client
         from cbatch.errors import CbatchError
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([str(VENV_BIN / "cbatchd"), "--foreground", "--config",
-                                          str(self.config_path)], stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+            # -I: the script's directory (bench/) stays off sys.path; cbatch comes from the venv as for cbatchd.
+            self.proc = subprocess.Popen([str(VENV_BIN / "python"), "-I", str(BENCH / "tracedaemon.py"),
+                                          str(self.config_path), str(self.trace_path)],
+                                         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -126,6 +131,20 @@ class Daemon:
             except CbatchError:
                 time.sleep(0.1)
         raise RuntimeError(f"cbatchd not answering after {timeout}s: {self.log()[-2000:]}")
+
+    def trace(self, timeout: float = 10.0) -> Dict[str, list]:
+        """The probes' durations (ms) since the last call, and clear them."""
+        try:
+            self.trace_path.unlink()
+        except FileNotFoundError:
+            pass
+        self.proc.send_signal(signal.SIGUSR2)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.trace_path.exists():
+                return json.loads(self.trace_path.read_text())
+            time.sleep(0.05)
+        raise RuntimeError("cbatchd did not write its trace")
 
     @property
     def pid(self) -> int:
@@ -205,5 +224,10 @@ class Bench:
             Engine(ENGINE_URL).cleanup({LABEL_INSTANCE: self.daemon.instance})
         except Exception as exc:  # noqa: BLE001 - report, keep tidying
             print(f"bench: cleanup of {self.daemon.instance}: {exc}", file=sys.stderr)
+        # docker-run baseline containers (--rm, so only ones whose CLI was killed are left)
+        left = subprocess.run(["docker", "ps", "-aq", "--filter", "label=cbatch-bench=1"],
+                              capture_output=True, text=True).stdout.split()
+        if left:
+            subprocess.run(["docker", "rm", "-f", *left], capture_output=True)
         shutil.rmtree(self.mom_dir, ignore_errors=True)
         shutil.rmtree(self.run_dir, ignore_errors=True)

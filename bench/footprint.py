@@ -5,13 +5,15 @@ job's starter (the process pbs_mom started: the session leader), VmRSS from ``/p
 from ``/proc/<pid>/smaps_rollup`` (PSS shares the interpreter's pages among the starters), and cbatchd's
 own RSS/PSS at that load (and idle, before). The same for ``docker_jobs`` docker-run jobs, whose
 long-lived process is the docker CLI. For context, the engine's per-container ``containerd-shim`` (the same
-for both modes) is measured too. Then every job is qdel'ed.
+for both modes) is measured too, and an idle ``python -I`` (with and without ``site``) as the floor under
+any Python starter. Then every job is qdel'ed.
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from typing import Dict, List, Optional
 
@@ -84,10 +86,25 @@ def _load(bench, mode: str, n: int, containers) -> dict:
             job.wait(120)
 
 
+def python_floor() -> dict:
+    """RSS/PSS of an idle ``python -I`` and ``python -I -S`` (no site) of the same interpreter: the floor
+    under any Python job starter."""
+    out = {}
+    for name, flags in (("python_I", ["-I"]), ("python_IS", ["-I", "-S"])):
+        proc = subprocess.Popen([sys.executable, *flags, "-c", "import sys; sys.stdin.read()"],
+                                stdin=subprocess.PIPE)
+        time.sleep(0.5)
+        out[name] = {k: round(v, 2) for k, v in (memory(proc.pid) or {}).items()}
+        proc.stdin.close()
+        proc.wait()
+    return out
+
+
 def run(bench, n_jobs: int, n_docker: int) -> dict:
     """Footprint of n_jobs cbatch jobs and n_docker docker-run jobs (MiB summaries)."""
+    floor = python_floor()
     idle = memory(bench.daemon.pid)
     cb = _load(bench, "cbatch", n_jobs, bench.cbatch_containers)
     cb["daemon_idle"] = {k: round(v, 2) for k, v in (idle or {}).items()}
     dr = _load(bench, "docker_run", n_docker, _docker_run_ids)
-    return {"cbatch": cb, "docker_run": dr}
+    return {"cbatch": cb, "docker_run": dr, "python_floor": floor}

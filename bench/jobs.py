@@ -61,7 +61,7 @@ def run_one(mom, text: bytes, timeout: float = 600.0, settle: bool = False) -> T
     return result, elapsed
 
 
-def stamps(data: bytes, stream: str = "stdout") -> List[float]:
+def stamps(data: bytes) -> List[float]:
     """The ``stamp <seconds>`` values in job output, in order."""
     return [float(line.split()[1]) for line in data.decode(errors="replace").splitlines()
             if line.startswith("stamp ")]

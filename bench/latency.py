@@ -11,14 +11,20 @@ from other users of the machine hits all of them alike, after one unrecorded war
 - ``docker_run``: the docker CLI with cbatch's flags (``bench/starters/docker-run``);
 - ``runc``: ``runc run`` of the same root filesystem (:mod:`bench.runc`), no engine at all.
 
-For the mom-driven modes the whole job's wall time (submit to the mom's end of the job: prologue, start,
-run, exit, epilogue, clean-up) is recorded too.
+For the mom-driven modes two more intervals are recorded: the exit path (the script's only instruction ->
+the mom reaps the starter: container exit noticed, reported, removed) and the whole job's wall time (submit
+to the mom's end of the job: prologue, start, run, exit, epilogue, clean-up).
+
+The daemon runs with timing probes (:mod:`bench.tracedaemon`): ``daemon_trace_ms`` is what each step of
+its start, register and unregister handling took during these jobs (the warm-up job included).
 
 The profile splits cbatch's interval into parts measured separately in the same run: the starter's Python
 start-up (the real shim run with no arguments: interpreter + imports + exit), the policy decision as the
 daemon makes it (``policy.decide`` with the forking ``resolve_as_user``), and the engine's create + start of
 an equivalent container through :class:`cbatch.engine.Engine` (plus the time from that call to the
-container's first instruction, and the removal). The rest is the daemon's request handling.
+container's first instruction, and the removal). The rest is the daemon's request handling. The root
+prologue and epilogue shims (register / unregister of a job with no container) are timed the same way: they
+are not in the start interval but are in every job's wall time.
 """
 
 from __future__ import annotations
@@ -43,8 +49,11 @@ def run(bench, reps: int) -> dict:
     """Measure every mode ``reps`` times; return per-mode summaries (ms) and the cbatch profile."""
     text = jobs.script("stamp")
     bundle = Bundle(bench.run_dir, bench.user, text)
+    bench.daemon.trace()                        # from here on the daemon's probes see only these jobs
     lat = {m: [] for m in MOM_MODES + ("runc",)}
     wall = {m: [] for m in MOM_MODES}
+    done = {m: [] for m in MOM_MODES}
+    offset = time.time() - time.monotonic()     # Result.ended_at is monotonic; stamps are CLOCK_REALTIME
     try:
         for i in range(reps + 1):
             for mode in MOM_MODES:
@@ -55,14 +64,18 @@ def run(bench, reps: int) -> dict:
                 if i:
                     lat[mode].append((t[1] - t[0]) * 1000)
                     wall[mode].append(elapsed * 1000)
+                    done[mode].append((result.ended_at + offset - t[1]) * 1000)
             seconds, _ = bundle.run()
             if i:
                 lat["runc"].append(seconds * 1000)
     finally:
         bundle.close()
+    daemon = {k: summary(v, 2) for k, v in sorted(bench.daemon.trace().items())}
     return {"reps": reps,
             "latency_ms": {m: summary(v, 1) for m, v in lat.items()},
             "job_wall_ms": {m: summary(v, 1) for m, v in wall.items()},
+            "exit_ms": {m: summary(v, 1) for m, v in done.items()},
+            "daemon_trace_ms": daemon,
             "profile": profile(bench, max(5, reps // 2))}
 
 
@@ -86,7 +99,32 @@ def profile(bench, n: int) -> dict:
         "policy_decide": summary(_policy_times(bench, n), 2),
     }
     parts.update(_engine_times(bench, n))
+    parts.update(_hook_times(bench, n))
     return parts
+
+
+def _hook_times(bench, n: int) -> dict:
+    """The installed prologue and epilogue shims, run as pbs_mom runs them, for a job with no container."""
+    mom = bench.mom("cbatch")
+    user = bench.user
+    env = {"PATH": "/bin:/usr/bin", "LANG": "C.UTF-8"}
+    pro, epi = [], []
+    for i in range(n + 1):
+        job_id = f"hook{i}-{os.getpid()}.{bench.host}"
+        script = os.path.join(mom.jobs_dir, job_id + ".SC")
+        args = [job_id, user.pw_name, user.pw_name, "bench", jobs.RESOURCES, "batch", ""]
+        t0 = time.perf_counter()
+        subprocess.run([mom.prologue, *args, script], env=env, cwd=mom.mom_priv, check=True,
+                       stdin=subprocess.DEVNULL, capture_output=True)
+        t1 = time.perf_counter()
+        subprocess.run([mom.epilogue_path, job_id, user.pw_name, user.pw_name, "bench", str(os.getpid()),
+                        jobs.RESOURCES, "cput=00:00:00", "batch", "", "0", script], env=env, cwd=mom.mom_priv,
+                       check=True, stdin=subprocess.DEVNULL, capture_output=True)
+        t2 = time.perf_counter()
+        if i:
+            pro.append((t1 - t0) * 1000)
+            epi.append((t2 - t1) * 1000)
+    return {"prologue_hook": summary(pro, 1), "epilogue_hook": summary(epi, 1)}
 
 
 def _policy_times(bench, n: int) -> list:

@@ -10,7 +10,7 @@ cost, so the job's wall time is reported as well. MiB/s = mib / writer's seconds
 from __future__ import annotations
 
 from bench import jobs
-from bench.stats import summary
+from bench.stats import ratio, summary
 
 
 def run(bench, mib: int, reps: int, docker_reps: int) -> dict:
@@ -19,7 +19,7 @@ def run(bench, mib: int, reps: int, docker_reps: int) -> dict:
     rate = {m: [] for m, _ in plan}
     wall = {m: [] for m, _ in plan}
     for i in range(max(reps, docker_reps)):
-        for mode, n in plan:
+        for mode, n in plan if i % 2 == 0 else plan[::-1]:     # alternate who goes first
             if i >= n:
                 continue
             result, elapsed = jobs.run_one(bench.mom(mode), text, settle=True)
@@ -30,6 +30,10 @@ def run(bench, mib: int, reps: int, docker_reps: int) -> dict:
                 raise jobs.JobFailed(f"{mode}: {got} bytes of output, expected {mib} MiB")
             rate[mode].append(mib / float(fields[0][0]))
             wall[mode].append(mib / elapsed)
+    writer = {m: summary(v, 1) for m, v in rate.items()}
     return {"mib": mib, "reps": {m: n for m, n in plan},
-            "writer_mib_per_s": {m: summary(v, 1) for m, v in rate.items()},
+            "writer_mib_per_s": writer,
+            "ratio": ratio(writer["cbatch"]["median"], writer["native"]["median"]),
+            # Contention (other work, write-back) only ever slows a run: the best runs compare the paths.
+            "ratio_best": ratio(writer["cbatch"]["max"], writer["native"]["max"]),
             "job_wall_mib_per_s": {m: summary(v, 1) for m, v in wall.items()}}

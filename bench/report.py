@@ -47,6 +47,16 @@ def machine() -> str:
             f"{platform.release()}, Docker {docker}, {runc}, Python {platform.python_version()}, cgroup {cgroup}")
 
 
+def install_mode() -> str:
+    """How cbatch is installed in the venv: "editable" (a .pth finder runs at every interpreter start-up,
+    which costs the starter and hooks start-up time) or "regular" (what scripts/setup does)."""
+    import glob
+    import sys
+    site = glob.glob(os.path.join(os.path.dirname(os.path.dirname(sys.executable)), "lib", "python3*",
+                                  "site-packages", "__editable__*cbatch*"))
+    return "editable" if site else "regular"
+
+
 def _med(d: Optional[dict], *keys):
     for k in keys:
         if not isinstance(d, dict):
@@ -68,6 +78,7 @@ def headline(results: dict, started: float, settings: dict) -> dict:
         "machine": machine(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "duration_s": round(time.time() - started, 1),
+        "cbatch_install": install_mode(),
         "start_latency_ms": start,
         "throughput_jobs_per_s": thr.get("jobs_per_s"),
         "per_job_rss_mib": _med(foot, "cbatch", "rss_mib"),
@@ -120,6 +131,7 @@ def markdown(doc: dict) -> str:
     s = doc["settings"]
     L = [f"# cbatch benchmark results", "",
          f"- machine: {doc['machine']}", f"- date: {doc['date']} (suite took {doc['duration_s']} s)",
+         f"- cbatch installed in the venv: {doc['cbatch_install']}",
          f"- command: `scripts/bench` (settings: {json.dumps(s)})", "",
          "Values are medians (min–max) over the repetitions; ratios are between medians of the same run.", "",
          "## Targets", "", "| target | wanted | measured | met |", "| --- | --- | --- | --- |"]
@@ -129,9 +141,14 @@ def markdown(doc: dict) -> str:
     lat = d.get("latency") or {}
     if "latency_ms" in lat:
         L += ["", f"## 1. Job start latency (starter exec -> first instruction of the script), {lat['reps']} runs",
-              "", "| mode | latency ms | whole job (submit -> end) ms |", "| --- | --- | --- |"]
+              "", "| mode | start latency ms | exit path ms | whole job (submit -> end) ms |",
+              "| --- | --- | --- | --- |"]
         for m, v in lat["latency_ms"].items():
-            L.append(f"| {m} | {fmt(v)} | {fmt(lat['job_wall_ms'].get(m, {}))} |")
+            L.append(f"| {m} | {fmt(v)} | {fmt(lat['exit_ms'].get(m, {}))} | {fmt(lat['job_wall_ms'].get(m, {}))} |")
+        L += ["", "Inside cbatchd during those jobs (timing probes, ms per call):", "",
+              "| step | calls | ms |", "| --- | --- | --- |"]
+        for k, v in (lat.get("daemon_trace_ms") or {}).items():
+            L.append(f"| {k} | {v['n']} | {fmt(v)} |")
         L += ["", "cbatch start path, parts measured separately (ms):", "", "| part | ms |", "| --- | --- |"]
         for k, v in lat["profile"].items():
             L.append(f"| {k} | {fmt(v)} |")
@@ -142,6 +159,14 @@ def markdown(doc: dict) -> str:
         for c, r in thr["jobs_per_s"].items():
             L.append(f"| {c} | {r['native']} | {r['cbatch']} | {r['docker_run']} | "
                      f"{ratio(r['cbatch'], r['docker_run'])} |")
+        cpu = thr.get("cpu_ms_per_job") or {}
+        parts = ("machine", "job_processes", "cbatchd", "dockerd", "containerd", "other")
+        L += ["", "CPU ms per job (job_processes: mom child, hooks, starter, shell, docker CLI; other: shims, "
+              "runc, kernel, other users):", "", "| cell | mode | " + " | ".join(parts) + " |",
+              "| --- | --- | " + " | ".join("---" for _ in parts) + " |"]
+        for c, modes in cpu.items():
+            for m, u in modes.items():
+                L.append(f"| {c} | {m} | " + " | ".join(str(u.get(p, "")) for p in parts) + " |")
     foot = d.get("footprint") or {}
     if "cbatch" in foot:
         cb, dr = foot["cbatch"], foot["docker_run"]
@@ -155,9 +180,13 @@ def markdown(doc: dict) -> str:
               f"{fmt(dr['shim_pss_mib'])} |",
               f"| cbatchd, idle | - | {cb['daemon_idle'].get('rss')} | {cb['daemon_idle'].get('pss')} |",
               f"| cbatchd with {cb['jobs']} jobs | - | {cb['daemon'].get('rss')} | {cb['daemon'].get('pss')} |"]
+        for name, m in (foot.get("python_floor") or {}).items():
+            flags = "-I -S" if name.endswith("IS") else "-I"
+            L.append(f"| idle python {flags} (floor) | - | {m.get('rss')} | {m.get('pss')} |")
     outp = d.get("output") or {}
     if "writer_mib_per_s" in outp:
-        L += ["", f"## 4. Output: {outp['mib']} MiB to stdout (MiB/s)", "",
+        L += ["", f"## 4. Output: {outp['mib']} MiB to stdout (MiB/s); cbatch / native: {outp.get('ratio')} "
+              f"(medians), {outp.get('ratio_best')} (best runs)", "",
               "| mode | runs | writer's rate | whole job |", "| --- | --- | --- | --- |"]
         for m, v in outp["writer_mib_per_s"].items():
             L.append(f"| {m} | {outp['reps'][m]} | {fmt(v)} | {fmt(outp['job_wall_mib_per_s'][m])} |")
@@ -165,13 +194,13 @@ def markdown(doc: dict) -> str:
     if "cpu" in over:
         cpu, io = over["cpu"], over["io"]
         L += ["", f"## 5. Compute and I/O inside vs native ({over['reps']} runs each, seconds)", "",
-              "| kernel | native | cbatch | ratio |", "| --- | --- | --- | --- |",
+              "| kernel | native | cbatch | ratio of medians | ratio of best runs |", "| --- | --- | --- | --- | --- |",
               f"| spin {cpu['millions']}M rounds (wall) | {fmt(cpu['seconds']['native'])} | "
-              f"{fmt(cpu['seconds']['cbatch'])} | {cpu['ratio']} |",
+              f"{fmt(cpu['seconds']['cbatch'])} | {cpu['ratio']} | {cpu.get('ratio_best')} |",
               f"| spin (CPU time) | {fmt(cpu['cpu_seconds']['native'])} | {fmt(cpu['cpu_seconds']['cbatch'])} | "
-              f"{ratio(cpu['cpu_seconds']['cbatch']['median'], cpu['cpu_seconds']['native']['median'], 4)} |",
+              f"{cpu.get('cpu_ratio')} | |",
               f"| write {io['mib']} MiB + fdatasync to $HOME | {fmt(io['seconds']['native'])} | "
-              f"{fmt(io['seconds']['cbatch'])} | {io['ratio']} |"]
+              f"{fmt(io['seconds']['cbatch'])} | {io['ratio']} | {io.get('ratio_best')} |"]
     cli = d.get("clicalls") or {}
     if "ms" in cli:
         L += ["", f"## 6. Commands, per call ({cli['reps']} calls, ms)", "", "| command | ms |", "| --- | --- |"]

@@ -184,7 +184,7 @@ class _Session:
 
 def run_session(path: str, request: dict, fds: Sequence[int] = (0, 1, 2),
                 on_native: Optional[Callable[[List[int]], None]] = None,
-                err=None) -> int:
+                err=None, reraise_term: bool = False) -> int:
     """Run one start/run conversation with cbatchd and return the exit status to exit with.
 
     ``request`` is a :func:`protocol.request` dict; ``fds`` travel with it. The daemon answers
@@ -192,9 +192,11 @@ def run_session(path: str, request: dict, fds: Sequence[int] = (0, 1, 2),
     handlers restored; it is expected to exec) or ``{"event": "started"}`` followed by ``{"event": "exit"}``.
     While the container runs, SIGTERM/INT/HUP/USR1/USR2/CONT are forwarded to it. If the daemon goes away
     (restart), we reconnect and ``attach`` for :data:`REATTACH_FOR` seconds. The exit event's message, if
-    any, is printed to ``err`` (stderr). If we received SIGTERM ourselves (qdel) and the container is gone,
-    we re-raise SIGTERM on ourselves so the batch system records "killed by SIGTERM" exactly as for a job
-    without cbatch (Torque: exit_status 271). Errors are raised as CbatchError.
+    any, is printed to ``err`` (stderr). With ``reraise_term`` (the job starter), if we received SIGTERM
+    ourselves (qdel) and the container is gone, we re-raise SIGTERM on ourselves so the batch system records
+    "killed by SIGTERM" exactly as for a job without cbatch (Torque: exit_status 271). Without it (``cbatch
+    run``), the command's own status is returned, as if it had run directly and handled the signal.
+    Errors are raised as CbatchError.
     """
     err = err or sys.stderr
     sigs = _Signals()
@@ -247,7 +249,7 @@ def run_session(path: str, request: dict, fds: Sequence[int] = (0, 1, 2),
         got_term = sigs.got_term
         sigs.restore()
         restored = True
-        if got_term:
+        if got_term and reraise_term:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(1)        # the default action ends us here; the status below is a fallback

@@ -149,6 +149,8 @@ class Engine:
             opts += ["--stdout", STDOUT_PATH]
         if stdio.stderr_path:
             opts += ["--stderr", STDERR_PATH]
+        if spec.umask is not None:
+            opts += ["--umask", "%04o" % spec.umask]
         if spec.stdin_line is not None:
             if len(spec.stdin_line.encode()) > STDIN_LINE_MAX:   # the helper would refuse it in the .e file
                 raise EngineError("stdin line", "too long", f"{len(spec.stdin_line.encode())} bytes",

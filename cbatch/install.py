@@ -26,13 +26,22 @@ HOOK_MODE = 0o500          # root-owned, u+rx only: what pbs_mom accepts, nothin
 STARTER_MODE = 0o755       # the starter runs as the job user: everyone must be able to exec it
 MARKER = "# written by cbatch install-hooks"
 
-# What each shim runs: module and call. The socket path is substituted with repr() so that no path can
-# break out of the string literal.
-_BODIES = {
-    "prologue": "from cbatch import hooks\nsys.exit(hooks.prologue_main(sys.argv[1:], socket_path={sock}))\n",
-    "epilogue": "from cbatch import hooks\nsys.exit(hooks.epilogue_main(sys.argv[1:], socket_path={sock}))\n",
-    "job_starter": "from cbatch import starter\nsys.exit(starter.main(socket_path={sock}))\n",
+# What each shim runs: (module, call, exit status if cbatch cannot even be imported). The socket path is
+# substituted with repr() so that no path can break out of the string literal. A broken install must not
+# turn into prologue exit 1 (job aborted, no output) or a traceback: hooks exit 0, the starter 125.
+_CALLS = {
+    "prologue": ("hooks", "hooks.prologue_main(sys.argv[1:], socket_path={sock})", 0),
+    "epilogue": ("hooks", "hooks.epilogue_main(sys.argv[1:], socket_path={sock})", 0),
+    "job_starter": ("starter", "starter.main(socket_path={sock})", 125),
 }
+_TEMPLATE = """import sys
+try:
+    from cbatch import {module}
+except BaseException as exc:
+    sys.stderr.write("cbatch: {kind}: cannot load cbatch: %s (cbatch check --node)\\n" % exc)
+    sys.exit({status})
+sys.exit({call})
+"""
 
 
 def interpreter() -> str:
@@ -51,8 +60,9 @@ def shim_text(kind: str, socket_path: str, python: Optional[str] = None) -> str:
     if any(c.isspace() for c in python):
         # The kernel splits the shebang at the first blank: such an interpreter path cannot work.
         raise CbatchError("install-hooks", "interpreter path contains whitespace", python)
+    module, call, status = _CALLS[kind]
     return (f"#!{python} -I\n{MARKER} ({kind}); do not edit, re-run it instead.\n"
-            f"import sys\n" + _BODIES[kind].format(sock=repr(socket_path)))
+            + _TEMPLATE.format(module=module, kind=kind, status=status, call=call.format(sock=repr(socket_path))))
 
 
 def write_file(path: str, text: str, mode: int, uid: int = 0, gid: int = 0) -> None:
@@ -80,9 +90,25 @@ def install(mom_priv: str, libexec: str, socket_path: str, python: Optional[str]
              "job_starter": os.path.join(libexec, "job_starter")}
     os.makedirs(libexec, mode=0o755, exist_ok=True)
     for kind, path in paths.items():
+        _refuse_foreign(path)
+    for kind, path in paths.items():
         mode = STARTER_MODE if kind == "job_starter" else HOOK_MODE
         write_file(path, shim_text(kind, socket_path, python), mode)
     return paths
+
+
+def _refuse_foreign(path: str) -> None:
+    """Never overwrite a hook the site wrote itself (a prologue may do site work we cannot redo)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4096)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise CbatchError("install-hooks", "cannot read the existing hook", path, exc.strerror) from exc
+    if MARKER.encode() not in head:
+        raise CbatchError("install-hooks", "refusing to replace a hook cbatch did not write", path,
+                          "move it aside (e.g. to prologue.site), install, then call it from a wrapper")
 
 
 def config_lines(libexec: str) -> List[str]:

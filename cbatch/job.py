@@ -241,11 +241,12 @@ class JobContext:
     tmpdir: Optional[str] = None
     cgroup_parent: Optional[str] = None
     session_id: Optional[int] = None
+    umask: Optional[int] = None        # the starter's (or cbatch run caller's) umask, read from /proc by the daemon
 
     @classmethod
     def for_start(cls, registration: Registration, identity: Identity, shell: str, stdin_line: str,
                   cwd: str, env: Sequence[Tuple[str, str]] | Mapping[str, str],
-                  cgroup_parent: Optional[str] = None) -> "JobContext":
+                  cgroup_parent: Optional[str] = None, umask: Optional[int] = None) -> "JobContext":
         """Combine the daemon's registration with what the starter saw.
 
         ``identity`` must come from :meth:`Identity.lookup` of ``registration.user``. ``env`` is the
@@ -267,7 +268,7 @@ class JobContext:
                    script_args=_script_args(stdin_line, registration.script_path), stdin_line=stdin_line,
                    shell=shell, cwd=cwd, env=pairs, resources=parse_resource_list(registration.resource_list),
                    node_file=env_map.get("PBS_NODEFILE") or None, tmpdir=env_map.get("TMPDIR") or None,
-                   cgroup_parent=cgroup_parent, session_id=registration.session_id)
+                   cgroup_parent=cgroup_parent, session_id=registration.session_id, umask=umask)
 
     def env_dict(self) -> dict:
         """The job environment as a dict (later duplicates win)."""

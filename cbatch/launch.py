@@ -98,7 +98,8 @@ def start(daemon, conn, peer, msg: dict, fds) -> dict | None:
     if not words or words[0] != reg.script_path:
         log.warning("job %s: stdin line does not name the registered script %s", reg.job_id, reg.script_path)
     directives = parse_script(read_script(reg.script_path, identity.uid))
-    job = JobContext.for_start(reg, identity, argv[1], line, cwd, env, _cgroup_parent(reg, peer.pid))
+    job = JobContext.for_start(reg, identity, argv[1], line, cwd, env, _cgroup_parent(reg, peer.pid),
+                               peers.umask_of(peer.pid))
     decision = policy.decide(daemon.config, job, directives, resolve_as_user)
     if isinstance(decision, Native):
         log.info("job %s: native (%s)", reg.job_id, decision.reason)
@@ -123,7 +124,8 @@ def run(daemon, conn, peer, msg: dict, fds) -> dict | None:
     directives = parse_options(options)
     identity = Identity.lookup(reg.user)
     shell = identity.shell if identity.shell.startswith("/") else "/bin/sh"
-    job = JobContext.for_start(reg, identity, shell, "", cwd, env, _cgroup_parent(reg, peer.pid))
+    job = JobContext.for_start(reg, identity, shell, "", cwd, env, _cgroup_parent(reg, peer.pid),
+                               peers.umask_of(peer.pid))
     decision = policy.decide_run(daemon.config, job, directives, argv, resolve_as_user, next(_RUN_INDEX))
     if isinstance(decision, Native):
         return {"mode": "native", "reason": decision.reason}

@@ -7,7 +7,7 @@ daemon, and the integration tests use it to drive every end-to-end case.
 
 Shape: :class:`Mom` owns a TORQUE-like tree (``mom_priv`` 0751 with the hooks, ``mom_priv/jobs``, ``spool``,
 ``aux``). :meth:`Mom.submit` writes the script and spool files, then spawns the job child - a fresh
-interpreter running :func:`_child` in a new session (pid = pgid = sid) that runs the prologue as root and
+interpreter running :func:`cbatch.momproc.child` in a new session (pid = pgid = sid) that runs the prologue as root and
 execs the job starter as the user. A monitor thread per :class:`Job` plays the mom: qdel, kill_delay,
 walltime polls, SIGKILL of the session's leftovers, epilogue, clean-up. The child is a separate interpreter
 (not ``os.fork``) because the mom is threaded (pytest, monitor threads) and forking a threaded Python is
@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
 import grp
+import pwd
 import signal
 import socket
 import subprocess
@@ -31,7 +31,6 @@ from typing import Dict, List, Optional, Sequence
 
 from cbatch import install, momproc
 from cbatch.errors import CbatchError
-from cbatch.resources import parse_resource_list
 
 REQUEUED = None           # Result.exit_status of a job the prologue kept requeueing
 
@@ -56,15 +55,6 @@ class Result:
     cgroup_leftovers: List[str] = field(default_factory=list)
     spool_stdout: bytes = b""
     spool_stderr: bytes = b""
-
-
-def _resources(text: str) -> dict:
-    """The numbers the mom derives from the resource list (nodes, ppn, np, mem, walltime)."""
-    res = parse_resource_list(text)
-    ppn = res.ppn or 1
-    nodes_value = dict(item.split("=", 1) for item in text.split(",") if "=" in item).get("nodes", "1")
-    return {"nodes": res.node_count, "ppn": ppn, "np": res.node_count * ppn, "mem": res.mem,
-            "walltime": res.walltime, "nodes_value": nodes_value}
 
 
 class Job:
@@ -112,7 +102,7 @@ class Job:
         return momproc.read(self.stdout_path), momproc.read(self.stderr_path)
 
     def wait_output(self, needle: bytes, stream: str = "stdout", timeout: float = 30.0) -> bool:
-        """Wait until ``needle`` appears in the live spool file; False on timeout or job end."""
+        """Wait until ``needle`` appears in the live spool file (or the job's final output); False on timeout."""
         path = self.stdout_path if stream == "stdout" else self.stderr_path
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -298,29 +288,31 @@ class Mom:
         if not run_epilogue:
             self.epilogue = None    # tests that must see what is left when the starter exits
         self.starter = paths.get("job_starter")
-        # Job numbers unique across concurrent test runs sharing one engine (container names derive from them).
-        self._next = first_id if first_id is not None else (os.getpid() % 50000) * 1000 + int(time.time()) % 1000
-        self._count_lock = threading.Lock()
+        self._first_id = first_id
 
     def submit(self, script: bytes, user: str, queue: str = "batch",
                resources: str = "nodes=1:ppn=1,walltime=00:10:00", variables: Optional[Dict[str, str]] = None,
                name: Optional[str] = None, args: Sequence[str] = (), cgroups=False, kill_delay: float = 2.0,
                tmpdir: bool = False, workdir: Optional[str] = None, initdir: Optional[str] = None,
-               walltime_poll: Optional[float] = None, account: str = "", shell: Optional[str] = None) -> Job:
+               walltime_poll: Optional[float] = None, account: str = "", shell: Optional[str] = None,
+               array_index: Optional[int] = None) -> Job:
         """Queue and immediately start a job (the scheduler is instant). See the module docstring.
 
-        ``workdir`` is PBS_O_WORKDIR (default: the user's home), ``initdir`` is ``qsub -d``. ``cgroups`` True
+        ``workdir`` is PBS_O_WORKDIR (default: the user's home), ``initdir`` is ``qsub -d``, ``array_index``
+        makes it sub-job ``i`` of an array (``qsub -t``). ``cgroups`` True
         (or a dict with ``cpus``/``mems``/``mem``) emulates TORQUE built with --enable-cgroups.
         """
         if self.starter is None:
             raise CbatchError("mom", "no job starter installed", self.root)
         pw = pwd.getpwnam(user)
         group = grp.getgrgid(pw.pw_gid).gr_name
-        with self._count_lock:
-            number, self._next = self._next, self._next + 1
-        job_id = f"{number}.{self.host}"
+        number = momproc.next_job_number(self._first_id)
         name = name or "STDIN"
-        res = _resources(resources)
+        job_id = f"{number}.{self.host}"
+        if array_index is not None:      # qsub -t: sub-job "N[i].host", named "<name>-<i>", PBS_ARRAYID=i
+            job_id, name = f"{number}[{array_index}].{self.host}", f"{name}-{array_index}"
+            variables = {**(variables or {}), "PBS_ARRAYID": str(array_index)}
+        res = momproc.resources(resources)
         resource_list = resources + (f",neednodes={res['nodes_value']}" if "nodes=" in resources else "")
         script_path = os.path.join(self.jobs_dir, job_id + ".SC")
         momproc.write_owned(script_path, script, pw.pw_uid, pw.pw_gid, 0o700)

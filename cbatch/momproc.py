@@ -13,13 +13,44 @@ import shutil
 import stat
 import subprocess
 import sys
+import threading
 import time
 from typing import Dict, List, Optional
+
+from cbatch.resources import parse_resource_list
 
 TORQUE_CGROUPS = ("cpuacct", "cpuset", "memory", "devices")
 # Hook results the real mom treats as "requeue": a hook it refuses to run, or one it had to kill.
 HOOK_PERMISSION_ERROR = -1001
 HOOK_TIMEOUT = -1002
+LEAKED_FDS = (9, 10, 11, 14, 255)
+
+
+# ---- job numbers and resources ------------------------------------------------------------------------
+_numbers = {"next": None}
+_numbers_lock = threading.Lock()
+
+
+def next_job_number(first: Optional[int] = None) -> int:
+    """Job numbers unique across every Mom of this process (they may share one daemon) and across
+    concurrent test runs sharing one engine (container names derive from job ids): pid-based ranges."""
+    with _numbers_lock:
+        if first is not None and (_numbers["next"] is None or first > _numbers["next"]):
+            _numbers["next"] = first
+        if _numbers["next"] is None:
+            _numbers["next"] = (os.getpid() % 50000) * 1000 + int(time.time()) % 100
+        number = _numbers["next"]
+        _numbers["next"] += 1
+        return number
+
+
+def resources(text: str) -> dict:
+    """The numbers the mom derives from the resource list (nodes, ppn, np, mem, walltime)."""
+    res = parse_resource_list(text)
+    ppn = res.ppn or 1
+    nodes_value = dict(item.split("=", 1) for item in text.split(",") if "=" in item).get("nodes", "1")
+    return {"nodes": res.node_count, "ppn": ppn, "np": res.node_count * ppn, "mem": res.mem,
+            "walltime": res.walltime, "nodes_value": nodes_value}
 
 
 # ---- files ------------------------------------------------------------------------------------------
@@ -226,7 +257,12 @@ def child() -> None:
     Runs the prologue; reports its status on the status pipe; then becomes the job starter as the user.
     The status pipe is close-on-exec, so EOF without an ``exec_error`` tells the mom the exec happened.
     """
-    plan_file, status_fd = sys.argv[1], int(sys.argv[2])
+    import fcntl
+    plan_file, inherited = sys.argv[1], int(sys.argv[2])
+    # Move the status pipe out of the way of the descriptors we leak on purpose (9..255), close-on-exec:
+    # EOF on it tells the mom the starter was exec'ed.
+    status_fd = fcntl.fcntl(inherited, fcntl.F_DUPFD_CLOEXEC, 256)
+    os.close(inherited)
     with open(plan_file) as fh:
         plan = json.load(fh)
 
@@ -254,6 +290,14 @@ def child() -> None:
         os.dup2(err, 2)
         for fd in (r, out, err):
             os.close(fd)
+        # The real mom leaks descriptors 9, 10, 11, 14 and 255 into the starter: leave some open here too,
+        # so nothing in cbatch can assume a job starts with only 0, 1 and 2.
+        null = os.open("/dev/null", os.O_RDONLY)
+        for fd in LEAKED_FDS:
+            if fd != null:
+                os.dup2(null, fd, inheritable=True)
+        if null not in LEAKED_FDS:
+            os.close(null)
         if plan["mem"]:
             for lim in (resource.RLIMIT_DATA, resource.RLIMIT_RSS):
                 resource.setrlimit(lim, (plan["mem"], plan["mem"]))
@@ -267,7 +311,6 @@ def child() -> None:
             os.setresuid(plan["uid"], plan["uid"], plan["uid"])
         os.umask(0o077)
         os.chdir(plan["cwd"])
-        os.set_inheritable(status_fd, False)
         os.execve(plan["starter"], [plan["starter"], plan["shell"]], plan["env"])
     except OSError as exc:
         report(exec_error=f"{type(exc).__name__}: {exc}")

@@ -43,6 +43,23 @@ def start_time(pid: int) -> Optional[int]:
         return None
 
 
+def umask_of(pid: int) -> Optional[int]:
+    """The umask of ``pid`` from /proc/<pid>/status (Linux 4.7+), or None when the kernel does not say.
+
+    Read by the daemon rather than sent by the client: it is a fact about the process, like its session,
+    and the container's files must get the same modes the job's own processes would give them (pbs_mom
+    starts jobs with umask 0077).
+    """
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for raw in f:
+                if raw.startswith(b"Umask:"):
+                    return int(raw.split()[1], 8) & 0o777
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def alive(pid: int, started: Optional[int]) -> bool:
     """True if ``pid`` still runs and is the same process (same start time) we recorded."""
     now = start_time(pid)

@@ -35,7 +35,7 @@ _HEADER = struct.Struct(">I")
 
 
 class Closed(DaemonError):
-    """The peer closed the connection cleanly between two frames (not an error by itself)."""
+    """The peer closed (or reset) the connection between two frames (not an error by itself)."""
 
     def __init__(self) -> None:
         super().__init__("daemon", "connection closed")
@@ -130,6 +130,12 @@ def recv(sock: socket.socket, timeout: Optional[float] = None,
                 raise _error("truncated message", f"{len(body)} of {size} bytes")
             body += chunk
         return decode(bytes(body)), fds
+    except ConnectionResetError as exc:
+        # A reset is the peer going away (a daemon restart, a killed client): the same as a close, so the
+        # callers' reattach / kill-the-container paths see one kind of event.
+        for fd in fds:
+            os.close(fd)
+        raise Closed() from exc
     except BaseException:
         for fd in fds:
             os.close(fd)

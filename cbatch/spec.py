@@ -69,6 +69,7 @@ class ContainerSpec:
     init: bool = True
     shm_bytes: Optional[int] = None
     devices: Tuple[str, ...] = field(default=())
+    umask: Optional[int] = None             # the caller's umask (pbs_mom gives jobs 0077), applied by the helper
 
     def env_dict(self) -> dict:
         """The environment as a dict (later pairs win, matching how the policy layered them)."""

@@ -110,7 +110,7 @@ def run(socket_path: str, argv) -> int:
     req = protocol.request("start", argv=list(argv), line=line, cwd=cwd,
                            env=protocol.env_pairs(os.environ.items()))
     return client.run_session(socket_path, req, (0, 1, 2),
-                              on_native=lambda pending: exec_native(shell, raw, pending))
+                              on_native=lambda pending: exec_native(shell, raw, pending), reraise_term=True)
 
 
 def main(socket_path: str = client.DEFAULT_SOCKET) -> None:

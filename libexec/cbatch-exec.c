@@ -1,7 +1,7 @@
 /*
  * cbatch-exec: the in-container helper, bind-mounted read-only at /.cbatch/exec.
  *
- *   cbatch-exec [--stdout PATH] [--stderr PATH] [--stdin-line LINE] -- CMD [ARGS...]
+ *   cbatch-exec [--umask OCTAL] [--stdout PATH] [--stderr PATH] [--stdin-line LINE] -- CMD [ARGS...]
  *
  * It points fds 1 and 2 at the job's own spool files (bind-mounted by cbatchd, opened O_APPEND and never
  * created here), feeds the job shell its one stdin line through a pipe (as pbs_mom does), then execs CMD.
@@ -17,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #define MAX_STDIN_LINE (60 * 1024) /* must fit the pipe buffer: we write it all before exec, nobody reads yet */
@@ -74,7 +75,7 @@ static int open_output(const char *path)
 
 static void usage(void)
 {
-    fputs("cbatch: helper: usage: cbatch-exec [--stdout PATH] [--stderr PATH] [--stdin-line LINE] -- CMD [ARGS...]\n", stderr);
+    fputs("cbatch: helper: usage: cbatch-exec [--umask OCTAL] [--stdout PATH] [--stderr PATH] [--stdin-line LINE] -- CMD [ARGS...]\n", stderr);
     exit(125);
 }
 
@@ -96,6 +97,14 @@ int main(int argc, char **argv)
             err = argv[++i];
         else if (strcmp(argv[i], "--stdin-line") == 0)
             line = argv[++i];
+        else if (strcmp(argv[i], "--umask") == 0) {
+            /* Docker has no umask option; the job must create files with the caller's modes (pbs_mom: 0077). */
+            char *end;
+            unsigned long mask = strtoul(argv[++i], &end, 8);
+            if (*argv[i] == '\0' || *end != '\0' || mask > 0777)
+                usage();
+            umask((mode_t)mask);
+        }
         else
             usage();
     }

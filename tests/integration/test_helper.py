@@ -148,3 +148,16 @@ def test_no_descriptor_leaks(helper, tmp_path):
             sys.executable, "-c", probe)
     assert p.returncode == 0, err.read_bytes()
     assert out.read_bytes() == b"[0, 1, 2, 3]\n"          # 3 is listdir's own directory fd
+
+
+@pytest.mark.parametrize("mask", ["0077", "0022", "0"])
+def test_umask_applied(helper, mask):
+    # Docker has no umask option: the helper applies the caller's, so job files get pbs_mom's modes.
+    p = run(helper, "--umask", mask, "--", "/bin/sh", "-c", "umask")
+    assert (p.returncode, p.stdout.decode().strip()) == (0, "%04o" % int(mask, 8))
+
+
+@pytest.mark.parametrize("bad", ["", "9", "01000", "0x7", "-1"])
+def test_umask_malformed_is_usage_error(helper, bad):
+    p = run(helper, "--umask", bad, "--", "/bin/true")
+    assert p.returncode == 125 and p.stderr.startswith(b"cbatch: helper: usage:")

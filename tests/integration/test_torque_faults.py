@@ -73,18 +73,32 @@ def test_script_vanished_after_registration(mom_factory, daemon, alice):
 
 
 def test_daemon_restarted_mid_job(daemon_factory, mom_factory, alice):
+    """design.md: cbatchd survives its own restart without losing running jobs."""
     d = daemon_factory("restart")
     m = mom_factory(d)
-    job = m.submit(script("echo ready; sleep 5; echo done"), alice.name)
+    job = m.submit(script("echo ready; sleep 5; echo done; exit 3"), alice.name)
     assert job.wait_output(b"ready\n", timeout=60), job.peek()
     d.restart()
     r = job.wait(120)
-    if r.exit_status == 0:
-        assert r.stdout == b"ready\ndone\n"
-    else:
-        assert cbatch_lines(r.stderr), (r.exit_status, r.stderr)
+    assert (r.exit_status, r.stdout, r.stderr) == (3, b"ready\ndone\n", b""), d.log()[-3000:]
     assert wait_until(lambda: not instance_containers(d.instance), timeout=10) is not None, \
         f"containers left: {instance_containers(d.instance)}"
+
+
+def test_qdel_after_daemon_restart(daemon_factory, mom_factory, alice):
+    """After a restart the daemon must still be able to stop a job it re-adopted."""
+    d = daemon_factory("restart-qdel")
+    m = mom_factory(d, run_epilogue=False)
+    job = m.submit(script("echo ready; sleep 120"), alice.name, kill_delay=8.0)
+    assert job.wait_output(b"ready\n", timeout=60), job.peek()
+    d.restart()
+    t0 = time.monotonic()
+    job.qdel()
+    r = job.wait(60)
+    assert r.exit_status == 271, (r.stdout, r.stderr)
+    assert r.ended_at - t0 < 7.0
+    assert not job_containers(d.instance, job.job_id)
+    assert run_epilogue(m, job, r.exit_status).returncode == 0
 
 
 def test_startup_removes_unregistered_containers(daemon_factory, alice):
@@ -149,3 +163,26 @@ def test_prologue_daemon_down_is_quick(mom_factory):
     assert p.returncode == 0
     assert time.monotonic() - t0 < 10
     assert b"not reachable" in p.stderr
+
+
+@pytest.mark.parametrize("queue,head,words", [
+    ("batch", "#CBATCH --image=docker.io/library/alpine:3", ["alpine:3"]),
+    ("strict", "#CBATCH --image=native", ["native"]),
+    ("batch", "#CBATCH --no-such-option", ["directive line 3"]),
+], ids=["image-not-allowed", "native-refused", "bad-directive"])
+def test_refusals_are_one_line_and_125(mom, daemon, alice, queue, head, words):
+    body = f"#!/bin/bash\n#PBS -N t\n{head}\necho never\n".encode()
+    job = mom.submit(body, alice.name, queue=queue)
+    r = job.wait(120)
+    assert r.exit_status == 125, (r.stdout, r.stderr)
+    assert r.stdout == b""
+    lines = r.stderr.decode().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cbatch: "), lines
+    assert all(w in lines[0] for w in words), lines
+    assert not job_containers(daemon.instance, job.job_id)
+
+
+def test_queue_missing_from_config_uses_defaults(mom, alice):
+    """pbs_server only runs jobs from its own queues; one the cbatch config does not name gets the defaults."""
+    r = mom.submit(script("test -e /.cbatch && echo contained"), alice.name, queue="unlisted").wait(120)
+    assert (r.exit_status, r.stdout) == (0, b"contained\n"), r.stderr

@@ -64,3 +64,42 @@ def test_run_privileged_starter_still_runs_job_as_user(mom_factory, daemon, alic
         assert r.stdout.decode().split() == [str(alice.uid), str(alice.gid)], queue
         st = os.stat(workdir / f"made-{job.job_id}")
         assert (st.st_uid, st.st_gid) == (alice.uid, alice.gid)
+
+
+def test_array_subjob_with_brackets_in_job_id(mom, daemon, alice):
+    """Array sub-jobs are "N[i].host": brackets reach paths, labels, container names and cgroup dirs."""
+    from cbatch import cgroups
+    for use_cgroups in (False, True):
+        job = mom.submit(script('echo "$PBS_JOBID $PBS_ARRAYID $PBS_JOBNAME $0"'), alice.name, name="arr",
+                         array_index=3, cgroups=use_cgroups)
+        assert "[3]" in job.job_id
+        r = job.wait(120)
+        assert r.exit_status == 0, r.stderr
+        assert r.stdout.decode().split() == [job.job_id, "3", "arr-3", job.script_path]
+        assert not job_containers(daemon.instance, job.job_id)
+        assert not cgroups.existing(f"/torque/{job.job_id}")
+
+
+def test_concurrent_jobs_of_two_users_do_not_mix(mom, daemon, alice, bob):
+    jobs = []
+    for i in range(6):
+        user = (alice, bob)[i % 2]
+        jobs.append((user, mom.submit(script('sleep 1; echo "$(id -un) $PBS_JOBID"; echo "e $PBS_JOBID" >&2'),
+                                      user.name)))
+    for user, job in jobs:
+        r = job.wait(180)
+        assert r.exit_status == 0, r.stderr
+        assert r.stdout.decode() == f"{user.name} {job.job_id}\n"
+        assert r.stderr.decode() == f"e {job.job_id}\n"
+    assert not daemon.containers()
+
+
+def test_tmpdir_is_the_jobs_own(mom, alice):
+    job = mom.submit(script('echo "$TMPDIR"; touch "$TMPDIR/x" && stat -c "%u %a" "$TMPDIR" "$TMPDIR/x"'),
+                     alice.name, tmpdir=True)
+    r = job.wait(120)
+    assert r.exit_status == 0, r.stderr
+    lines = r.stdout.decode().splitlines()
+    assert lines[0] == f"/tmp/{job.job_id}"
+    assert lines[1] == f"{alice.uid} 700" and lines[2].startswith(f"{alice.uid} ")
+    assert not os.path.exists(lines[0])        # removed after the job, as pbs_mom does

@@ -85,3 +85,27 @@ def test_node_check_cli_exit_status(tmp_path):
     assert p.returncode == 1
     lines = p.stdout.splitlines()
     assert lines[0].startswith("FAIL config") and all(l[:4] in ("OK  ", "FAIL") for l in lines)
+
+
+def test_install_refuses_to_replace_a_site_prologue(tmp_path, daemon):
+    import pytest
+    from cbatch.errors import CbatchError
+    mom_priv = tmp_path / "mom_priv"
+    mom_priv.mkdir()
+    (mom_priv / "prologue").write_text("#!/bin/sh\n/site/thing\n")
+    with pytest.raises(CbatchError, match="refusing to replace"):
+        install.install(str(mom_priv), str(tmp_path / "libexec"), daemon.socket)
+    assert (mom_priv / "prologue").read_text() == "#!/bin/sh\n/site/thing\n"
+    assert not (mom_priv / "epilogue").exists()
+
+
+def test_shims_survive_a_broken_install(tmp_path, alice):
+    """An interpreter that cannot import cbatch: hooks exit 0 and the starter 125, one line each."""
+    python = "/usr/bin/python3"          # the system python: cbatch lives only in the venv
+    for kind, status in (("prologue", 0), ("epilogue", 0), ("job_starter", 125)):
+        path = tmp_path / kind
+        install.write_file(str(path), install.shim_text(kind, "/nonexistent.sock", python), 0o755)
+        p = subprocess.run([str(path), "1.vm"], env={"PATH": "/bin:/usr/bin"}, capture_output=True, text=True,
+                           stdin=subprocess.DEVNULL, timeout=60)
+        assert p.returncode == status, (kind, p.stderr)
+        assert p.stderr.startswith(f"cbatch: {kind}: cannot load cbatch") and len(p.stderr.splitlines()) == 1

@@ -7,6 +7,7 @@ import pytest
 from torque_helpers import job_containers, script
 
 BODY = """
+cat; echo "stdin-rc=$?"
 echo "hello $(id -un) $#"
 echo "to-stderr" >&2
 printf 'bin\\x00\\x01\\xff\\n'
@@ -33,7 +34,9 @@ def test_native_and_container_are_identical(mom, alice, args):
     native = mom.submit(script(BODY, image=None), alice.name, queue="native", args=args).wait(60)
     contained = mom.submit(script(BODY, image=None), alice.name, queue="debian", args=args).wait(120)
     assert native.exit_status == contained.exit_status == 7
-    assert native.stdout == contained.stdout == f"hello {alice.name} {len(args)}\n".encode() + b"bin\x00\x01\xff\n"
+    # stdin is the pipe pbs_mom wrote the line into: at EOF for the script, in both worlds (no hang).
+    assert native.stdout == contained.stdout == (f"stdin-rc=0\nhello {alice.name} {len(args)}\n".encode()
+                                                 + b"bin\x00\x01\xff\n")
     assert native.stderr == contained.stderr == b"to-stderr\n"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 
@@ -68,15 +69,57 @@ def test_qdel_native_job(mom, alice):
     assert job.wait_output(b"ready\n", timeout=60)
     job.qdel()
     r = job.wait(30)
-    assert r.exit_status in (271, 143)      # the shell may die of the TERM (271) or trap-less exit 143
+    assert r.exit_status == 271             # the shell is the starter here: it dies of the SIGTERM
 
 
 def test_walltime_exceeded_stops_container(mom, daemon, alice):
-    job = mom.submit(script("echo ready; sleep 120"), alice.name, resources="nodes=1:ppn=1,walltime=00:00:02",
+    job = mom.submit(script("echo ready; sleep 120"), alice.name, resources="nodes=1:ppn=1,walltime=00:00:06",
                      walltime_poll=1.0, kill_delay=5.0)
+    assert job.wait_output(b"ready\n", timeout=5), job.peek()
     r = job.wait(60)
     assert r.walltime_killed
     assert r.exit_status == 271, r.stderr
     assert r.stdout == b"ready\n"
-    assert b"=>> PBS: job killed: walltime" in r.stderr and b"exceeded limit 2" in r.stderr
+    assert b"=>> PBS: job killed: walltime" in r.stderr and b"exceeded limit 6" in r.stderr
     assert not job_containers(daemon.instance, job.job_id)
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.2, 0.5, 0.8, 1.2])
+def test_qdel_during_start_leaves_nothing(bare_mom, daemon, alice, delay):
+    """qdel while the prologue registers or the daemon creates the container: nothing may survive, even
+    without the epilogue's clean-up (the daemon alone must stop what it started)."""
+    job = bare_mom.submit(script("echo ready; sleep 120"), alice.name, kill_delay=3.0)
+    time.sleep(delay)
+    job.qdel()
+    r = job.wait(60)
+    assert r.exit_status in (271, 265), (r.exit_status, r.stdout, r.stderr)
+    assert wait_until(lambda: not job_containers(daemon.instance, job.job_id), timeout=5) is not None, \
+        f"container of {job.job_id} left after qdel at {delay}s"
+    assert run_epilogue(bare_mom, job, r.exit_status).returncode == 0
+
+
+def test_qdel_sigkill_after_stop_grace_when_term_is_ignored(bare_mom, daemon, alice, workdir):
+    """A job whose shells survive SIGTERM (BASH_ENV traps it, as it would under plain TORQUE): the daemon
+    must SIGKILL the container after daemon.stop_grace, and the starter must still exit before kill_delay."""
+    env_file = workdir / "env.sh"
+    env_file.write_text("trap 'echo term-$$ >> marker' TERM\n")
+    os.chown(env_file, alice.uid, alice.gid)
+    kill_delay = 8.0
+    job = bare_mom.submit(script("echo ready; while :; do sleep 0.2; done"), alice.name, initdir=str(workdir),
+                          variables={"BASH_ENV": str(env_file)}, kill_delay=kill_delay)
+    assert job.wait_output(b"ready\n", timeout=60), job.peek()
+    (cid,) = job_containers(daemon.instance, job.job_id)
+    since = time.time() - 1
+    t0 = time.monotonic()
+    job.qdel()
+    r = job.wait(60)
+    assert r.exit_status == 271, (r.stdout, r.stderr)
+    took = r.ended_at - t0
+    grace = daemon.config["daemon"]["stop_grace"]
+    assert grace * 0.8 <= took < kill_delay - 1.0, took
+    assert not job_containers(daemon.instance, job.job_id)
+    kills = [e["signal"] for e in container_events(cid, since) if e["action"] == "kill"]
+    assert kills[:1] == ["15"] and "9" in kills, kills
+    # The script's shell ran its trap; the outer shell defers its own until its foreground child ends.
+    assert (workdir / "marker").read_text().startswith("term-")
+    assert run_epilogue(bare_mom, job, r.exit_status).returncode == 0

@@ -31,7 +31,7 @@ STARTER = """#!/bin/bash
 { echo "ARGV $0 $*"; echo "IDS $(id -u) $(id -g) $(id -G)"; echo "RES $(id -ru) $(id -rg)";
   echo "PID $$ $(ps -o pgid=,sid= -p $$ | tr -s ' ')"; echo "UMASK $(umask)"; echo "CWD $(pwd)";
   echo "LIMITS $(ulimit -d) $(ulimit -m) $(ulimit -n) $(ulimit -c)"; echo "STDIN $(stat -L -c %F /proc/self/fd/0)";
-  echo "CG $(grep memory /proc/self/cgroup)"; } > /dev/null
+  echo "CG $(grep memory /proc/self/cgroup)"; echo "FDS $(ls /proc/$$/fd | sort -n | tr '\\n' ' ')"; } > /dev/null
 read -r line
 echo "LINE $line"
 exec "$1" -c "$line"
@@ -52,6 +52,7 @@ def tree(tmp_path):
     root.parent.mkdir(mode=0o755, exist_ok=True)
     yield root
     shutil.rmtree(root, ignore_errors=True)
+    shutil.rmtree(root.parent / (root.name + "-log"), ignore_errors=True)
 
 
 def make_mom(tree, prologue_rc=0, starter=None, **kw):
@@ -113,6 +114,7 @@ def test_prologue_starter_epilogue_as_pbs_mom(tree, alice):
     assert value(st, "UMASK") == "0077" and value(st, "CWD") == alice.home
     assert value(st, "LIMITS") == "102400 102400 20000 0"
     assert value(st, "STDIN") == "fifo"
+    assert {"0", "1", "2", "9", "10", "11", "14", "255"} <= set(value(st, "FDS").split())
 
     epi = read_log(logs, "epilogue")
     args = value(epi, "ARGV").split(" ")
@@ -223,3 +225,26 @@ def test_torque_cgroups_on_fake_tree(tree, alice, tmp_path):
     assert (jobdir / "tasks").read_text() == str(r.session_id)    # the starter was attached before exec
     # Plain directories with files cannot be rmdir'ed: the mom reports them as leftovers, as TORQUE would.
     assert len(r.cgroup_leftovers) == 4
+
+
+def test_prologue_timeout_requeues(tree, alice):
+    mom, logs = make_mom(tree, max_requeues=1, prologalarm=0.5)
+    from cbatch import install, momproc
+    install.write_file(mom.prologue, "#!/bin/sh\nsleep 10\n", 0o500)
+    t0 = time.monotonic()
+    r = mom.submit(b"#!/bin/bash\necho never\n", alice.name).wait(30)
+    assert r.exit_status is None and r.requeues == 1 and r.prologue_status == momproc.HOOK_TIMEOUT
+    assert time.monotonic() - t0 < 5
+
+
+def test_busy_mom_descriptors_do_not_clash_with_leaked_ones(tree, alice):
+    """A mom with many open files (pytest...) gets high pipe numbers; they must not collide with 9..255."""
+    mom, logs = make_mom(tree)
+    held = [os.open("/dev/null", os.O_RDONLY) for _ in range(20)]
+    try:
+        r = mom.submit(b"#!/bin/bash\necho ok\n", alice.name).wait(30)
+    finally:
+        for fd in held:
+            os.close(fd)
+    assert r.exit_status == 0 and r.stdout.endswith(b"ok\n")
+    assert {"9", "10", "11", "14", "255"} <= set(value(read_log(logs, "starter"), "FDS").split())

@@ -1,0 +1,53 @@
+"""cbatch.hooks never fails the job: every problem is a logged line and exit 0 (no daemon needed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from cbatch import hooks
+
+NOWHERE = "/nonexistent/cbatch-test.sock"
+
+
+@pytest.mark.parametrize("argv", [[], ["1.vm"], ["1.vm", "u", "g", "n", "r", "q", "a", "relative"], ["x"] * 30,
+                                  ["1\n.vm", "u", "g", "n", "r", "q", "a", "/s.SC"]])
+def test_prologue_junk_exits_0_with_one_line(argv, capsys):
+    assert hooks.prologue_main(argv, socket_path=NOWHERE) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("cbatch prologue: job ")
+
+
+def test_prologue_daemon_down(capsys):
+    argv = ["1.vm", "cbt-alice", "cbt-alice", "n", "nodes=1", "batch", "", "/var/spool/torque/mom_priv/jobs/1.vm.SC"]
+    assert hooks.prologue_main(argv, socket_path=NOWHERE) == 0
+    err = capsys.readouterr().err
+    assert "1.vm not registered" in err and "not reachable" in err
+
+
+@pytest.mark.parametrize("argv", [[], ["1.vm"] * 3, ["1.vm"] * 13])
+def test_epilogue_bad_argv_exits_0(argv, capsys):
+    assert hooks.epilogue_main(argv, socket_path=NOWHERE) == 0
+    assert capsys.readouterr().err.startswith("cbatch epilogue: expected 11 arguments")
+
+
+def test_epilogue_daemon_down_exits_0(capsys):
+    argv = ["1.vm", "u", "g", "n", "123", "nodes=1", "cput=0", "batch", "", "0", "/s.SC"]
+    assert hooks.epilogue_main(argv, socket_path=NOWHERE) == 0
+    assert "1.vm not unregistered" in capsys.readouterr().err
+
+
+def test_newline_in_job_id_cannot_forge_a_log_line(capsys):
+    hooks.prologue_main(["1.vm\ncbatch prologue: forged", "u"], socket_path=NOWHERE)
+    assert len(capsys.readouterr().err.splitlines()) == 1
+
+
+def test_slurm_route(monkeypatch):
+    import types
+    calls = []
+    fake = types.SimpleNamespace(prologue=lambda a: calls.append("p") or 0, epilogue=lambda a: calls.append("e") or 0)
+    monkeypatch.setitem(__import__("sys").modules, "cbatch.slurm", fake)
+    import cbatch
+    monkeypatch.setattr(cbatch, "slurm", fake, raising=False)
+    ns = types.SimpleNamespace(slurm=True, args=[], socket=None)
+    assert hooks.prologue_command(ns) == 0 and hooks.epilogue_command(ns) == 0
+    assert calls == ["p", "e"]
