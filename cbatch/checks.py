@@ -2,8 +2,9 @@
 
 ``cbatch check [--config FILE]`` prints a summary of the validated config. ``cbatch check [--queue Q]
 [--user U] SCRIPT`` builds the job as if the script were submitted now (cwd = here, a Torque-like
-environment, ``#PBS -l/-q/-N`` from the script) and prints the decision the daemon would make, or the
-one-line refusal with a non-zero exit. ``--node`` belongs to ``cbatch.nodecheck``.
+environment, the script's ``#PBS`` options as :mod:`cbatch.qsubopts` reads them) and prints the decision
+the daemon would make, or the one-line refusal with a non-zero exit. ``--node`` belongs to
+``cbatch.nodecheck``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 from typing import List, Optional, TextIO
 
 from cbatch import config as configmod
-from cbatch import policy
+from cbatch import policy, qsubopts
 from cbatch.directives import MAX_SCAN_BYTES, parse_script
 from cbatch.errors import ConfigError, JobError, PolicyError
 from cbatch.job import Identity, JobContext, Registration
@@ -98,54 +99,31 @@ def print_config(cfg: configmod.SiteConfig, out: TextIO) -> None:
             out.write(f"  {line}\n")
 
 
-def _pbs_options(data: bytes) -> dict:
-    """``#PBS -l``, ``-q``, ``-N`` and ``-S`` from the leading comment block, as qsub would read them."""
-    found: dict = {"l": []}
-    for raw in data[:MAX_SCAN_BYTES].split(b"\n"):
-        stripped = raw.strip()
-        if stripped and not stripped.startswith(b"#"):
-            break
-        if not stripped.startswith(b"#PBS"):
-            continue
-        try:
-            words = shlex.split(stripped[4:].decode("utf-8", "replace"))
-        except ValueError:
-            continue
-        i = 0
-        while i < len(words):
-            w = words[i]
-            i += 1
-            if len(w) >= 2 and w[0] == "-" and w[1] in "lqNS":
-                value = w[2:]
-                if not value and i < len(words):
-                    value, i = words[i], i + 1
-                if w[1] == "l":
-                    found["l"].append(value)
-                else:
-                    found[w[1]] = value
-    return found
-
-
 def build_job(script: str, identity: Identity, queue: Optional[str], data: bytes,
               environ: Optional[dict] = None) -> JobContext:
     """A JobContext as if ``script`` were submitted now by ``identity`` and started in the current dir."""
     environ = os.environ if environ is None else environ
-    pbs = _pbs_options(data)
-    queue = queue if queue is not None else pbs.get("q", "")
-    name = pbs.get("N") or os.path.basename(script)
+    # ``--queue`` plays qsub's -q: it overrides the script's #PBS -q, as on the qsub command line.
+    request = qsubopts.read(data, ["-q", queue] if queue is not None else [], environ)
+    queue = request.queue or ""
+    name = request.name or os.path.basename(script)
     cwd = os.getcwd()
     # pbs_mom starts the job starter with the -S shell if given, else the user's login shell.
-    shell = pbs.get("S", "").split(",")[0].split("@")[0] or identity.shell
+    shell = request.shell or identity.shell
     reg = Registration(job_id=CHECK_JOB_ID, user=identity.user, group=str(identity.gid), name=name,
-                       resource_list=",".join(pbs["l"]), queue=queue, account="", script_path=script,
+                       resource_list=request.resource_list, queue=queue, account="", script_path=script,
                        session_id=os.getpid(), batch="local")
     env = [("ENVIRONMENT", "BATCH"), ("HOME", identity.home), ("LANG", environ.get("LANG", "C.UTF-8")),
            ("LOGNAME", identity.user), ("PATH", "/bin:/usr/bin"), ("PBS_ENVIRONMENT", "PBS_BATCH"),
            ("PBS_JOBID", CHECK_JOB_ID), ("PBS_JOBNAME", name), ("PBS_O_HOME", identity.home),
            ("PBS_O_WORKDIR", cwd), ("PBS_QUEUE", queue), ("PWD", cwd), ("SHELL", identity.shell),
            ("USER", identity.user)]
-    if environ.get(policy.IMAGE_ENV):
-        env.append((policy.IMAGE_ENV, environ[policy.IMAGE_ENV]))   # as with qsub -v CBATCH_IMAGE=...
+    # The script's -v/-V variables first: like pbs_mom, the batch system's own variables win over them.
+    fixed = {key for key, _ in env}
+    env[:0] = [(k, v) for k, v in request.variables.items() if k not in fixed and k != policy.IMAGE_ENV]
+    image = environ.get(policy.IMAGE_ENV) or request.variables.get(policy.IMAGE_ENV)
+    if image:
+        env.append((policy.IMAGE_ENV, image))   # the caller's CBATCH_IMAGE acts as qsub -v CBATCH_IMAGE=...
     return JobContext.for_start(reg, identity, shell, script + "\n", cwd, env)
 
 

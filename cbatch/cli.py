@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     r.set_defaults(route="cbatch.runcmd:command")
 
     lo = sub.add_parser("local", help="run a job script on this node the way pbs_mom would")
-    lo.add_argument("--queue", "-q", default="batch")
+    lo.add_argument("--queue", "-q", default=None, help="queue (default: the script's #PBS -q, else batch)")
     lo.add_argument("-l", dest="resources", action="append", default=[], metavar="RESOURCES")
     lo.add_argument("-v", dest="variables", action="append", default=[], metavar="VAR=VAL")
     lo.add_argument("-N", dest="name", default=None)

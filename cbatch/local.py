@@ -29,10 +29,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
-from cbatch import install, momproc
-from cbatch.errors import CbatchError
+from cbatch import install, momproc, qsubopts
+from cbatch.errors import CbatchError, JobError
 
 REQUEUED = None           # Result.exit_status of a job the prologue kept requeueing
+DEFAULT_QUEUE = "batch"   # cbatch local's queue when neither -q nor the script's #PBS -q names one
 
 
 @dataclass
@@ -349,6 +350,15 @@ def _socket_path(args) -> str:
     return install._socket_from_config()
 
 
+def _request(script: bytes, args) -> qsubopts.QsubRequest:
+    """Read the script as qsub would, our ``-q/-l/-N/-v`` playing qsub's command line (so they win)."""
+    qsub_args = [] if args.queue is None else ["-q", args.queue]
+    qsub_args += [w for value in args.resources for w in ("-l", value)]
+    qsub_args += [w for value in args.variables for w in ("-v", value)]
+    qsub_args += [] if args.name is None else ["-N", args.name]
+    return qsubopts.read(script, qsub_args, os.environ, default_queue=DEFAULT_QUEUE)
+
+
 def command(args) -> int:
     """``cbatch local``: run SCRIPT through this node's daemon as pbs_mom would; exit with its status.
 
@@ -362,21 +372,19 @@ def command(args) -> int:
     user = args.user or os.environ.get("SUDO_USER")
     if not user:
         raise CbatchError("cbatch local", "no job user", None, "pass --user USER")
-    with open(args.script, "rb") as fh:
-        script = fh.read()
-    variables = {}
-    for item in args.variables:
-        for part in item.split(","):
-            key, eq, value = part.partition("=")
-            variables[key] = value if eq else os.environ.get(key, "")
+    try:
+        with open(args.script, "rb") as fh:
+            script = fh.read()
+    except OSError as exc:
+        raise JobError("job script", "cannot read", f"{args.script}: {exc.strerror}") from exc
+    request = _request(script, args)
     import tempfile
     root = tempfile.mkdtemp(prefix="cbatch-local-", dir="/var/spool" if os.path.isdir("/var/spool") else None)
     try:
         mom = Mom(root, _socket_path(args))
-        resources = ",".join(args.resources) or "nodes=1:ppn=1"
-        job = mom.submit(script, user, queue=args.queue, resources=resources, variables=variables,
-                         name=args.name or os.path.basename(args.script)[:15], args=list(args.args),
-                         workdir=os.getcwd())
+        job = mom.submit(script, user, queue=request.queue, resources=request.resource_list or "nodes=1:ppn=1",
+                         variables=request.variables, shell=request.shell, args=list(args.args),
+                         name=request.name or os.path.basename(args.script)[:15], workdir=os.getcwd())
         result = job.wait(timeout=10 ** 9)
     finally:
         momproc.remove_tree(root)

@@ -86,6 +86,26 @@ def check_image(policy: QueuePolicy, queue: str, image: str, source: str) -> Non
 _check_image = check_image     # the submit filter's earlier name
 
 
+def check_request(policy: QueuePolicy, queue: str, directives: Directives, image: str,
+                  fallback: str = "directive") -> None:
+    """Refuse what the queue does not allow apart from the image: the network, and user mounts at all.
+
+    Needs no host access, so the submit filter runs it at qsub time as well as :func:`decide` at job start;
+    where the mounts may point is checked only at start (that needs the job's identity on the host).
+    ``fallback`` names the source of a mount without a line number (``cbatch run`` options).
+    """
+    if image == NATIVE:
+        return                  # no container: no network or mounts to refuse
+    network = directives.network or policy.network
+    if network not in policy.networks:
+        raise PolicyError("network", f"not allowed in queue {queue}", network,
+                          "allowed: " + ", ".join(policy.networks))
+    if directives.mounts and not policy.user_mounts.allowed:
+        m = directives.mounts[0]
+        raise PolicyError(_subject(m.line, fallback), f"user mounts are not allowed in queue {queue}",
+                          f"{m.source}:{m.target}", "ask your admin, or copy the data into your home")
+
+
 def environment(policy: QueuePolicy, job: JobContext, directives: Directives,
                 image: str) -> List[Tuple[str, str, str]]:
     """The container environment as ``(key, value, layer)`` in order, later layers overriding earlier."""
@@ -134,10 +154,6 @@ def _job_path(job: JobContext, resolve: Resolver, path: str, what: str, read_onl
 
 def _user_mounts(policy: QueuePolicy, job: JobContext, directives: Directives, resolve: Resolver,
                  fallback: str, mounts: _Mounts) -> None:
-    if directives.mounts and not policy.user_mounts.allowed:
-        m = directives.mounts[0]
-        raise PolicyError(_subject(m.line, fallback), f"user mounts are not allowed in queue {job.queue}",
-                          f"{m.source}:{m.target}", "ask your admin, or copy the data into your home")
     prefixes = tuple(job.identity.home if p == "~" else p for p in policy.user_mounts.prefixes)
     for m in directives.mounts:
         subject = _subject(m.line, fallback)
@@ -171,10 +187,7 @@ def _common(config: SiteConfig, job: JobContext, directives: Directives, resolve
     if job.identity.uid == 0 and not policy.allow_root:
         raise PolicyError("user", f"jobs of uid 0 may not run in a container in queue {queue}",
                           job.identity.user, "run as a normal user, or set allow_root for this queue")
-    network = directives.network or policy.network
-    if network not in policy.networks:
-        raise PolicyError("network", f"not allowed in queue {queue}", network,
-                          "allowed: " + ", ".join(policy.networks))
+    check_request(policy, queue, directives, image, fallback)
 
     mounts = _Mounts()
     if not run:
@@ -202,7 +215,8 @@ def _common(config: SiteConfig, job: JobContext, directives: Directives, resolve
         groups=job.identity.groups, workdir=posixpath.normpath(directives.workdir or job.cwd), env=env,
         mounts=tuple(mounts.items),
         labels=((LABEL_JOB, job.job_id), (LABEL_UID, str(job.identity.uid)), (LABEL_KIND, kind)),
-        stdin_line=stdin_line, use_entrypoint=directives.entrypoint, network=network,
+        stdin_line=stdin_line, use_entrypoint=directives.entrypoint,
+        network=directives.network or policy.network,
         read_only_rootfs=directives.readonly or hard.read_only_rootfs,
         cpus=float(cpus) if cpus else None, memory_bytes=memory or None, cgroup_parent=job.cgroup_parent,
         pids_limit=hard.pids_limit, cap_drop_all=hard.cap_drop_all, no_new_privileges=hard.no_new_privileges,

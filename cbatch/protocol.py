@@ -154,7 +154,7 @@ def decode(body: bytes) -> dict:
     """Parse a frame body into a dict. DaemonError if it is not a UTF-8 JSON object."""
     try:
         obj = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:     # RecursionError: "[[[[..." nesting
         raise _error("malformed message", "not UTF-8 JSON") from exc
     if not isinstance(obj, dict):
         raise _error("malformed message", "not a JSON object")

@@ -22,105 +22,12 @@ a broken login-node config must not stop every submission.
 from __future__ import annotations
 
 import os
-import shlex
 import sys
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
-# qsub's getopt string (TORQUE 6.1 qsub_functions.c GETOPT_ARGS): letters followed by ':' take a value.
-QSUB_OPTSTRING = "a:A:b:c:C:d:D:e:EfF:hIj:J:k:l:m:M:nN:o:p:P:q:r:S:t:T:u:v:Vw:W:Xxz-:"
 DEFAULT_CONFIG = "/etc/cbatch/cbatch.yaml"
 DEFAULT_QUEUE = "batch"
 EXIT_REJECT = 1
-
-
-def _takes_value() -> set:
-    return {c for i, c in enumerate(QSUB_OPTSTRING) if i + 1 < len(QSUB_OPTSTRING) and QSUB_OPTSTRING[i + 1] == ":"}
-
-
-_VALUED = _takes_value()
-
-
-def qsub_options(args: Sequence[str]) -> List[Tuple[str, str]]:
-    """(letter, value) pairs in order, parsed like getopt (clusters ``-Vq batch``, ``-qbatch``, options after
-    the script name because glibc getopt permutes); loose words (the script path) are skipped."""
-    out: List[Tuple[str, str]] = []
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        i += 1
-        if arg == "--":
-            break
-        if not arg.startswith("-") or arg == "-":
-            continue
-        j = 1
-        while j < len(arg):
-            letter = arg[j]
-            j += 1
-            if letter in _VALUED:
-                if j < len(arg):
-                    value = arg[j:]
-                elif i < len(args):
-                    value = args[i]
-                    i += 1
-                else:
-                    value = ""
-                out.append((letter, value))
-                break
-            out.append((letter, ""))
-    return out
-
-
-def _split(text: str) -> List[str]:
-    try:
-        return shlex.split(text, comments=False)
-    except ValueError:            # an unmatched quote: qsub would complain itself; take plain words
-        return text.split()
-
-
-def script_options(script: bytes, prefix: str) -> List[Tuple[str, str]]:
-    """qsub's reading of ``#PBS`` lines (``get_script``): directives up to the first executable line (not
-    blank, not a comment, not ``#!``, not starting with ``:``), leading blanks allowed, ``\\`` continues."""
-    out: List[Tuple[str, str]] = []
-    lines = script[:1 << 20].decode("latin-1").split("\n")
-    n = 0
-    while n < len(lines):
-        line = lines[n].rstrip("\r")
-        n += 1
-        if line.startswith(":") or line.startswith("#!"):
-            continue
-        stripped = line.lstrip()
-        if stripped.startswith(prefix):
-            body = stripped[len(prefix):]
-            while body.endswith("\\") and n < len(lines):
-                body = body[:-1] + lines[n].rstrip("\r")
-                n += 1
-            out.extend(qsub_options(_split(body)))
-            continue
-        if stripped and not stripped.startswith("#"):
-            break
-    return out
-
-
-def _queue_name(dest: str) -> Optional[str]:
-    """``batch@server`` -> ``batch``; ``@server`` or empty -> None (the server's default queue)."""
-    name = dest.split("@", 1)[0].strip()
-    return name or None
-
-
-def _variables(values: Sequence[str], export_all: bool) -> dict:
-    """The job variables qsub would set from ``-v`` lists (``A=1,B``: B from the environment) and ``-V``."""
-    env = dict(os.environ) if export_all else {}
-    for value in values:
-        for item in value.split(","):
-            key, eq, val = item.partition("=")
-            key = key.strip()
-            if not key:
-                continue
-            if eq:
-                env[key] = val.strip().strip('"').strip("'")
-            elif key in os.environ:
-                env[key] = os.environ[key]
-    return env
 
 
 class _JobView:
@@ -137,37 +44,16 @@ def check(script: bytes, qsub_args: Sequence[str], config, default_queue: str = 
     """Raise the DirectiveError/PolicyError the daemon would raise for this script in its queue; return
     the queue name checked. ``config`` is a loaded SiteConfig."""
     from cbatch import policy as pol
+    from cbatch import qsubopts
     from cbatch.directives import parse_script
 
-    cmdline = qsub_options(qsub_args)
-    prefix = os.environ.get("PBS_DPREFIX") or "#PBS"
-    for letter, value in cmdline:
-        if letter == "C":
-            prefix = value
-    in_script = script_options(script, prefix) if prefix else []
-    queue = None
-    for letter, value in in_script + cmdline:          # the command line overrides the script, last wins
-        if letter == "q":
-            queue = _queue_name(value)
-    queue = queue or default_queue
-
+    request = qsubopts.read(script, qsub_args, os.environ, default_queue)
     directives = parse_script(script)
-    both = in_script + cmdline
-    env = _variables([v for l, v in both if l == "v"], any(l == "V" for l, _ in both))
-    policy = config.queue(queue)
-    image, source = pol.choose_image(policy, _JobView(env), directives)
-    pol.check_image(policy, queue, image, source)
-    if image != "native":
-        from cbatch.errors import PolicyError
-        network = directives.network or policy.network
-        if network not in policy.networks:
-            raise PolicyError("network", f"not allowed in queue {queue}", network,
-                              "allowed: " + ", ".join(policy.networks))
-        if directives.mounts and not policy.user_mounts.allowed:
-            m = directives.mounts[0]
-            raise PolicyError(f"directive line {m.line}", f"user mounts are not allowed in queue {queue}",
-                              f"{m.source}:{m.target}", "ask your admin, or copy the data into your home")
-    return queue
+    policy = config.queue(request.queue)
+    image, source = pol.choose_image(policy, _JobView(request.variables), directives)
+    pol.check_image(policy, request.queue, image, source)
+    pol.check_request(policy, request.queue, directives, image)
+    return request.queue
 
 
 def run(argv: Sequence[str], stdin, stdout, stderr) -> int:

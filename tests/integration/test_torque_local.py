@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 CBATCH = os.path.join(os.path.dirname(sys.executable), "cbatch")
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "examples")
 
 
 def test_cbatch_local_runs_script_through_daemon(daemon, alice, workdir):
@@ -37,3 +38,34 @@ def test_cbatch_local_refuses_non_root(alice, workdir):
                        text=True, cwd=str(workdir), timeout=60)
     assert p.returncode != 0
     assert p.stderr.startswith("cbatch: cbatch local: must run as root") and len(p.stderr.splitlines()) == 1
+
+
+def test_cbatch_local_honours_pbs_shell_for_a_bash_user(daemon, alice, workdir):
+    # busybox has no bash: the example says #PBS -S /bin/sh, and pbs_mom starts [starter, /bin/sh] for it
+    # although alice's login shell is /bin/bash.
+    assert alice.shell == "/bin/bash"
+    script = os.path.join(EXAMPLES, "hello-busybox.sh")
+    p = subprocess.run([CBATCH, "local", "--user", alice.name, "--socket", daemon.socket, script],
+                       capture_output=True, cwd=str(workdir), timeout=120)
+    assert p.returncode == 0, p.stderr
+    first = p.stdout.decode().splitlines()[0]
+    assert first.startswith("hello from ") and first.endswith(f" as {alice.name} in cbatch-test/busybox:1")
+    assert p.stderr == b""
+
+
+def test_cbatch_local_reads_pbs_lines_and_its_options_override(daemon, alice, workdir):
+    path = workdir / "opts.sh"
+    path.write_text("#!/bin/bash\n#PBS -q debian -N fromscript\n#PBS -l nodes=1:ppn=2 -l walltime=00:05:00\n"
+                    "#PBS -v FOO=script,BAR=kept\n"
+                    "echo \"$PBS_QUEUE $PBS_JOBNAME $PBS_NUM_PPN $PBS_WALLTIME $FOO $BAR $CBATCH_IMAGE $0\"\n")
+    os.chown(path, alice.uid, alice.gid)
+    base = [CBATCH, "local", "--user", alice.name, "--socket", daemon.socket]
+    p = subprocess.run(base + [str(path)], capture_output=True, cwd=str(workdir), timeout=120)
+    assert p.returncode == 0, p.stderr
+    words = p.stdout.decode().split()
+    assert words[:7] == ["debian", "fromscript", "2", "300", "script", "kept", "cbatch-test/debian:12"]
+    assert words[7].endswith(".SC")            # run by the shell from the stdin line, as pbs_mom does
+    p = subprocess.run(base + ["-q", "batch", "-N", "cmd", "-l", "nodes=1:ppn=1", "-v", "FOO=cmd", str(path)],
+                       capture_output=True, cwd=str(workdir), timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.decode().split()[:6] == ["batch", "cmd", "1", "300", "cmd", "kept"]

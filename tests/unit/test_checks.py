@@ -148,3 +148,12 @@ def test_pbs_shell_option_is_the_container_command(config, capsys):
     status, out, _ = run(["--config", config, str(script)], capsys)
     assert status == 0 and f"argv: /bin/sh with stdin '{script}\\n'" in out
     assert "limits: cpus 1, memory 64 MiB" in out
+
+
+def test_pbs_variables_and_command_line_queue(config, capsys, tmp_path):
+    # The script is read by cbatch.qsubopts (tested there); here: check uses what it reads.
+    s = tmp_path / "v.sh"
+    s.write_text("#!/bin/sh\n#PBS -q closed\n#PBS -v CBATCH_IMAGE=cbatch-test/debian:12,MSG=hi\necho\n")
+    status, out, _ = run(["--config", config, "--queue", "other", str(s)], capsys)
+    assert status == 0 and "queue: other\n" in out
+    assert "image: cbatch-test/debian:12 (from CBATCH_IMAGE)" in out and "  MSG=hi  [job]" in out

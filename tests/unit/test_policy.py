@@ -319,6 +319,21 @@ def test_network_not_allowed():
         "cbatch: network: not allowed in queue batch: host (allowed: none, bridge)")
 
 
+def test_check_request_is_decides_own_check_without_host_access():
+    # The submit filter calls it at qsub time: same messages as decide, and nothing resolved on the host.
+    closed = cfg().queue("closed")
+    mounts = d("#CBATCH --image=cbatch-test/busybox:1\n#CBATCH --mount /nowhere:/s")
+    with pytest.raises(PolicyError) as info:
+        policy.check_request(closed, "closed", mounts, "cbatch-test/busybox:1")
+    assert info.value.message == refuse(mounts, queue="closed", cwd="/does/not/exist") == (
+        "cbatch: directive line 3: user mounts are not allowed in queue closed: /nowhere:/s "
+        "(ask your admin, or copy the data into your home)")
+    with pytest.raises(PolicyError) as info:
+        policy.check_request(cfg().queue("batch"), "batch", Directives(network="host"), "debian:12")
+    assert info.value.message == refuse(Directives(image="debian:12", network="host"))
+    policy.check_request(closed, "closed", Directives(network="host"), policy.NATIVE)   # no container: fine
+
+
 def test_root_refused_unless_allowed():
     assert refuse(d("#CBATCH --image=debian:12"), ident=ROOT, cwd="/root") == (
         "cbatch: user: jobs of uid 0 may not run in a container in queue batch: root "

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import os
 import subprocess
-import time
 
 import pytest
 
@@ -139,14 +138,9 @@ def test_unreadable_config_lets_job_through(tmp_path):
     assert rc == 0 and out == OK and "job not checked" in err
 
 
-def test_qsub_options_parser():
-    assert sf.qsub_options(["-l", "nodes=1", "-Vq", "gpu", "s.sh", "-N", "x"]) == [
-        ("l", "nodes=1"), ("V", ""), ("q", "gpu"), ("N", "x")]
-    assert sf.qsub_options(["-I", "-x", "--", "-q", "no"]) == [("I", ""), ("x", "")]
-
-
-def test_wrapper_subprocess_and_speed(tmp_path, config):
-    """The installed wrapper, as qsub runs it: a real process, bytes in = bytes out, and fast."""
+def test_wrapper_subprocess(tmp_path, config):
+    """The installed wrapper, as qsub runs it: a real process, bytes in = bytes out. (Its speed is a
+    benchmark: bench/, not an assertion here.)"""
     wrapper = tmp_path / "cbatch-submit-filter"
     sf.install(str(wrapper), config_path=config)
     env = {"PATH": "/usr/bin:/bin"}
@@ -154,9 +148,3 @@ def test_wrapper_subprocess_and_speed(tmp_path, config):
     assert (p.returncode, p.stdout, p.stderr) == (0, OK, b"")
     p = subprocess.run([str(wrapper), "-q", "gpu", "job.sh"], input=OK, capture_output=True, env=env)
     assert p.returncode == 1 and p.stdout == b"" and p.stderr.startswith(b"cbatch: image: not allowed")
-    n, t0 = 5, time.perf_counter()
-    for _ in range(n):
-        subprocess.run([str(wrapper), "-q", "batch", "job.sh"], input=OK, capture_output=True, env=env)
-    per_call = (time.perf_counter() - t0) / n
-    print(f"submit-filter: {per_call * 1000:.0f} ms per call")
-    assert per_call < 0.5          # generous for loaded CI machines; measured numbers are in the report
