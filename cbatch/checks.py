@@ -61,10 +61,10 @@ def _policy_lines(p: configmod.QueuePolicy) -> List[str]:
         f"images: {', '.join(p.images) or '(none)'}",
         f"native allowed: {'yes' if p.native else 'no'}",
         f"network: {p.network} (choices: {', '.join(p.networks)})",
-        f"user mounts: " + (f"allowed under {', '.join(um.prefixes) or '(nothing)'}" if um.allowed else "no"),
-        f"site mounts: " + (", ".join(f"{m.source}:{m.target}:{'ro' if m.read_only else 'rw'}"
+        "user mounts: " + (f"allowed under {', '.join(um.prefixes) or '(nothing)'}" if um.allowed else "no"),
+        "site mounts: " + (", ".join(f"{m.source}:{m.target}:{'ro' if m.read_only else 'rw'}"
                                       for m in p.mounts) or "(none)"),
-        f"env: " + (", ".join(f"{k}={v}" for k, v in p.env) or "(none)"),
+        "env: " + (", ".join(f"{k}={v}" for k, v in p.env) or "(none)"),
         f"env_drop: {', '.join(p.env_drop) or '(none)'}",
         f"allow_root: {'yes' if p.allow_root else 'no'}",
         f"hardening: pids_limit={h.pids_limit} read_only_rootfs={h.read_only_rootfs} "

@@ -8,8 +8,8 @@ Stdio. The job's output is the hot path, so it never passes through Python when 
 stdout/stderr file is bind-mounted at ``/.cbatch/stdout``/``/.cbatch/stderr`` and the static helper
 ``cbatch-exec`` (bind-mounted read-only at ``/.cbatch/exec``) opens it O_APPEND and dup2s it onto fd 1/2
 before it execs the command. Only when the caller asks for ``attach`` (a terminal, a pipe) do the bytes go
-through the engine's attach socket, demultiplexed here by :func:`pump`. Docker's own log is switched off
-(``log_config: none``) so output is never stored twice.
+through the engine's attach socket, demultiplexed by :func:`cbatch.streams.pump`. Docker's own log is
+switched off (``log_config: none``) so output is never stored twice.
 
 Entrypoint. The helper is always the container's entrypoint, so the stdio plumbing is the same for every
 job. With ``spec.use_entrypoint`` the image's own Entrypoint (and its Cmd when ``spec.argv`` is empty) is
@@ -19,13 +19,9 @@ process, with the job's stdio — exactly ``docker run IMAGE ARGV`` semantics, p
 
 from __future__ import annotations
 
-import errno
 import os
-import select
-import selectors
 import signal as _signal
 import socket
-import struct
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
@@ -55,7 +51,7 @@ class Stdio:
     ``stdout_path``/``stderr_path``: host paths of existing regular files (the job's spool files); the
     helper appends to them directly. ``None`` means that stream comes through the attach socket (when
     ``attach``) or is discarded. ``attach``: the caller proxies stdio through :meth:`Engine.attach` and
-    :func:`pump`; the container's stdin is then the socket (unless ``spec.stdin_line`` feeds it).
+    :func:`cbatch.streams.pump`; the container's stdin is then the socket (unless ``spec.stdin_line`` feeds it).
     """
 
     stdout_path: Optional[str] = None
@@ -241,7 +237,7 @@ class Engine:
         return cid
 
     def attach(self, cid: str) -> socket.socket:
-        """The attach socket opened by :meth:`start` (``stdio.attach``): pass it to :func:`pump`."""
+        """The attach socket opened by :meth:`start` (``stdio.attach``): pass it to :func:`cbatch.streams.pump`."""
         sio = self._attached.get(cid)
         if sio is None:
             raise EngineError("container", "not attached", cid, "start it with Stdio(attach=True)")
@@ -370,102 +366,3 @@ class Engine:
 
 
 # -- attach demultiplexer ---------------------------------------------------------------------------
-_HEADER = struct.Struct(">BxxxL")   # stream (0 stdin, 1 stdout, 2 stderr), 3 pad bytes, big-endian size
-_CHUNK = 65536
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        try:
-            n = os.write(fd, view)
-        except InterruptedError:
-            continue
-        except BlockingIOError:     # an O_NONBLOCK pipe handed over by the client: wait, don't drop
-            select.select([], [fd], [])
-            continue
-        view = view[n:]
-
-
-def pump(sock: socket.socket, stdin_fd: Optional[int], stdout_fd: Optional[int],
-         stderr_fd: Optional[int]) -> None:
-    """Copy ``stdin_fd`` into the attach socket and demultiplex its frames onto ``stdout_fd``/``stderr_fd``.
-
-    Live and byte-exact; returns when the engine closes the stream (the container's output ended). End of
-    ``stdin_fd`` (or ``stdin_fd`` None) shuts the socket's write side, which closes the container's stdin.
-    Writes to the socket are non-blocking, so a container that writes without reading never deadlocks
-    against us. A ``None`` output fd discards that stream.
-    """
-    out = {1: stdout_fd, 2: stderr_fd}
-    # poll, not epoll: stdin may be a regular file or /dev/null, which epoll refuses.
-    sel = selectors.PollSelector()
-    sock.setblocking(False)
-    sel.register(sock, selectors.EVENT_READ)
-    pending = b""
-    stdin_open = stdin_fd is not None
-    if stdin_open:
-        sel.register(stdin_fd, selectors.EVENT_READ)
-    else:
-        _shut_write(sock)
-    buf = bytearray()
-    try:
-        while True:
-            for key, events in sel.select():
-                if key.fileobj is sock and events & selectors.EVENT_WRITE:
-                    try:
-                        pending = pending[sock.send(pending):]
-                    except (BlockingIOError, InterruptedError):
-                        pass
-                    except (BrokenPipeError, ConnectionResetError):
-                        pending, stdin_open = b"", False    # the container stopped reading for good
-                    if not pending:
-                        sel.modify(sock, selectors.EVENT_READ)
-                        if stdin_open:
-                            sel.register(stdin_fd, selectors.EVENT_READ)
-                        else:
-                            _shut_write(sock)
-                if key.fileobj is sock and events & selectors.EVENT_READ:
-                    try:
-                        data = sock.recv(_CHUNK)
-                    except (BlockingIOError, InterruptedError):
-                        continue
-                    except ConnectionResetError:
-                        data = b""
-                    if not data:
-                        return
-                    buf += data
-                    while len(buf) >= _HEADER.size:
-                        stream, size = _HEADER.unpack_from(buf)
-                        if len(buf) < _HEADER.size + size:
-                            break
-                        fd = out.get(stream)
-                        if fd is not None:
-                            _write_all(fd, bytes(buf[_HEADER.size:_HEADER.size + size]))
-                        del buf[:_HEADER.size + size]
-                elif key.fileobj == stdin_fd:
-                    try:
-                        data = os.read(stdin_fd, _CHUNK)
-                    except InterruptedError:
-                        continue
-                    except OSError as exc:
-                        if exc.errno != errno.EIO:
-                            raise
-                        data = b""
-                    # Stop reading stdin until this chunk is out: bounded memory, no deadlock.
-                    sel.unregister(stdin_fd)
-                    if not data:
-                        stdin_open = False
-                        if not pending:
-                            _shut_write(sock)
-                        continue
-                    pending = data
-                    sel.modify(sock, selectors.EVENT_READ | selectors.EVENT_WRITE)
-    finally:
-        sel.close()
-
-
-def _shut_write(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_WR)
-    except OSError:
-        pass

@@ -14,7 +14,7 @@ import os
 import stat
 import struct
 import sys
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 from cbatch import install
 from cbatch.errors import CbatchError

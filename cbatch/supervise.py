@@ -8,7 +8,7 @@ the container is killed and removed at once - nobody else would stop it.
 Stdio choice (:func:`choose_stdio`): a stdout/stderr fd that is a regular file still named by its path is
 bind-mounted and appended to by the in-container helper, so the job's output never passes through Python;
 anything else (pipe, terminal, deleted file) is proxied through the engine's attach socket by
-:func:`cbatch.engine.pump` in a thread.
+:func:`cbatch.streams.pump` in a thread.
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def supervise(daemon, conn, sess: Session) -> None:
         else:
             def pumper() -> None:
                 try:
-                    from cbatch.engine import pump
+                    from cbatch.streams import pump
                     pump(sock, *sess.pump_fds)
                 except Exception as exc:  # noqa: BLE001 - the client may close its end at any time
                     log.info("job %s: container %s: output proxy ended: %s", sess.job_id, sess.cid[:12], exc)

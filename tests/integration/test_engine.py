@@ -15,7 +15,8 @@ import uuid
 
 import pytest
 
-from cbatch.engine import Engine, ExitInfo, ImageInfo, Stdio, pump
+from cbatch.engine import Engine, ExitInfo, ImageInfo, Stdio
+from cbatch.streams import pump
 from cbatch.errors import EngineError
 from cbatch.spec import LABEL_INSTANCE, ContainerSpec
 

@@ -1,7 +1,6 @@
 """resolve_as_user on a real temporary tree: symlinks, .., missing and inaccessible paths."""
 
 import os
-import pwd
 
 import pytest
 
