@@ -43,7 +43,7 @@ ENGINE_URL = os.environ.get("CBATCH_ENGINE_URL", "unix:///var/run/docker.sock")
 RUN_BASE = Path("/run/cbatch-bench")
 MOM_BASE = Path("/var/spool/cbatch-bench")
 DOCKER_STARTER = BENCH / "starters" / "docker-run"
-MODES = ("native", "cbatch", "docker_run")
+MODES = ("native", "cbatch", "docker_run")     # the mom-driven modes, in the order benchmarks run them
 
 
 def run(argv, **kw) -> subprocess.CompletedProcess:

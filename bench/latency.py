@@ -38,11 +38,9 @@ from pathlib import Path
 
 from bench import IMAGE, TOOL
 from bench import jobs
-from bench.env import ENGINE_URL, HELPER
+from bench.env import ENGINE_URL, HELPER, MODES as MOM_MODES
 from bench.runc import Bundle
 from bench.stats import summary
-
-MOM_MODES = ("native", "cbatch", "docker_run")
 
 
 def run(bench, reps: int) -> dict:

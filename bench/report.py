@@ -129,11 +129,16 @@ def markdown(doc: dict) -> str:
     """results.md: the headline table with targets, then each benchmark's detail."""
     d = doc["detail"]
     s = doc["settings"]
-    L = [f"# cbatch benchmark results", "",
+    L = ["# cbatch benchmark results", "",
          f"- machine: {doc['machine']}", f"- date: {doc['date']} (suite took {doc['duration_s']} s)",
          f"- cbatch installed in the venv: {doc['cbatch_install']}",
          f"- command: `scripts/bench` (settings: {json.dumps(s)})", "",
-         "Values are medians (min–max) over the repetitions; ratios are between medians of the same run.", "",
+         "Values are medians (min–max) over the repetitions; ratios are between medians of the same run. "
+         "Modes: native = the shell runs the script (pbs_mom without a job starter); cbatch = the real hooks, "
+         "starter and cbatchd; docker run = the docker CLI with cbatch's flags (bench/starters/docker-run); "
+         "runc = runc run on the same root filesystem, started directly. All other jobs go through the pbs_mom "
+         "emulator (cbatch.local.Mom); the method of each benchmark is in its module's docstring (bench/*.py).",
+         "",
          "## Targets", "", "| target | wanted | measured | met |", "| --- | --- | --- | --- |"]
     for name, t in doc["targets"].items():
         met = {True: "yes", False: "**no**", None: "n/a"}[t["met"]]

@@ -171,8 +171,14 @@ class _Session:
                 protocol.send(sock, protocol.request("attach", job_id=self.started.get("job_id"),
                                                      id=self.started.get("id")), self.fds)
                 msg, fds = protocol.recv(sock, timeout=REPLY_TIMEOUT)
-                for fd in fds:
-                    os.close(fd)
+            except CbatchError:
+                # No reply: e.g. we reached the dying daemon's listen backlog and were reset. Try again.
+                sock.close()
+                time.sleep(REATTACH_EVERY)
+                continue
+            for fd in fds:
+                os.close(fd)
+            try:
                 _reply(msg)
             except CbatchError:
                 sock.close()
@@ -180,6 +186,19 @@ class _Session:
             self.sock = sock
             return True
         return False
+
+
+def _wait_for_daemon(path: str, seconds: float) -> bool:
+    """Until the daemon answers a ping again (it listens only after its start-up recovery; a bare connect
+    could still land in the dying daemon's listen backlog)."""
+    until = time.monotonic() + seconds
+    while time.monotonic() < until:
+        try:
+            call(path, "ping", _timeout=REATTACH_EVERY * 4)
+            return True
+        except CbatchError:
+            time.sleep(REATTACH_EVERY)
+    return False
 
 
 def run_session(path: str, request: dict, fds: Sequence[int] = (0, 1, 2),
@@ -208,6 +227,10 @@ def run_session(path: str, request: dict, fds: Sequence[int] = (0, 1, 2),
         try:
             first = s.next_message(START_TIMEOUT)
         except protocol.Closed as exc:
+            # The daemon went away mid-start (a restart): wait until it is back, so its start-up sweep has
+            # removed any container it made for us before the job ends (else it outlives the job's cgroup
+            # and the epilogue finds no daemon).
+            _wait_for_daemon(path, REATTACH_FOR)
             raise DaemonError("daemon", "closed the connection without a reply", request.get("op")) from exc
         if first.get("mode") == "native":
             pending = s.queued + sigs.drain()

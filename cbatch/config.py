@@ -51,6 +51,7 @@ class DaemonConfig:
     stop_grace: float = 1.0
     helper: str = "/usr/libexec/cbatch/cbatch-exec"
     hostname: str = ""
+    mount_dir: str = "/run/cbatch/mounts"  # root-only staging points of pinned bind mounts (cbatch.pinning)
 
 
 @dataclass(frozen=True)
@@ -224,7 +225,7 @@ def parse(text: str, path: str = DEFAULT_PATH, hostname: Optional[str] = None) -
     engine = section(c, "engine", data, EngineConfig(), {"url": url, "timeout": positive})
     daemon = section(c, "daemon", data, DaemonConfig(instance=host, hostname=host),
                      {"socket": abspath, "state_dir": abspath, "instance": instance, "stop_grace": number,
-                      "helper": abspath})
+                      "helper": abspath, "mount_dir": abspath})
     own_defaults = _queue_partial(c, "defaults", data.get("defaults"))
     base = _merge(_builtin(), own_defaults)
     defaults = _build_queue(c, "", base, own_defaults, "defaults")

@@ -66,9 +66,11 @@ class Daemon:
         self.instance = config.daemon.instance or config.daemon.hostname or socket.gethostname()
         self.engine = Engine(config.engine.url, config.engine.timeout)
         self.registry = Registry(config.daemon.state_dir)
+        self.mount_root = os.path.join(config.daemon.mount_dir, self.instance)   # cbatch.pinning staging
         self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self.adoptions: dict = {}          # cid -> (job_id, record info, deadline)
         self.lock = threading.Lock()
+        self.sweeping = threading.Lock()   # one _forget_ended_jobs at a time
         self.stopping = False
         self.listener = None
         self.images = None                 # the image manager (pre-pull, job-start checks, images op)
@@ -105,8 +107,42 @@ class Daemon:
         for cid in present - claimed:
             log.warning("recover: container %s belongs to no registered job: removing", cid[:12])
             self._remove(None, cid)
+        self._unpin_stale()
+        self._forget_ended_jobs()
         if self.adoptions:
             threading.Thread(target=self._expire_adoptions, daemon=True).start()
+
+    def _unpin_stale(self) -> None:
+        """Pins live only from a launch to its container's start, and no launch runs before we listen: any
+        staging point of this instance is a crash's leftover, whatever the state of its container."""
+        from cbatch import pinning
+        try:
+            pinning.isolate(self.config.daemon.mount_dir)
+            pinning.unpin_all(self.mount_root)
+        except (OSError, CbatchError) as exc:
+            log.error("recover: mount staging %s: %s", self.config.daemon.mount_dir, exc)
+
+    def _forget_ended_jobs(self) -> None:
+        """A Torque job whose session (the starter's pid) is gone ended while we were down, so its epilogue
+        could not unregister it: do what that unregister would have done (containers, cgroup tidy, registry).
+        Runs at start-up and after each registration (a job ending in the restart window is still alive at
+        start-up)."""
+        from cbatch import peers
+        if not self.sweeping.acquire(blocking=False):
+            return
+        try:
+            self._sweep(peers)
+        finally:
+            self.sweeping.release()
+
+    def _sweep(self, peers) -> None:
+        for rec in self.registry.all():
+            reg = rec.registration
+            if reg.batch == "slurm" or not reg.session_id or peers.alive(int(reg.session_id), None):
+                continue
+            log.warning("job %s: its session %s is gone but its epilogue never unregistered it: "
+                        "unregistering", reg.job_id, reg.session_id)
+            self.op_unregister(None, None, {"job_id": reg.job_id}, [])
 
     def _expire_adoptions(self) -> None:
         while True:
@@ -257,6 +293,8 @@ class Daemon:
         from cbatch import peers
         peers.owner_uid(reg)      # the owner must exist here (and match Slurm's uid): refuse now, logged
         replaced = self.registry.register(reg)
+        # A job that ended while cbatchd was restarting left its registration (its epilogue found no daemon).
+        threading.Thread(target=self._forget_ended_jobs, daemon=True).start()
         log.info("job %s: registered (user %s, queue %s, session %s, %s)%s", reg.job_id, reg.user, reg.queue,
                  reg.session_id, reg.batch, " again" if replaced else "")
         return {"job_id": reg.job_id, "replaced": replaced}
@@ -278,6 +316,10 @@ class Daemon:
             leftovers, errors = [], [exc.message]
         for cid in leftovers:
             errors.append(DaemonError(f"job {job_id}", "container left behind", cid[:12]).message)
+        from cbatch import pinning
+        from cbatch.policy import container_name
+        for path in pinning.unpin_all(self.mount_root, container_name(job_id)):
+            errors.append(DaemonError(f"job {job_id}", "staging mount left behind", path).message)
         with self.lock:
             for cid in [c for c, (j, _i, _d) in self.adoptions.items() if j == job_id]:
                 del self.adoptions[cid]
@@ -396,10 +438,11 @@ def main(argv=None) -> int:
         # Leave every container running: a restarted daemon adopts them.
         log.info("signal %d: exiting (containers keep running)", signum)
         d.stopping = True
-        try:
-            os.unlink(cfg.daemon.socket)
-        except OSError:
-            pass
+        for path, remove in ((cfg.daemon.socket, os.unlink), (d.mount_root, os.rmdir)):
+            try:
+                remove(path)      # the staging dir only when empty (else the next start-up unpins it)
+            except OSError:
+                pass
         os._exit(0)
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)

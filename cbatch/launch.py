@@ -15,7 +15,7 @@ import os
 import stat
 import time
 
-from cbatch import peers, protocol
+from cbatch import peers, pinning, protocol
 from cbatch.errors import AccessDenied, CbatchError, JobError
 from cbatch.spec import Native
 from cbatch.supervise import Session, choose_stdio, supervise
@@ -152,10 +152,21 @@ def _launch(daemon, conn, peer, job, spec, stdio, pump, fds, kind: str) -> None:
         info = daemon.images.ensure(spec.image, daemon.config.queue(job.queue), _progress(fds[2]))
         env += tuple(daemon.images.job_env(spec.image, info))
     spec = dataclasses.replace(spec, env=env, labels=tuple(spec.labels) + ((LABEL_PEER, str(peer.pid)),))
-    cid = daemon.engine.start(spec, stdio, daemon.instance, daemon.config.daemon.helper)
+    # Docker mounts root-owned staging points holding the exact objects checked as the user (no path it
+    # re-resolves is one the user can swap); site mounts come from the root-owned config and are not pinned.
+    # The stdout/stderr spool files are staged from the client's own fds.
+    spool = [(attr, fd) for attr, fd in (("stdout_path", fds[1]), ("stderr_path", fds[2])) if getattr(stdio, attr)]
+    pinned, pins = pinning.pin(spec, job.identity, daemon.mount_root, daemon.config.queue(job.queue).mounts,
+                               [fd for _attr, fd in spool])
+    staged = dataclasses.replace(stdio, **{attr: point for (attr, _fd), point in zip(spool, pins.held)})
+    try:
+        cid = daemon.engine.start(pinned, staged, daemon.instance, daemon.config.daemon.helper)
+    except BaseException:
+        pinning.release(daemon.mount_root, spec.name)
+        raise
     limit = spec.memory_bytes or job.resources.memory_on(daemon.config.daemon.hostname or None)
     sess = Session(cid=cid, job_id=job.job_id, batch=job.batch, kind=kind, peer_pid=peer.pid, uid=peer.uid,
-                   memory_limit=limit, pump_fds=pump, owned_fds=tuple(fds))
+                   memory_limit=limit, pump_fds=pump, owned_fds=tuple(fds), name=spec.name)
     try:
         daemon.registry.add_container(job.job_id, cid, sess.record())
         protocol.send(conn, {"ok": True, "event": "started", "id": cid, "job_id": job.job_id,
@@ -167,6 +178,10 @@ def _launch(daemon, conn, peer, job, spec, stdio, pump, fds, kind: str) -> None:
             log.error("job %s: could not remove container %s: %s", job.job_id, cid[:12], exc)
         daemon.registry.drop_container(job.job_id, cid)
         raise
+    finally:
+        # Only once the container is recorded (the start-to-record window stays as short as it was): its own
+        # mount namespace holds its mounts now.
+        pinning.release(daemon.mount_root, spec.name)
     log.info("job %s: %s container %s (%s, image %s) for pid %d; stdout %s, stderr %s", job.job_id, kind,
              cid[:12], spec.name, spec.image, peer.pid, stdio.stdout_path or "proxied",
              stdio.stderr_path or "proxied")

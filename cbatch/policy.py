@@ -121,6 +121,12 @@ def environment(policy: QueuePolicy, job: JobContext, directives: Directives,
     return [(k, v, src) for k, (v, src) in layers.items()]
 
 
+def _container_path(path: str) -> str:
+    """normpath, plus what Docker does to a mount target: POSIX keeps a leading ``//`` but Docker cleans it
+    to ``/``, so ``//etc/shadow`` must be checked (and used) as ``/etc/shadow``."""
+    return "/" + posixpath.normpath(path).lstrip("/")
+
+
 def _under(path: str, prefix: str) -> bool:
     return path == prefix or path.startswith(prefix.rstrip("/") + "/")
 
@@ -146,7 +152,7 @@ def _job_path(job: JobContext, resolve: Resolver, path: str, what: str, read_onl
     """A host path the job refers to (cwd, home, TMPDIR, node file), mounted at the same path."""
     if not path.startswith("/"):
         raise PolicyError(what, "not an absolute path", path, "cbatch mounts it at the same path")
-    target = posixpath.normpath(path)
+    target = _container_path(path)
     if is_reserved_target(target, (script,)):
         raise PolicyError(what, "cannot be mounted into the container", path, RESERVED_HINT)
     return Mount(source=resolve(path, job.identity), target=target, read_only=read_only)
@@ -160,7 +166,7 @@ def _user_mounts(policy: QueuePolicy, job: JobContext, directives: Directives, r
         if not m.source.startswith("/") or not m.target.startswith("/"):
             raise DirectiveError(subject, "mount paths must be absolute", f"{m.source}:{m.target}",
                                  "SRC:DST[:ro|rw] with absolute paths")
-        target = posixpath.normpath(m.target)
+        target = _container_path(m.target)
         if is_reserved_target(target, (job.script_path,)):
             raise PolicyError(subject, "mount onto a reserved path", m.target, RESERVED_HINT)
         source = resolve(m.source, job.identity)

@@ -27,6 +27,7 @@ from cbatch.errors import CbatchError, EngineError, JobError
 
 log = logging.getLogger("cbatchd")
 POLL = 0.2
+ENGINE_RETRY = 60.0       # how long a session keeps waiting for an engine that went away (dockerd restart)
 PUMP_DRAIN = 2.0          # after exit, how long the proxy may take to flush the last output
 
 
@@ -90,6 +91,7 @@ class Session:
     memory_limit: Optional[int] = None
     pump_fds: Tuple[Optional[int], Optional[int], Optional[int]] = (None, None, None)
     owned_fds: Tuple[int, ...] = ()
+    name: str = ""                  # the container name (its pinned-mount staging directory), when known
     started_at: float = field(default_factory=time.monotonic)
 
     def record(self) -> dict:
@@ -112,7 +114,7 @@ def supervise(daemon, conn, sess: Session) -> None:
 
     def waiter() -> None:
         try:
-            result["info"] = engine.wait(sess.cid)
+            result["info"] = _wait_through_engine_restarts(engine, sess)
         except CbatchError as exc:
             result["error"] = exc
         except Exception as exc:  # noqa: BLE001 - a bug here must still end the session
@@ -175,6 +177,29 @@ def supervise(daemon, conn, sess: Session) -> None:
                 pass
 
 
+def _wait_through_engine_restarts(engine, sess: Session):
+    """``engine.wait``, again while the engine itself is unreachable (dockerd restarting) for up to
+    :data:`ENGINE_RETRY` seconds: the container may well still run (live-restore) or have left its exit status.
+    A wait that fails twice in a row while the engine answers ping is final (the container is gone)."""
+    deadline, failed_while_up = None, 0
+    while True:
+        try:
+            return engine.wait(sess.cid)
+        except CbatchError as exc:
+            try:
+                up = engine.ping()
+            except CbatchError:
+                up = False
+            failed_while_up = failed_while_up + 1 if up else 0
+            now = time.monotonic()
+            deadline = deadline or now + ENGINE_RETRY
+            if failed_while_up >= 2 or now >= deadline:
+                raise
+            log.warning("job %s: container %s: engine unreachable (%s): waiting for it", sess.job_id,
+                        sess.cid[:12], exc.problem)
+            time.sleep(1.0)
+
+
 def _handle(daemon, sess: Session, msg: dict) -> None:
     """One message on an open session: only ``signal`` is meaningful; anything else is logged."""
     try:
@@ -217,6 +242,9 @@ def _exit_event(sess: Session, result: dict) -> dict:
 
 
 def _remove(daemon, sess: Session) -> None:
+    if sess.name and getattr(daemon, "mount_root", None):
+        from cbatch import pinning
+        pinning.release(daemon.mount_root, sess.name)    # normally gone since the start; idempotent
     try:
         daemon.engine.remove(sess.cid)
     except CbatchError as exc:

@@ -44,9 +44,11 @@ def fdaemon(daemon_factory):
 def _slow_prologue_mom(mom_factory, target, **kw) -> Mom:
     """A mom whose prologue registers the job, then holds the job for a moment (marker file while it waits)."""
     m = mom_factory(target, **kw)
-    real = os.path.join(m.mom_priv, "cbatch-prologue")
-    install.write_file(real, install.shim_text("prologue", target.socket), 0o500)
-    wrapper = (f'#!/bin/sh\n{real} "$@"\ntouch "$8.inprologue"\nsleep 2\nrm -f "$8.inprologue"\nexit 0\n')
+    # In-process (not a shell wrapper around the shim): the prologue's parent pid is the job's session id.
+    wrapper = (f"#!{install.interpreter()} -I\nimport os, sys, time\nfrom cbatch import hooks\n"
+               f"hooks.prologue_main(sys.argv[1:], {target.socket!r})\n"
+               "marker = sys.argv[8] + '.inprologue'\nopen(marker, 'w').close()\ntime.sleep(1.5)\n"
+               "os.unlink(marker)\nsys.exit(0)\n")
     install.write_file(m.prologue, wrapper, 0o500)
     return m
 
@@ -83,16 +85,21 @@ def reach(job, moment: str, instance: str, timeout: float = 60.0) -> str:
 
 def assert_clean(daemon, job, r) -> None:
     assert b"Traceback" not in r.stderr, r.stderr
+    detail = f"{r.exit_status} {r.stdout!r} {r.stderr!r}\n{daemon.log()[-3000:]}"
     assert wait_until(lambda: not job_containers(daemon.instance, job.job_id), timeout=10) is not None, \
         f"container of {job.job_id} left:\n{daemon.log()[-2000:]}"
-    assert all(j["job_id"] != job.job_id for j in client.call(daemon.socket, "status")["jobs"])
-    assert not cgroups.existing(f"/torque/{job.job_id}")
+    assert wait_until(lambda: all(j["job_id"] != job.job_id for j in client.call(daemon.socket, "status")["jobs"]),
+                      timeout=10) is not None, \
+        f"{job.job_id} (session {r.session_id}) still registered:\n{daemon.log()[-3000:]}"
+    assert not cgroups.existing(f"/torque/{job.job_id}"), detail
     assert not r.cgroup_leftovers
 
 
 def assert_one_line_if_cbatch_failed(r) -> None:
+    """125: the starter's one ``cbatch:`` line (a hook may add its own ``cbatch epilogue:`` log line, as
+    pbs_mom appends the hooks' stderr to the .e file)."""
     if r.exit_status == 125:
-        assert len(cbatch_lines(r.stderr)) == 1, r.stderr
+        assert len([l for l in cbatch_lines(r.stderr) if l.startswith("cbatch: ")]) == 1, r.stderr
 
 
 def _submit(m, user, **kw):
@@ -116,6 +123,9 @@ def test_signal_faults(fmom, fdaemon, alice, fault, moment):
         job.kill_starter(signal.SIGKILL)
     r = job.wait(60)
     allowed = EXPECTED[fault] | ({5} if moment == "exiting" else set())
+    if fault == "qdel" and moment == "container":
+        allowed |= {265}    # the starter learns the container id only once the engine started it: a slow engine
+        #                     (loaded node) can take longer than kill_delay, and pbs_mom's SIGKILL comes first
     assert r.exit_status in allowed, (seen, r.exit_status, r.stdout, r.stderr)
     if r.exit_status == 5:
         assert r.stdout == FULL_OUT
@@ -136,8 +146,11 @@ def test_daemon_restart_faults(fmom, fdaemon, alice, how, moment):
     r = job.wait(120)
     ok = (r.exit_status, r.stdout) == (5, FULL_OUT) and cbatch_lines(r.stderr) == []
     cut = moment == "container" and r.exit_status == 125 and r.stdout == b""
-    assert ok or cut, (seen, r.exit_status, r.stdout, r.stderr, fdaemon.log()[-2000:])
+    assert ok or cut, f"{seen}: {r.exit_status} {r.stdout!r} {r.stderr!r}\n{fdaemon.log()[-3000:]}"
     assert_one_line_if_cbatch_failed(r)
+    if cut:
+        # Its epilogue may have run while no daemon listened: the next registration sweeps the job away.
+        assert fmom.submit(script("true", image=None), alice.name).wait(60).exit_status == 0
     assert_clean(fdaemon, job, r)
 
 
@@ -217,8 +230,9 @@ def proxied(daemon_factory, mom_factory):
 
 @pytest.mark.parametrize("moment", ["prologue", "running"])
 def test_engine_down_and_back(proxied, alice, moment):
-    """Engine gone during the start: 125 and one line. Gone while the job runs: the container keeps running
-    (as with a dockerd live-restore) and the daemon either reports the real status or fails with one line."""
+    """Engine gone during the start: 125 and one line. Gone for a moment while the job runs (the container
+    keeps running, as with dockerd's live-restore): the daemon waits for the engine and reports the real
+    status and all the output."""
     proxy, d, m = proxied
     job = _submit(m, alice)
     seen = reach(job, moment, d.instance)
@@ -235,9 +249,8 @@ def test_engine_down_and_back(proxied, alice, moment):
         assert len(cbatch_lines(r.stderr)) == 1, r.stderr
     else:
         r = job.wait(120)
-        ok = (r.exit_status, r.stdout) == (5, FULL_OUT)
-        lost = r.exit_status == 125 and r.stdout.startswith(b"ready\n") and len(cbatch_lines(r.stderr)) == 1
-        assert ok or lost, (seen, r.exit_status, r.stdout, r.stderr, d.log()[-2000:])
+        assert (r.exit_status, r.stdout, cbatch_lines(r.stderr)) == (5, FULL_OUT, []), \
+            f"{seen}: {r.exit_status} {r.stdout!r} {r.stderr!r}\n{d.log()[-3000:]}"
     assert_clean(d, job, r)
     assert client.call(d.socket, "ping")["engine"] is True
 

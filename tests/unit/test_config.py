@@ -330,3 +330,11 @@ def test_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.defaults.allow_root = True
     assert isinstance(cfg.defaults, QueuePolicy)
+
+
+def test_daemon_mount_dir():
+    assert parse("", hostname="n").daemon.mount_dir == "/run/cbatch/mounts"
+    assert parse("daemon: {mount_dir: /srv/cbatch//pins/}", hostname="n").daemon.mount_dir == "/srv/cbatch/pins"
+    with pytest.raises(ConfigError) as exc:
+        parse("daemon: {mount_dir: pins}", hostname="n")
+    assert "daemon.mount_dir: not an absolute path: pins" in exc.value.message

@@ -131,3 +131,37 @@ def test_as_root_resolves_with_the_users_rights():
         assert os.geteuid() == 0                                           # the parent kept its rights
     finally:
         shutil.rmtree(tree)
+
+
+# ---- open_all_as_user: the pinning walk (no symlink followed, one child for all paths) ---------------------------
+def test_open_as_user_pins_the_canonical_object(tree):
+    from cbatch.paths import open_all_as_user, open_as_user
+    fd = open_as_user(str(tree / "secret" / "file"), me())
+    try:
+        assert os.readlink(f"/proc/self/fd/{fd}") == str(tree / "secret" / "file")
+        assert os.get_inheritable(fd) is False
+    finally:
+        os.close(fd)
+    fds = open_all_as_user([str(tree / "scratch" / "data"), str(tree / "secret")], me())
+    try:
+        assert [os.readlink(f"/proc/self/fd/{fd}") for fd in fds] == [str(tree / "scratch" / "data"),
+                                                                       str(tree / "secret")]
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+@pytest.mark.parametrize("path", ["scratch/to-secret", "scratch/rel-up/file"])
+def test_open_as_user_refuses_any_symlink_component(tree, path):
+    from cbatch.paths import open_all_as_user
+    with pytest.raises(PolicyError) as exc:
+        open_all_as_user([str(tree / "scratch" / "data"), f"{tree}/{path}"], me())
+    assert exc.value.message == (f"cbatch: mount: changed while being checked: {tree}/{path} "
+                                 "(a symlink appeared; refusing)")
+
+
+def test_open_as_user_missing(tree):
+    from cbatch.paths import open_as_user
+    with pytest.raises(PolicyError) as exc:
+        open_as_user(str(tree / "nope"), me())
+    assert exc.value.problem == "no such file or directory"
