@@ -58,17 +58,23 @@ def test_image_missing(mom, daemon, alice):
 
 def test_script_vanished_after_registration(mom_factory, daemon, alice):
     m = mom_factory(daemon)
-    real = os.path.join(m.mom_priv, "cbatch-prologue")
-    install.write_file(real, install.shim_text("prologue", daemon.socket), 0o500)
-    # Register, then lose the script (a full disk, an admin's clean-up): $8 is the script path.
-    wrapper = f'#!/bin/sh\n{real} "$@"\nrm -f "$8"\nexit 0\n'
+    # Register, then lose the script (a full disk, an admin's clean-up). The prologue runs in-process (no
+    # shell wrapper): its parent must stay the job's session leader, or the job would never be registered
+    # and this would test "unregistered job" instead.
+    wrapper = (f"#!{install.interpreter()} -I\n"
+               "import os, sys\n"
+               "from cbatch import hooks\n"
+               f"status = hooks.prologue_main(sys.argv[1:], socket_path={daemon.socket!r})\n"
+               "os.unlink(sys.argv[8])\n"
+               "sys.exit(status)\n")
     install.write_file(m.prologue, wrapper, 0o500)
     job = m.submit(script("echo never"), alice.name)
     r = job.wait(120)
-    assert r.exit_status in (125, 127), (r.stdout, r.stderr)
+    assert r.exit_status == 125, (r.stdout, r.stderr)
     assert r.stdout == b""
     lines = cbatch_lines(r.stderr)
     assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("cbatch: job script: cannot open: ") and "No such file" in lines[0], lines
     assert not job_containers(daemon.instance, job.job_id)
 
 
