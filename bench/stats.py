@@ -6,13 +6,15 @@ import statistics
 from typing import Dict, Iterable, Optional
 
 
-def summary(values: Iterable[float], digits: int = 3) -> Dict[str, float]:
-    """``{"median", "min", "max", "n"}`` of the values (rounded); an empty list gives n = 0 and None."""
-    vals = sorted(float(v) for v in values)
+def summary(values: Iterable[float], digits: int = 3) -> Dict[str, object]:
+    """``{"median", "min", "max", "n", "values"}`` (rounded; ``values`` in measurement order, to see drift or
+    two modes); an empty list gives n = 0 and None."""
+    raw = [float(v) for v in values]
+    vals = sorted(raw)
     if not vals:
-        return {"median": None, "min": None, "max": None, "n": 0}
+        return {"median": None, "min": None, "max": None, "n": 0, "values": []}
     return {"median": round(statistics.median(vals), digits), "min": round(vals[0], digits),
-            "max": round(vals[-1], digits), "n": len(vals)}
+            "max": round(vals[-1], digits), "n": len(vals), "values": [round(v, digits) for v in raw]}
 
 
 def ratio(a: Optional[float], b: Optional[float], digits: int = 3) -> Optional[float]:

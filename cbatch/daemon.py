@@ -70,7 +70,7 @@ class Daemon:
         self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self.adoptions: dict = {}          # cid -> (job_id, record info, deadline)
         self.lock = threading.Lock()
-        self.sweeping = threading.Lock()   # one _forget_ended_jobs at a time
+        self.sweeping = threading.Lock()   # one forget_ended_jobs at a time
         self.stopping = False
         self.listener = None
         self.images = None                 # the image manager (pre-pull, job-start checks, images op)
@@ -80,85 +80,19 @@ class Daemon:
         except ImportError as exc:         # an install without image management still runs jobs
             log.error("image manager unavailable: %s", exc)
 
-    # -- start-up -----------------------------------------------------------------------------------
+    # -- start-up (cbatch.recovery) -----------------------------------------------------------------
     def recover(self) -> None:
-        """Reconcile the engine with the registry after a (re)start; see the module docstring."""
-        try:
-            present = set(self.engine.list_ids({LABEL_INSTANCE: self.instance}))
-        except CbatchError as exc:
-            log.error("recover: cannot list containers: %s", exc)
-            return
-        from cbatch import peers
-        claimed = set()
-        for rec in self.registry.all():
-            job_id = rec.registration.job_id
-            for cid, info in list(rec.containers.items()):
-                if cid not in present:
-                    self.registry.drop_container(job_id, cid)
-                    continue
-                claimed.add(cid)
-                if peers.alive(int(info.get("peer", 0)), info.get("peer_start")):
-                    log.info("recover: job %s: container %s: waiting %.0f s for pid %s to reattach", job_id,
-                             cid[:12], ADOPT_WAIT, info.get("peer"))
-                    self.adoptions[cid] = (job_id, info, time.monotonic() + ADOPT_WAIT)
-                else:
-                    log.warning("recover: job %s: container %s: its client is gone: removing", job_id, cid[:12])
-                    self._remove(job_id, cid)
-        for cid in present - claimed:
-            log.warning("recover: container %s belongs to no registered job: removing", cid[:12])
-            self._remove(None, cid)
-        self._unpin_stale()
-        self._forget_ended_jobs()
-        if self.adoptions:
-            threading.Thread(target=self._expire_adoptions, daemon=True).start()
+        """Reconcile the engine with the registry after a (re)start: :func:`cbatch.recovery.recover`."""
+        from cbatch import recovery
+        recovery.recover(self)
 
-    def _unpin_stale(self) -> None:
-        """Pins live only from a launch to its container's start, and no launch runs before we listen: any
-        staging point of this instance is a crash's leftover, whatever the state of its container."""
-        from cbatch import pinning
-        try:
-            pinning.isolate(self.config.daemon.mount_dir)
-            pinning.unpin_all(self.mount_root)
-        except (OSError, CbatchError) as exc:
-            log.error("recover: mount staging %s: %s", self.config.daemon.mount_dir, exc)
+    def forget_ended_jobs(self) -> None:
+        """Unregister Torque jobs whose session ended while nobody could: :func:`cbatch.recovery.forget_ended_jobs`."""
+        from cbatch import recovery
+        recovery.forget_ended_jobs(self)
 
-    def _forget_ended_jobs(self) -> None:
-        """A Torque job whose session (the starter's pid) is gone ended while we were down, so its epilogue
-        could not unregister it: do what that unregister would have done (containers, cgroup tidy, registry).
-        Runs at start-up and after each registration (a job ending in the restart window is still alive at
-        start-up)."""
-        from cbatch import peers
-        if not self.sweeping.acquire(blocking=False):
-            return
-        try:
-            self._sweep(peers)
-        finally:
-            self.sweeping.release()
-
-    def _sweep(self, peers) -> None:
-        for rec in self.registry.all():
-            reg = rec.registration
-            if reg.batch == "slurm" or not reg.session_id or peers.alive(int(reg.session_id), None):
-                continue
-            log.warning("job %s: its session %s is gone but its epilogue never unregistered it: "
-                        "unregistering", reg.job_id, reg.session_id)
-            self.op_unregister(None, None, {"job_id": reg.job_id}, [])
-
-    def _expire_adoptions(self) -> None:
-        while True:
-            time.sleep(0.5)
-            now = time.monotonic()
-            with self.lock:
-                late = [(cid, job) for cid, (job, _i, deadline) in self.adoptions.items() if deadline < now]
-                for cid, _job in late:
-                    del self.adoptions[cid]
-                if not self.adoptions and not late:
-                    return
-            for cid, job_id in late:
-                log.warning("job %s: container %s: its client did not reattach: removing", job_id, cid[:12])
-                self._remove(job_id, cid)
-
-    def _remove(self, job_id, cid: str) -> None:
+    def remove_container(self, job_id, cid: str) -> None:
+        """Remove one container and forget it (errors are logged: the sweeps try again later)."""
         try:
             self.engine.remove(cid)
         except CbatchError as exc:
@@ -294,7 +228,7 @@ class Daemon:
         peers.owner_uid(reg)      # the owner must exist here (and match Slurm's uid): refuse now, logged
         replaced = self.registry.register(reg)
         # A job that ended while cbatchd was restarting left its registration (its epilogue found no daemon).
-        threading.Thread(target=self._forget_ended_jobs, daemon=True).start()
+        threading.Thread(target=self.forget_ended_jobs, daemon=True).start()
         log.info("job %s: registered (user %s, queue %s, session %s, %s)%s", reg.job_id, reg.user, reg.queue,
                  reg.session_id, reg.batch, " again" if replaced else "")
         return {"job_id": reg.job_id, "replaced": replaced}

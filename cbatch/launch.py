@@ -210,7 +210,7 @@ def attach(daemon, conn, peer, msg: dict, fds) -> None:
     try:
         protocol.send(conn, {"ok": True, "event": "attached", "id": cid, "job_id": job_id})
     except CbatchError:
-        daemon._remove(job_id, cid)
+        daemon.remove_container(job_id, cid)
         raise
     log.info("job %s: container %s: pid %d reattached", job_id, cid[:12], peer.pid)
     supervise(daemon, conn, sess)
