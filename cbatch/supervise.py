@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import signal
 import stat
 import threading
@@ -26,7 +27,6 @@ from cbatch import protocol
 from cbatch.errors import CbatchError, EngineError, JobError
 
 log = logging.getLogger("cbatchd")
-POLL = 0.2
 ENGINE_RETRY = 60.0       # how long a session keeps waiting for an engine that went away (dockerd restart)
 PUMP_DRAIN = 2.0          # after exit, how long the proxy may take to flush the last output
 
@@ -111,6 +111,9 @@ def supervise(daemon, conn, sess: Session) -> None:
     done = threading.Event()
     result: dict = {}
     pump_thread = None
+    # The waiter wakes the loop below through this pipe the moment the container exits: the job's exit
+    # path (and so every job's turnaround) must not wait for a poll timeout.
+    wake_r, wake_w = os.pipe2(os.O_CLOEXEC)
 
     def waiter() -> None:
         try:
@@ -121,6 +124,11 @@ def supervise(daemon, conn, sess: Session) -> None:
             result["error"] = EngineError("container", "wait failed", sess.cid, f"{type(exc).__name__}: {exc}")
         finally:
             done.set()
+            try:
+                os.write(wake_w, b"x")
+            except OSError:         # the session already ended (client gone) and closed its end
+                pass
+            os.close(wake_w)
 
     if any(fd is not None for fd in sess.pump_fds):
         try:
@@ -138,9 +146,13 @@ def supervise(daemon, conn, sess: Session) -> None:
             pump_thread.start()
     threading.Thread(target=waiter, name=f"wait-{sess.cid[:12]}", daemon=True).start()
 
+    poller = select.poll()
+    poller.register(conn, select.POLLIN | select.POLLHUP | select.POLLERR)
+    poller.register(wake_r, select.POLLIN)
     try:
         while not done.is_set():
-            if not protocol.wait_readable(conn, time.monotonic() + POLL):
+            # Blocks until the client says something (a signal, or EOF when it dies) or the container exits.
+            if not any(fd == conn.fileno() for fd, _ev in poller.poll()):
                 continue
             try:
                 msg, fds = protocol.recv(conn)
@@ -170,6 +182,7 @@ def supervise(daemon, conn, sess: Session) -> None:
             conn.close()
         except OSError:
             pass
+        os.close(wake_r)            # the waiter closes wake_w when it ends
         for fd in sess.owned_fds:
             try:
                 os.close(fd)
