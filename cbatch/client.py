@@ -23,6 +23,7 @@ from cbatch import protocol
 from cbatch.errors import EXIT_CBATCH, CbatchError, DaemonError, from_wire
 
 DEFAULT_SOCKET = "/run/cbatch/cbatchd.sock"
+ENV_SOCKET = "CBATCH_SOCKET"
 CONNECT_TIMEOUT = 10.0
 REPLY_TIMEOUT = 120.0          # one request, one reply
 START_TIMEOUT = None           # a start may pull an image first (pull: missing): the daemon answers or closes
@@ -35,6 +36,21 @@ FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signa
 def not_reachable(path: str) -> DaemonError:
     """The one message for "cannot talk to cbatchd"."""
     return DaemonError("daemon", "not reachable", path, "is cbatchd running? cbatch check --node")
+
+
+def socket_path(explicit: Optional[str] = None, config_path: Optional[str] = None) -> str:
+    """The daemon socket a user-run command talks to: ``--socket``, else ``$CBATCH_SOCKET``, else the
+    ``daemon.socket`` of ``config_path`` when given, else the default. A user-chosen path is harmless:
+    every decision is the daemon's (a fake daemon could only lie to its own caller). Root hooks do not
+    use this: they take the socket only from their own shim."""
+    if explicit:
+        return explicit
+    if os.environ.get(ENV_SOCKET):
+        return os.environ[ENV_SOCKET]
+    if config_path:
+        from cbatch import config     # yaml: only for the admin commands that name a config
+        return config.load(config_path).daemon.socket
+    return DEFAULT_SOCKET
 
 
 def connect(path: str = DEFAULT_SOCKET, timeout: float = CONNECT_TIMEOUT) -> socket.socket:

@@ -23,20 +23,31 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import List, Optional, Sequence
+from typing import Callable, List, NamedTuple, Optional, Sequence
 
-from cbatch import cgroups, client
+from cbatch import cgroups, client, job
 from cbatch.errors import CbatchError, _clean
 
 REGISTER_TIMEOUT = 30.0     # < pbs_mom's $prologalarm (300 s): a hung daemon must not get the job requeued
 
 
-def _log(kind: str, message: str, error: bool = True) -> None:
+class Who(NamedTuple):
+    """How a hook signs its log lines: the line's prefix and the syslog ident."""
+
+    prefix: str
+    ident: str
+
+
+PROLOGUE = Who("cbatch prologue", "cbatch-prologue")
+EPILOGUE = Who("cbatch epilogue", "cbatch-epilogue")
+
+
+def _log(who: Who, message: str, error: bool = True) -> None:
     """One line to syslog (the admin's record) and to stderr (the job's .o/.e, ahead of its output)."""
-    line = f"cbatch {kind}: {_clean(message)}"
+    line = f"{who.prefix}: {_clean(message)}"
     try:
         import syslog
-        syslog.openlog(f"cbatch-{kind}", syslog.LOG_PID, syslog.LOG_DAEMON)
+        syslog.openlog(who.ident, syslog.LOG_PID, syslog.LOG_DAEMON)
         syslog.syslog(syslog.LOG_ERR if error else syslog.LOG_INFO, line)
         syslog.closelog()
     except Exception:  # noqa: BLE001 - no syslog (containers, tests) must not fail the hook
@@ -55,15 +66,8 @@ def _socket(socket_path: Optional[str]) -> str:
 
 def prologue_main(argv: Sequence[str], socket_path: Optional[str] = None) -> int:
     """Torque prologue: register the job (session id = our parent). Always returns 0 (see module doc)."""
-    try:
-        from cbatch import job
-        reg = job.Registration.from_prologue_argv(list(argv), session_id=os.getppid())
-        client.call(_socket(socket_path), "register", _timeout=REGISTER_TIMEOUT, registration=reg.to_dict())
-    except CbatchError as exc:
-        _log("prologue", f"job {_job_of(argv)} not registered: {exc.message}")
-    except Exception as exc:  # noqa: BLE001 - a crash would requeue the job in a tight loop
-        _log("prologue", f"job {_job_of(argv)} not registered: internal error: {type(exc).__name__}: {exc}")
-    return 0
+    return register_job(PROLOGUE, _job_of(argv), socket_path,
+                        lambda: job.Registration.from_prologue_argv(list(argv), session_id=os.getppid()))
 
 
 def epilogue_main(argv: Sequence[str], socket_path: Optional[str] = None) -> int:
@@ -73,35 +77,55 @@ def epilogue_main(argv: Sequence[str], socket_path: Optional[str] = None) -> int
         args = args[1:]
     job_id = args[0] if args else ""
     if len(args) != 11 or not job_id:
-        _log("epilogue", f"expected 11 arguments from pbs_mom, got {len(args)}: {' '.join(args)[:200]}")
+        _log(EPILOGUE, f"expected 11 arguments from pbs_mom, got {len(args)}: {' '.join(args)[:200]}")
         return 0
+    # pbs_mom removes its own /torque/<jobid> directories afterwards; we remove the empty ones Docker made.
+    return unregister_job(EPILOGUE, job_id, socket_path, f"/torque/{job_id}")
+
+
+def register_job(who: Who, job_id: str, socket_path: Optional[str], build: Callable[[], "job.Registration"]) -> int:
+    """Register the Registration ``build()`` makes (Torque argv or Slurm env). Any failure - a malformed
+    job, an unknown user, a daemon that is down - is logged, never raised: returns 0 for the batch system."""
+    try:
+        client.call(_socket(socket_path), "register", _timeout=REGISTER_TIMEOUT, registration=build().to_dict())
+    except CbatchError as exc:
+        _log(who, f"job {job_id} not registered: {exc.message}")
+    except Exception as exc:  # noqa: BLE001 - a crash would requeue (Torque) or drain the node (Slurm)
+        _log(who, f"job {job_id} not registered: internal error: {type(exc).__name__}: {exc}")
+    return 0
+
+
+def unregister_job(who: Who, job_id: str, socket_path: Optional[str], cgroup_parent: Optional[str]) -> int:
+    """Unregister ``job_id`` (the daemon removes its containers and answers what it could not), then remove
+    the empty cgroup directories Docker left under ``cgroup_parent``. Logs, never raises; returns 0."""
     try:
         reply = client.call(_socket(socket_path), "unregister", _timeout=REGISTER_TIMEOUT, job_id=job_id)
         left = reply.get("leftovers") or []
         if left:
-            _log("epilogue", f"job {job_id}: containers left after removal: {' '.join(map(str, left))}")
+            _log(who, f"job {job_id}: containers left after removal: {' '.join(map(str, left))}")
     except CbatchError as exc:
         # Nothing destructive without the daemon: it owns the engine; containers it cannot see now are
         # removed by its start-up sweep (jobs no longer registered).
-        _log("epilogue", f"job {job_id} not unregistered: {exc.message}")
+        _log(who, f"job {job_id} not unregistered: {exc.message}")
     except Exception as exc:  # noqa: BLE001
-        _log("epilogue", f"job {job_id} not unregistered: internal error: {type(exc).__name__}: {exc}")
-    _tidy_torque(job_id)
+        _log(who, f"job {job_id} not unregistered: internal error: {type(exc).__name__}: {exc}")
+    # Even when the daemon could not be reached: empty directories are ours to remove either way (rmdir only).
+    if cgroup_parent:
+        _tidy(who, job_id, cgroup_parent)
     return 0
 
 
-def _tidy_torque(job_id: str) -> List[str]:
-    """Remove the empty /torque/<jobid> directories Docker made; pbs_mom removes its own afterwards."""
+def _tidy(who: Who, job_id: str, parent: str) -> List[str]:
+    """Remove the empty directories Docker made under ``parent`` in every controller; log what is left."""
     try:
-        parent = f"/torque/{job_id}"
         if not cgroups.existing(parent):
             return []
         left = cgroups.tidy(parent)
         if left:
-            _log("epilogue", f"job {job_id}: cgroups still busy: {' '.join(left)}")
+            _log(who, f"job {job_id}: cgroups still busy: {' '.join(left)}")
         return left
     except Exception as exc:  # noqa: BLE001
-        _log("epilogue", f"job {job_id}: cgroup tidy failed: {type(exc).__name__}: {exc}")
+        _log(who, f"job {job_id}: cgroup tidy failed: {type(exc).__name__}: {exc}")
         return []
 
 

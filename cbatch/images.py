@@ -11,23 +11,10 @@ Stdlib + client only (no YAML unless ``--config`` names a config to take the soc
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import List
 
 from cbatch import client
-
-
-def socket_path(args) -> str:
-    """``--socket``, else ``$CBATCH_SOCKET``, else the ``daemon.socket`` of ``--config``, else the default."""
-    if getattr(args, "socket", None):
-        return args.socket
-    if os.environ.get("CBATCH_SOCKET"):
-        return os.environ["CBATCH_SOCKET"]
-    if getattr(args, "config", None):
-        from cbatch import config
-        return config.load(args.config).daemon.socket
-    return client.DEFAULT_SOCKET
 
 
 def _size(n) -> str:
@@ -100,7 +87,7 @@ def format_sync(status: dict) -> str:
 def command(args) -> int:
     """Route of ``cbatch images``. Exit 0, or 1 when a sync left an image failed."""
     action = getattr(args, "action", None) or "list"
-    path = socket_path(args)
+    path = client.socket_path(getattr(args, "socket", None), getattr(args, "config", None))
     if action == "list":
         reply = client.call(path, "images", action="list")
         sys.stdout.write(format_inventory(reply.get("inventory") or {}))

@@ -18,9 +18,9 @@ import stat
 import sys
 from typing import Dict, List, Optional
 
+from cbatch import client
 from cbatch.errors import CbatchError, ConfigError
 
-DEFAULT_SOCKET = "/run/cbatch/cbatchd.sock"
 DEFAULT_CONFIG = "/etc/cbatch/cbatch.yaml"
 HOOK_MODE = 0o500          # root-owned, u+rx only: what pbs_mom accepts, nothing anyone else can change
 STARTER_MODE = 0o755       # the starter runs as the job user: everyone must be able to exec it
@@ -160,7 +160,7 @@ def _socket_from_config() -> str:
         cfg = config_mod.load(DEFAULT_CONFIG)
         return cfg.daemon.socket
     except (ImportError, AttributeError, OSError, CbatchError):
-        return DEFAULT_SOCKET
+        return client.DEFAULT_SOCKET
 
 
 def command(args) -> int:

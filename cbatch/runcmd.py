@@ -28,12 +28,6 @@ from typing import List
 from cbatch import client, protocol
 from cbatch.errors import EXIT_CANNOT_INVOKE, EXIT_NOT_FOUND, DirectiveError, JobError
 
-ENV_SOCKET = "CBATCH_SOCKET"
-
-
-def socket_path(explicit: str | None = None) -> str:
-    """``--socket``, else ``$CBATCH_SOCKET``, else the default socket."""
-    return explicit or os.environ.get(ENV_SOCKET) or client.DEFAULT_SOCKET
 
 
 def options_of(args) -> List[str]:
@@ -106,5 +100,5 @@ def command(args) -> int:
         cwd = os.environ.get("PWD", "/")
     req = protocol.request("run", argv=cmd, options=options_of(args), cwd=cwd,
                            env=protocol.env_pairs(os.environ.items()))
-    return client.run_session(socket_path(args.socket), req, _std_fds(),
+    return client.run_session(client.socket_path(args.socket), req, _std_fds(),
                               on_native=lambda pending: exec_native(cmd, pending))

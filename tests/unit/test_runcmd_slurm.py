@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from cbatch import runcmd, slurm
+from cbatch import client, runcmd, slurm
 from cbatch.cli import _parser
 from cbatch.errors import DirectiveError
 
@@ -38,10 +38,10 @@ def test_no_command_is_a_one_line_error():
 
 def test_socket_choice(monkeypatch):
     monkeypatch.delenv("CBATCH_SOCKET", raising=False)
-    assert runcmd.socket_path(None) == "/run/cbatch/cbatchd.sock"
+    assert client.socket_path(None) == "/run/cbatch/cbatchd.sock"
     monkeypatch.setenv("CBATCH_SOCKET", "/tmp/s")
-    assert runcmd.socket_path(None) == "/tmp/s"
-    assert runcmd.socket_path("/x") == "/x"
+    assert client.socket_path(None) == "/tmp/s"
+    assert client.socket_path("/x") == "/x"
 
 
 def test_job_cgroup_from_slurm_env():
