@@ -3,7 +3,7 @@
 
 Every number is measured in the same run against baselines on the same machine: native (the shell runs the
 script, as pbs_mom does without a job starter), ``docker run`` with the flags cbatch uses, and ``runc run``
-on the same root filesystem. Jobs are driven through the one pbs_mom emulator, :class:`cbatch.local.Mom`;
+on the same root filesystem. Jobs are driven through the one pbs_mom emulator, :class:`cbatch.emulator.local.Mom`;
 the probe inside jobs is the static ``benchtool`` (``bench/benchtool.c``), at the same path on the host and
 in the bench image, so native and container runs execute the very same binary.
 

@@ -113,8 +113,8 @@ class Daemon:
         self.proc: Optional[subprocess.Popen] = None
 
     def start(self, timeout: float = 30.0) -> "Daemon":
-        from cbatch import client
-        from cbatch.errors import CbatchError
+        from cbatch.clients import client
+        from cbatch.core.errors import CbatchError
         with open(self.log_path, "ab") as log:
             # -I: the script's directory (bench/) stays off sys.path; cbatch comes from the venv as for cbatchd.
             self.proc = subprocess.Popen([str(VENV_BIN / "python"), "-I", str(BENCH / "tracedaemon.py"),
@@ -186,8 +186,8 @@ class Bench:
         self._moms: Dict[Tuple[str, bool], object] = {}
 
     def mom(self, mode: str, stamped: bool = False):
-        """The :class:`cbatch.local.Mom` running jobs in ``mode`` (see the module docstring)."""
-        from cbatch.local import Mom
+        """The :class:`cbatch.emulator.local.Mom` running jobs in ``mode`` (see the module docstring)."""
+        from cbatch.emulator.local import Mom
         key = (mode, stamped)
         if key in self._moms:
             return self._moms[key]
@@ -211,14 +211,14 @@ class Bench:
 
     def cbatch_containers(self) -> list:
         """Ids of the containers our daemon owns right now."""
-        from cbatch.engine import Engine
-        from cbatch.spec import LABEL_INSTANCE
+        from cbatch.engines.docker import Engine
+        from cbatch.core.spec import LABEL_INSTANCE
         return Engine(ENGINE_URL).list_ids({LABEL_INSTANCE: self.daemon.instance})
 
     def close(self) -> None:
         """Stop the daemon and remove what this run created (its containers, moms, run directory)."""
-        from cbatch.engine import Engine
-        from cbatch.spec import LABEL_INSTANCE
+        from cbatch.engines.docker import Engine
+        from cbatch.core.spec import LABEL_INSTANCE
         self.daemon.stop()
         try:
             Engine(ENGINE_URL).cleanup({LABEL_INSTANCE: self.daemon.instance})

@@ -36,7 +36,7 @@ def script(name: str, **numbers: int) -> bytes:
 
 
 def submit(mom, text: bytes):
-    """Submit one job as the bench user; returns the :class:`cbatch.local.Job`."""
+    """Submit one job as the bench user; returns the :class:`cbatch.emulator.local.Job`."""
     return mom.submit(text, USER, resources=RESOURCES, variables={"CBATCH_IMAGE": IMAGE}, name="bench")
 
 

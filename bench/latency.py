@@ -21,7 +21,7 @@ its start, register and unregister handling took during these jobs (the warm-up 
 The profile splits cbatch's interval into parts measured separately in the same run: the starter's Python
 start-up (the real shim run with no arguments: interpreter + imports + exit), the policy decision as the
 daemon makes it (``policy.decide`` with the forking ``resolve_as_user``), and the engine's create + start of
-an equivalent container through :class:`cbatch.engine.Engine` (plus the time from that call to the
+an equivalent container through :class:`cbatch.engines.docker.Engine` (plus the time from that call to the
 container's first instruction, and the removal). The rest is the daemon's request handling. The root
 prologue and epilogue shims (register / unregister of a job with no container) are timed the same way: they
 are not in the start interval but are in every job's wall time.
@@ -127,10 +127,11 @@ def _hook_times(bench, n: int) -> dict:
 
 def _policy_times(bench, n: int) -> list:
     """``policy.decide`` for a job like the benchmark's, with the daemon's resolver (forks as the user)."""
-    from cbatch import config as configmod, policy
-    from cbatch.directives import parse_script
-    from cbatch.job import Identity, JobContext, Registration
-    from cbatch.paths import resolve_as_user
+    from cbatch.core import config as configmod
+    from cbatch.core import policy
+    from cbatch.core.directives import parse_script
+    from cbatch.core.job import Identity, JobContext, Registration
+    from cbatch.host.paths import resolve_as_user
 
     user = bench.user
     with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
@@ -155,8 +156,8 @@ def _policy_times(bench, n: int) -> list:
 
 def _engine_times(bench, n: int) -> dict:
     """Engine.start (create + start) of a container like a job's, its first instruction, and removal."""
-    from cbatch.engine import Engine, Stdio
-    from cbatch.spec import ContainerSpec, Mount
+    from cbatch.engines.docker import Engine, Stdio
+    from cbatch.core.spec import ContainerSpec, Mount
 
     user = bench.user
     engine = Engine(ENGINE_URL)

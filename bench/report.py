@@ -137,7 +137,7 @@ def markdown(doc: dict) -> str:
          "Modes: native = the shell runs the script (pbs_mom without a job starter); cbatch = the real hooks, "
          "starter and cbatchd; docker run = the docker CLI with cbatch's flags (bench/starters/docker-run); "
          "runc = runc run on the same root filesystem, started directly. All other jobs go through the pbs_mom "
-         "emulator (cbatch.local.Mom); the method of each benchmark is in its module's docstring (bench/*.py).",
+         "emulator (cbatch.emulator.local.Mom); the method of each benchmark is in its module's docstring (bench/*.py).",
          "",
          "## Targets", "", "| target | wanted | measured | met |", "| --- | --- | --- | --- |"]
     for name, t in doc["targets"].items():

@@ -1,10 +1,10 @@
 """cbatchd with timing probes: where the daemon spends a job's start and end, measured on the real path.
 
 ``python -I bench/tracedaemon.py CONFIG OUT`` runs the real
-``cbatch.daemon.main`` after wrapping a few functions with a timer (microseconds of overhead per call):
+``cbatch.daemon.server.main`` after wrapping a few functions with a timer (microseconds of overhead per call):
 the daemon's register / unregister handlers, and inside a start request each step the request takes
 (peer check, registry claim, script read and parse, policy, image check, engine create and start, registry
-write) plus ``start_to_started`` - from the request's arrival in :func:`cbatch.launch.start` to the
+write) plus ``start_to_started`` - from the request's arrival in :func:`cbatch.daemon.launch.start` to the
 ``started`` event - and the engine calls themselves (Docker API create, start, remove, list). Nothing is
 changed but the timing. On SIGUSR2 the durations collected so far are written to OUT as JSON
 (``{name: [ms, ...]}``) and cleared; :meth:`bench.env.Daemon.trace` asks for that.
@@ -51,7 +51,14 @@ def _patch(owner, attr: str, name: str) -> None:
 def install() -> None:
     """Wrap the probes (see the module docstring)."""
     import docker.api.client
-    from cbatch import daemon, directives, engine, imagesync, launch, peers, policy, registry
+    from cbatch.daemon import server as daemon
+    from cbatch.core import directives
+    from cbatch.engines import docker as engine
+    from cbatch.daemon import imagesync
+    from cbatch.daemon import launch
+    from cbatch.daemon import peers
+    from cbatch.core import policy
+    from cbatch.daemon import registry
 
     for key in ("register", "unregister"):
         if key in daemon._HANDLERS:
@@ -100,7 +107,7 @@ def main(config: str, out: str) -> int:
         os.replace(tmp, out)
 
     signal.signal(signal.SIGUSR2, dump)
-    from cbatch import daemon
+    from cbatch.daemon import server as daemon
     return daemon.main(["--foreground", "--config", config])
 
 

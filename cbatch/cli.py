@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-from cbatch.errors import CbatchError
+from cbatch.core.errors import CbatchError
 
 DEFAULT_CONFIG = "/etc/cbatch/cbatch.yaml"
 
@@ -36,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--node", action="store_true", help="check this node: engine, daemon, hooks, config")
     c.add_argument("--mom-priv", default=None, help="with --node: pbs_mom's mom_priv directory")
     c.add_argument("script", nargs="?", help="job script to check")
-    c.set_defaults(route="cbatch.checks:command")
+    c.set_defaults(route="cbatch.admin.checks:command")
 
     r = sub.add_parser("run", help="run a command in a container from inside a job")
     r.add_argument("--image", default=None)
@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--entrypoint", action="store_true", help="use the image's entrypoint")
     r.add_argument("--socket", default=None, help=argparse.SUPPRESS)
     r.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD [ARGS...]")
-    r.set_defaults(route="cbatch.runcmd:command")
+    r.set_defaults(route="cbatch.clients.runcmd:command")
 
     lo = sub.add_parser("local", help="run a job script on this node the way pbs_mom would")
     lo.add_argument("--queue", "-q", default=None, help="queue (default: the script's #PBS -q, else batch)")
@@ -59,26 +59,26 @@ def _parser() -> argparse.ArgumentParser:
     lo.add_argument("--socket", default=None, help=argparse.SUPPRESS)
     lo.add_argument("script")
     lo.add_argument("args", nargs=argparse.REMAINDER)
-    lo.set_defaults(route="cbatch.local:command")
+    lo.set_defaults(route="cbatch.emulator.local:command")
 
     ih = sub.add_parser("install-hooks", help="install the pbs_mom hooks and print the mom_priv/config lines")
     ih.add_argument("--mom-priv", default="/var/spool/torque/mom_priv")
     ih.add_argument("--libexec", default="/usr/libexec/cbatch")
-    ih.set_defaults(route="cbatch.install:command")
+    ih.set_defaults(route="cbatch.admin.install:command")
 
     for name in ("prologue", "epilogue"):
         h = sub.add_parser(name, help=f"the batch system's {name} (root)")
         h.add_argument("--slurm", action="store_true", help="read the job from Slurm's environment")
         h.add_argument("--socket", default=None, help=argparse.SUPPRESS)
         h.add_argument("args", nargs=argparse.REMAINDER)
-        h.set_defaults(route=f"cbatch.hooks:{name}_command")
+        h.set_defaults(route=f"cbatch.clients.hooks:{name}_command")
 
     im = sub.add_parser("images", help="list, sync or prune this node's images")
     im.add_argument("action", nargs="?", choices=("list", "sync", "prune"), default="list")
     im.add_argument("--config", default=None)
     im.add_argument("--dry-run", action="store_true", help="with prune: list what would be removed")
     im.add_argument("--socket", default=None, help=argparse.SUPPRESS)
-    im.set_defaults(route="cbatch.images:command")
+    im.set_defaults(route="cbatch.admin.images:command")
 
     # Listed for --help only: main() hands its raw arguments (qsub's own syntax) to the filter.
     sub.add_parser("submit-filter", help="Torque SUBMITFILTER: check #CBATCH directives at qsub time",
@@ -94,7 +94,7 @@ def route(target: str):
 
 # Commands whose arguments belong to another program (qsub's options for the submit filter): argparse
 # would reject them, so they get the raw argument list.
-RAW_ROUTES = {"submit-filter": "cbatch.submitfilter:main"}
+RAW_ROUTES = {"submit-filter": "cbatch.admin.submitfilter:main"}
 
 
 def main(argv=None) -> int:

@@ -25,7 +25,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:     # typing costs the starter memory on every job: annotations only
     from typing import Any, Iterable, List, Optional, Sequence, Tuple
 
-from cbatch.errors import DaemonError
+from cbatch.core.errors import DaemonError
 
 VERSION = 1
 MAX_MESSAGE = 1 << 20

@@ -1,6 +1,6 @@
 """Shared fixtures. Nothing here skips a test: an integration test whose engine or image is missing fails.
 
-- ``engine``: an :class:`cbatch.engine.Engine` on ``$CBATCH_ENGINE_URL`` (default the local socket).
+- ``engine``: an :class:`cbatch.engines.docker.Engine` on ``$CBATCH_ENGINE_URL`` (default the local socket).
 - ``test_images``: session-wide; runs ``scripts/build-test-images`` once (cached by tag) and returns the tags.
 - ``helper``: session-wide; builds ``libexec/cbatch-exec`` with make and returns its path.
 - ``unique_instance``: a fresh ``cbatch.instance`` label value; every container carrying it is removed when
@@ -43,15 +43,15 @@ def helper():
 @pytest.fixture
 def engine():
     """An Engine on the test engine URL."""
-    from cbatch.engine import Engine
+    from cbatch.engines.docker import Engine
     return Engine(ENGINE_URL, timeout=60)
 
 
 @pytest.fixture
 def unique_instance():
     """A unique cbatch.instance value; its containers are removed after the test."""
-    from cbatch.engine import Engine
-    from cbatch.spec import LABEL_INSTANCE
+    from cbatch.engines.docker import Engine
+    from cbatch.core.spec import LABEL_INSTANCE
     instance = "test-" + uuid.uuid4().hex[:12]
     yield instance
     leftovers = Engine(ENGINE_URL, timeout=60).cleanup({LABEL_INSTANCE: instance})

@@ -6,7 +6,7 @@
   as root with its own socket, state dir and a unique ``daemon.instance``; overrides are merged into the
   YAML (``engine={"url": ...}``, ``queues={...}``). Every daemon is stopped at the end and the containers
   of its instance removed.
-- ``daemon``: session; the default daemon. ``mom``: session; a :class:`cbatch.local.Mom` whose hooks and
+- ``daemon``: session; the default daemon. ``mom``: session; a :class:`cbatch.emulator.local.Mom` whose hooks and
   starter talk to ``daemon``.
 - ``workdir``: a fresh directory under /var/tmp owned by cbt-alice (0755): pytest's tmp_path is 0700 root
   and job users cannot enter it.
@@ -107,8 +107,8 @@ class Daemon:
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Until the daemon answers ping (fails the test with its log if it dies or never answers)."""
-        from cbatch import client
-        from cbatch.errors import CbatchError
+        from cbatch.clients import client
+        from cbatch.core.errors import CbatchError
         deadline = time.monotonic() + timeout
         last = None
         while time.monotonic() < deadline:
@@ -190,7 +190,7 @@ def daemon(daemon_factory) -> Daemon:
 @pytest.fixture(scope="session")
 def mom_factory(users):
     """``make(daemon_or_socket, **kw)``: a Mom (its own TORQUE home) wired to a daemon's socket."""
-    from cbatch.local import Mom
+    from cbatch.emulator.local import Mom
     base = MOM_BASE / str(os.getpid())
     made = []
 

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from cbatch import client, protocol
-from cbatch.errors import AccessDenied
-from cbatch.job import Registration
+from cbatch import protocol
+from cbatch.clients import client
+from cbatch.core.errors import AccessDenied
+from cbatch.core.job import Registration
 
 PY = str(Path(sys.executable).parent / "python3")
 _n = itertools.count(1)
@@ -43,8 +44,8 @@ CHILD = textwrap.dedent("""
             os._exit(os.waitstatus_to_exitcode(status))
     print(json.dumps({"pid": os.getpid(), "sid": os.getsid(0), "uid": os.getuid()}), flush=True)
     sys.stdin.readline()
-    from cbatch import client
-    from cbatch.errors import CbatchError
+    from cbatch.clients import client
+    from cbatch.core.errors import CbatchError
     out = []
     for _ in range(int(fields.pop("_repeat", 1))):
         try:
@@ -290,7 +291,7 @@ def test_bad_requests_get_one_error_and_do_not_stop_others(daemon):
 
 
 def _rebuild(msg):
-    from cbatch.errors import from_wire
+    from cbatch.core.errors import from_wire
     return from_wire(msg["error"])
 
 

@@ -1,4 +1,4 @@
-"""cbatch.engine against the real Docker engine: exit statuses, stdio, identity, hardening, limits, cleanup.
+"""cbatch.engines.docker against the real Docker engine: exit statuses, stdio, identity, hardening, limits, cleanup.
 
 Every container carries the test's unique ``cbatch.instance`` label and is removed by the test (the
 ``unique_instance`` fixture removes anything left over and fails the test if it cannot).
@@ -15,10 +15,10 @@ import uuid
 
 import pytest
 
-from cbatch.engine import Engine, ExitInfo, ImageInfo, Stdio
-from cbatch.streams import pump
-from cbatch.errors import EngineError
-from cbatch.spec import LABEL_INSTANCE, ContainerSpec
+from cbatch.engines.docker import Engine, ExitInfo, ImageInfo, Stdio
+from cbatch.daemon.streams import pump
+from cbatch.core.errors import EngineError
+from cbatch.core.spec import LABEL_INSTANCE, ContainerSpec
 
 pytestmark = [pytest.mark.docker, pytest.mark.root]
 

@@ -26,8 +26,10 @@ from pathlib import Path
 import docker
 import pytest
 
-from cbatch import cgroups, client, install
-from cbatch.local import Mom
+from cbatch.host import cgroups
+from cbatch.clients import client
+from cbatch.admin import install
+from cbatch.emulator.local import Mom
 from torque_helpers import cbatch_lines, job_containers, script, wait_until
 
 ENGINE_URL = os.environ.get("CBATCH_ENGINE_URL", "unix:///var/run/docker.sock")

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from cbatch import client, protocol
-from cbatch.errors import from_wire
+from cbatch import protocol
+from cbatch.clients import client
+from cbatch.core.errors import from_wire
 from torque_helpers import cbatch_lines, job_containers, script
 
 DEBIAN = "cbatch-test/debian:12"

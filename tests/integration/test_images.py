@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from cbatch.config import image_allowed, parse
-from cbatch.errors import ConfigError, EngineError, JobError
-from cbatch.imagesync import ImageManager
+from cbatch.core.config import image_allowed, parse
+from cbatch.core.errors import ConfigError, EngineError, JobError
+from cbatch.daemon.imagesync import ImageManager
 
 pytestmark = [pytest.mark.registry, pytest.mark.root, pytest.mark.docker]
 
@@ -309,7 +309,7 @@ def reg_daemon(registry, daemon_factory):
 
 
 def _images(d, **fields):
-    from cbatch import client
+    from cbatch.clients import client
     return client.call(d.socket, "images", **fields)
 
 
@@ -331,7 +331,7 @@ def test_daemon_prepulls_and_lists(reg_daemon, registry):
 
 
 def test_daemon_sync_and_prune_need_root(reg_daemon, registry, alice):
-    code = ("import sys; from cbatch import client; from cbatch.errors import CbatchError\n"
+    code = ("import sys; from cbatch import client; from cbatch.core.errors import CbatchError\n"
             "try:\n client.call(sys.argv[1], 'images', action=sys.argv[2])\n"
             "except CbatchError as e:\n print(e.message); sys.exit(e.exit_code)\n")
     for action in ("sync", "prune"):

@@ -13,7 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from cbatch import cgroups, client
+from cbatch.host import cgroups
+from cbatch.clients import client
 from torque_helpers import script, wait_until
 
 JOBS = 200

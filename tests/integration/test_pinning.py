@@ -1,4 +1,4 @@
-"""Mount pinning (cbatch.pinning): Docker mounts the exact objects checked as the user, from root-only staging
+"""Mount pinning (cbatch.daemon.pinning): Docker mounts the exact objects checked as the user, from root-only staging
 points that are gone once the container has started and never outlive it.
 
 The swap race itself, end to end, is tests/integration/test_hostile.py::
@@ -15,12 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from cbatch import client, pinning
-from cbatch.errors import PolicyError
-from cbatch.job import Identity
-from cbatch.paths import resolve_as_user
-from cbatch.policy import container_name
-from cbatch.spec import ContainerSpec, Mount
+from cbatch.clients import client
+from cbatch.daemon import pinning
+from cbatch.core.errors import PolicyError
+from cbatch.core.job import Identity
+from cbatch.host.paths import resolve_as_user
+from cbatch.core.policy import container_name
+from cbatch.core.spec import ContainerSpec, Mount
 from torque_helpers import script, wait_until
 
 DEBIAN = "cbatch-test/debian:12"

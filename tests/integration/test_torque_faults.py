@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from cbatch import install
+from cbatch.admin import install
 from torque_helpers import cbatch_lines, instance_containers, job_containers, run_epilogue, script, wait_until
 
 

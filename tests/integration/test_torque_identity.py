@@ -68,7 +68,7 @@ def test_run_privileged_starter_still_runs_job_as_user(mom_factory, daemon, alic
 
 def test_array_subjob_with_brackets_in_job_id(mom, daemon, alice):
     """Array sub-jobs are "N[i].host": brackets reach paths, labels, container names and cgroup dirs."""
-    from cbatch import cgroups
+    from cbatch.host import cgroups
     for use_cgroups in (False, True):
         job = mom.submit(script('echo "$PBS_JOBID $PBS_ARRAYID $PBS_JOBNAME $0"'), alice.name, name="arr",
                          array_index=3, cgroups=use_cgroups)

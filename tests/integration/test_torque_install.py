@@ -9,7 +9,8 @@ import stat
 import subprocess
 import sys
 
-from cbatch import install, nodecheck
+from cbatch.admin import install
+from cbatch.admin import nodecheck
 
 
 def _install(tmp_path, socket_path):
@@ -41,7 +42,7 @@ def test_install_hooks_modes_and_interpreter(tmp_path, daemon):
 
 def test_prologue_shim_registers_with_minimal_env(tmp_path, daemon, mom, alice):
     """The shim itself, run like pbs_mom runs it (PATH=/bin:/usr/bin, no PYTHONPATH), reaches the daemon."""
-    from cbatch import client
+    from cbatch.clients import client
     job_id = f"{os.getpid()}999.vm"
     p = subprocess.run([mom.prologue, job_id, alice.name, alice.group, "n", "nodes=1", "batch", "",
                         f"{mom.jobs_dir}/{job_id}.SC"], env={"PATH": "/bin:/usr/bin", "PYTHONPATH": "/nonexistent"},
@@ -89,7 +90,7 @@ def test_node_check_cli_exit_status(tmp_path):
 
 def test_install_refuses_to_replace_a_site_prologue(tmp_path, daemon):
     import pytest
-    from cbatch.errors import CbatchError
+    from cbatch.core.errors import CbatchError
     mom_priv = tmp_path / "mom_priv"
     mom_priv.mkdir()
     (mom_priv / "prologue").write_text("#!/bin/sh\n/site/thing\n")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cbatch import cgroups
+from cbatch.host import cgroups
 from torque_helpers import cbatch_lines, docker_inspect, job_containers, script
 
 MiB = 1 << 20

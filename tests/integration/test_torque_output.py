@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from cbatch import install
+from cbatch.admin import install
 from torque_helpers import script
 
 

@@ -1,4 +1,4 @@
-"""cbatch.cgroups on a fake /sys/fs/cgroup tree (plain directories: rmdir of an empty one works, a file
+"""cbatch.host.cgroups on a fake /sys/fs/cgroup tree (plain directories: rmdir of an empty one works, a file
 inside stands for a busy cgroup)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from cbatch import cgroups
+from cbatch.host import cgroups
 
 V1 = ("blkio", "cpu", "cpuacct", "cpuset", "devices", "freezer", "memory", "pids", "systemd", "unified")
 

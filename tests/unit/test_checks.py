@@ -134,11 +134,11 @@ def test_bad_config_one_line(tmp_path, capsys):
 
 def test_node_is_delegated(monkeypatch, capsys):
     seen = []
-    fake = types.ModuleType("cbatch.nodecheck")
+    fake = types.ModuleType("cbatch.admin.nodecheck")
     fake.command = lambda args: seen.append(args.node) or 3
-    monkeypatch.setitem(sys.modules, "cbatch.nodecheck", fake)
-    import cbatch
-    monkeypatch.setattr(cbatch, "nodecheck", fake, raising=False)
+    monkeypatch.setitem(sys.modules, "cbatch.admin.nodecheck", fake)
+    import cbatch.admin
+    monkeypatch.setattr(cbatch.admin, "nodecheck", fake, raising=False)
     assert cli.main(["check", "--node"]) == 3 and seen == [True]
 
 
@@ -151,7 +151,7 @@ def test_pbs_shell_option_is_the_container_command(config, capsys):
 
 
 def test_pbs_variables_and_command_line_queue(config, capsys, tmp_path):
-    # The script is read by cbatch.qsubopts (tested there); here: check uses what it reads.
+    # The script is read by cbatch.core.qsubopts (tested there); here: check uses what it reads.
     s = tmp_path / "v.sh"
     s.write_text("#!/bin/sh\n#PBS -q closed\n#PBS -v CBATCH_IMAGE=cbatch-test/debian:12,MSG=hi\necho\n")
     status, out, _ = run(["--config", config, "--queue", "other", str(s)], capsys)

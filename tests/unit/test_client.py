@@ -1,4 +1,4 @@
-"""cbatch.client against a fake daemon on a unix socket: replies, errors, the session loop, reattach."""
+"""cbatch.clients.client against a fake daemon on a unix socket: replies, errors, the session loop, reattach."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import time
 
 import pytest
 
-from cbatch import client, protocol
-from cbatch.errors import DaemonError, PolicyError
+from cbatch import protocol
+from cbatch.clients import client
+from cbatch.core.errors import DaemonError, PolicyError
 
 
 class FakeDaemon:

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from cbatch import config as C
-from cbatch.config import (ConfigError, EngineConfig, DaemonConfig, Hardening, QueuePolicy, UserMounts,
+from cbatch.core import config as C
+from cbatch.core.config import (ConfigError, EngineConfig, DaemonConfig, Hardening, QueuePolicy, UserMounts,
                            image_allowed, load, normalize_reference, parse)
-from cbatch.spec import Mount
+from cbatch.core.spec import Mount
 
 REPO = Path(__file__).resolve().parents[2]
 

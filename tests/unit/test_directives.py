@@ -2,9 +2,9 @@
 
 import pytest
 
-from cbatch.directives import (MAX_DIRECTIVES, MAX_SCAN_BYTES, OPTIONS_HINT, Directives, UserMount,
+from cbatch.core.directives import (MAX_DIRECTIVES, MAX_SCAN_BYTES, OPTIONS_HINT, Directives, UserMount,
                                parse_mount, parse_options, parse_script, valid_reference)
-from cbatch.errors import DirectiveError
+from cbatch.core.errors import DirectiveError
 
 H = " (" + OPTIONS_HINT + ")"
 

@@ -1,10 +1,10 @@
-"""cbatch.hooks never fails the job: every problem is a logged line and exit 0 (no daemon needed)."""
+"""cbatch.clients.hooks never fails the job: every problem is a logged line and exit 0 (no daemon needed)."""
 
 from __future__ import annotations
 
 import pytest
 
-from cbatch import hooks
+from cbatch.clients import hooks
 
 NOWHERE = "/nonexistent/cbatch-test.sock"
 
@@ -45,9 +45,9 @@ def test_slurm_route(monkeypatch):
     import types
     calls = []
     fake = types.SimpleNamespace(prologue=lambda a: calls.append("p") or 0, epilogue=lambda a: calls.append("e") or 0)
-    monkeypatch.setitem(__import__("sys").modules, "cbatch.slurm", fake)
-    import cbatch
-    monkeypatch.setattr(cbatch, "slurm", fake, raising=False)
+    monkeypatch.setitem(__import__("sys").modules, "cbatch.clients.slurm", fake)
+    import cbatch.clients
+    monkeypatch.setattr(cbatch.clients, "slurm", fake, raising=False)
     ns = types.SimpleNamespace(slurm=True, args=[], socket=None)
     assert hooks.prologue_command(ns) == 0 and hooks.epilogue_command(ns) == 0
     assert calls == ["p", "e"]

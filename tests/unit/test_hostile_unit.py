@@ -8,10 +8,11 @@ import random
 
 import pytest
 
-from cbatch import directives, protocol
-from cbatch.directives import Directives, UserMount, parse_options, parse_script
-from cbatch.errors import DaemonError, DirectiveError, PolicyError
-from cbatch.spec import Native
+from cbatch import protocol
+from cbatch.core import directives
+from cbatch.core.directives import Directives, UserMount, parse_options, parse_script
+from cbatch.core.errors import DaemonError, DirectiveError, PolicyError
+from cbatch.core.spec import Native
 
 from test_policy import ALICE, ROOT, SCRIPT, d, decide, refuse
 
@@ -132,8 +133,8 @@ REG = {"job_id": "1.vm", "user": "alice", "group": "g", "name": "n", "resource_l
 def test_job_context_for_anothers_registration_is_refused():
     """PBS_JOBID of bob's job in alice's environment cannot matter; the daemon's own check, that a start's
     identity is the registration's user, is enforced by the builder too."""
-    from cbatch.errors import JobError
-    from cbatch.job import JobContext, Registration
+    from cbatch.core.errors import JobError
+    from cbatch.core.job import JobContext, Registration
     reg = Registration.from_dict({**REG, "user": "bob"})
     with pytest.raises(JobError):
         JobContext.for_start(reg, ALICE, "/bin/bash", SCRIPT + "\n", "/home/alice", [])
@@ -149,8 +150,8 @@ def test_deeply_nested_json_is_a_malformed_message(body):
 
 @pytest.mark.parametrize("value", [None, 1, 1.5, True, [], {}, "x" * 10])
 def test_registration_fields_of_the_wrong_type(value):
-    from cbatch.errors import CbatchError
-    from cbatch.job import Registration
+    from cbatch.core.errors import CbatchError
+    from cbatch.core.job import Registration
     for key in ("job_id", "user", "script_path", "session_id", "batch"):
         bad = {**REG, key: value}
         try:

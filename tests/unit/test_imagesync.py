@@ -10,12 +10,12 @@ import time
 
 import pytest
 
-from cbatch import regauth
-from cbatch.config import parse
-from cbatch.engine import ImageInfo
-from cbatch.errors import ConfigError, EngineError, JobError
-from cbatch.imagerefs import created_epoch, pick_digest, progress_line, repo_of
-from cbatch.imagesync import ImageManager
+from cbatch.daemon import regauth
+from cbatch.core.config import parse
+from cbatch.engines.docker import ImageInfo
+from cbatch.core.errors import ConfigError, EngineError, JobError
+from cbatch.core.imagerefs import created_epoch, pick_digest, progress_line, repo_of
+from cbatch.daemon.imagesync import ImageManager
 
 REG = "127.0.0.1:5999"
 OLD = "2020-01-01T00:00:00.123456789Z"
@@ -321,9 +321,9 @@ def test_regauth_registry_of():
 
 
 def test_handle_request_and_cli_formatting():
-    from cbatch.errors import AccessDenied, DaemonError
-    from cbatch.images import format_inventory, format_sync
-    from cbatch.imagesync import handle_request
+    from cbatch.core.errors import AccessDenied, DaemonError
+    from cbatch.admin.images import format_inventory, format_sync
+    from cbatch.daemon.imagesync import handle_request
 
     eng = FakeEngine()
     eng.add(f"{REG}/cbt/busybox:1", "sha256:" + "b" * 64, digests=(f"{REG}/cbt/busybox@sha256:" + "1" * 64,))
@@ -356,7 +356,7 @@ def test_handle_request_and_cli_formatting():
 
 
 def test_prune_keeps_prepull_and_default_in_any_spelling():
-    from cbatch.imagesync import ref_key
+    from cbatch.daemon.imagesync import ref_key
     d = "sha256:" + "7" * 64
     assert ref_key("debian:12") == ref_key("docker.io/library/debian:12")
     assert ref_key(f"reg.example/x:1@{d}") == ref_key(f"reg.example/x@{d}")

@@ -6,8 +6,8 @@ import pwd
 
 import pytest
 
-from cbatch.errors import JobError, PolicyError
-from cbatch.job import Identity, JobContext, Registration
+from cbatch.core.errors import JobError, PolicyError
+from cbatch.core.job import Identity, JobContext, Registration
 
 SCRIPT = "/var/spool/torque/mom_priv/jobs/1.vm.SC"
 ARGV = ["1.vm", "alice", "alice", "name", "nodes=1:ppn=1,walltime=00:01:00,mem=100mb,neednodes=1:ppn=1",
@@ -178,7 +178,7 @@ def test_stdlib_only_modules():
     """The job starter imports these: they must not pull in yaml or docker."""
     import subprocess
     import sys
-    code = ("import sys; import cbatch.job, cbatch.resources, cbatch.directives, cbatch.errors;"
-            "bad = [m for m in ('yaml', 'docker', 'cbatch.config', 'cbatch.policy') if m in sys.modules];"
+    code = ("import sys; import cbatch.core.job, cbatch.core.resources, cbatch.core.directives, cbatch.core.errors;"
+            "bad = [m for m in ('yaml', 'docker', 'cbatch.core.config', 'cbatch.core.policy') if m in sys.modules];"
             "sys.exit(1 if bad else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -1,4 +1,4 @@
-"""The pbs_mom emulator itself (cbatch.local), with probe hooks and a probe starter: no daemon, no engine.
+"""The pbs_mom emulator itself (cbatch.emulator.local), with probe hooks and a probe starter: no daemon, no engine.
 
 These pin the emulator to what a real TORQUE 6.1 mom was seen doing (torque-mom.md), so the end-to-end
 tests built on it prove behaviour under the real thing. Needs root (it plays pbs_mom); run as root.
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from cbatch.local import Mom
+from cbatch.emulator.local import Mom
 
 pytestmark = pytest.mark.root
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "integration"))
@@ -177,7 +177,7 @@ def test_qdel_kill_delay_and_session_sweep(tree, alice):
     r = job.wait(30)
     assert r.exit_status == 265
     assert 0.9 < r.ended_at - t0 < 3
-    from cbatch import momproc
+    from cbatch.emulator import momproc
     assert momproc.session_pids(r.session_id) == []
 
 
@@ -186,7 +186,7 @@ def test_starter_exit_kills_session_leftovers(tree, alice):
     mom, logs = make_mom(tree, starter=leaver)
     r = mom.submit(b"#!/bin/bash\n", alice.name).wait(30)
     assert r.exit_status == 0
-    from cbatch import momproc
+    from cbatch.emulator import momproc
     assert momproc.session_pids(r.session_id) == []       # the "sleep &" was SIGKILLed with no grace
 
 
@@ -228,7 +228,8 @@ def test_torque_cgroups_on_fake_tree(tree, alice, tmp_path):
 
 def test_prologue_timeout_requeues(tree, alice):
     mom, logs = make_mom(tree, max_requeues=1, prologalarm=0.5)
-    from cbatch import install, momproc
+    from cbatch.admin import install
+    from cbatch.emulator import momproc
     install.write_file(mom.prologue, "#!/bin/sh\nsleep 10\n", 0o500)
     t0 = time.monotonic()
     r = mom.submit(b"#!/bin/bash\necho never\n", alice.name).wait(30)

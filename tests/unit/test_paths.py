@@ -4,9 +4,9 @@ import os
 
 import pytest
 
-from cbatch.errors import PolicyError
-from cbatch.job import Identity
-from cbatch.paths import resolve_as_user
+from cbatch.core.errors import PolicyError
+from cbatch.core.job import Identity
+from cbatch.host.paths import resolve_as_user
 
 
 def me() -> Identity:
@@ -134,7 +134,7 @@ def test_as_root_resolves_with_the_users_rights():
 
 # ---- open_all_as_user: the pinning walk (no symlink followed, one child for all paths) ---------------------------
 def test_open_as_user_pins_the_canonical_object(tree):
-    from cbatch.paths import open_all_as_user, open_as_user
+    from cbatch.host.paths import open_all_as_user, open_as_user
     fd = open_as_user(str(tree / "secret" / "file"), me())
     try:
         assert os.readlink(f"/proc/self/fd/{fd}") == str(tree / "secret" / "file")
@@ -152,7 +152,7 @@ def test_open_as_user_pins_the_canonical_object(tree):
 
 @pytest.mark.parametrize("path", ["scratch/to-secret", "scratch/rel-up/file"])
 def test_open_as_user_refuses_any_symlink_component(tree, path):
-    from cbatch.paths import open_all_as_user
+    from cbatch.host.paths import open_all_as_user
     with pytest.raises(PolicyError) as exc:
         open_all_as_user([str(tree / "scratch" / "data"), f"{tree}/{path}"], me())
     assert exc.value.message == (f"cbatch: mount: changed while being checked: {tree}/{path} "
@@ -160,7 +160,7 @@ def test_open_as_user_refuses_any_symlink_component(tree, path):
 
 
 def test_open_as_user_missing(tree):
-    from cbatch.paths import open_as_user
+    from cbatch.host.paths import open_as_user
     with pytest.raises(PolicyError) as exc:
         open_as_user(str(tree / "nope"), me())
     assert exc.value.problem == "no such file or directory"

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from cbatch import policy
-from cbatch.config import parse
-from cbatch.directives import Directives, UserMount, parse_script
-from cbatch.errors import DirectiveError, PolicyError
-from cbatch.job import Identity, JobContext, Registration
-from cbatch.spec import ContainerSpec, Mount, Native
+from cbatch.core import policy
+from cbatch.core.config import parse
+from cbatch.core.directives import Directives, UserMount, parse_script
+from cbatch.core.errors import DirectiveError, PolicyError
+from cbatch.core.job import Identity, JobContext, Registration
+from cbatch.core.spec import ContainerSpec, Mount, Native
 
 SCRIPT = "/var/spool/torque/mom_priv/jobs/1.vm.SC"
 ALICE = Identity(user="alice", uid=1000, gid=1000, groups=(1000, 27), home="/home/alice", shell="/bin/bash")
@@ -384,7 +384,7 @@ def test_container_names_distinguish_ids_that_sanitise_alike():
 # --- purity ----------------------------------------------------------------------------------------------
 
 def test_policy_imports_without_docker():
-    code = ("import sys; sys.modules['docker'] = None; import cbatch.policy; "
+    code = ("import sys; sys.modules['docker'] = None; import cbatch.core.policy; "
             "assert 'docker' not in [m for m in sys.modules if sys.modules[m] is not None]")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 

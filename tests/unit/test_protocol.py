@@ -12,7 +12,7 @@ import time
 import pytest
 
 from cbatch import protocol
-from cbatch.errors import DaemonError, from_wire
+from cbatch.core.errors import DaemonError, from_wire
 
 
 @pytest.fixture

@@ -1,10 +1,10 @@
-"""qsub's reading of its options (cbatch.qsubopts): the one reader behind the submit filter, ``cbatch check``
+"""qsub's reading of its options (cbatch.core.qsubopts): the one reader behind the submit filter, ``cbatch check``
 and ``cbatch local``. Their own tests only check that they use it."""
 
 from __future__ import annotations
 
-from cbatch import qsubopts
-from cbatch.qsubopts import QsubRequest, read
+from cbatch.core import qsubopts
+from cbatch.core.qsubopts import QsubRequest, read
 
 ENV = {"HOME": "/home/alice", "FROM_ENV": "yes", "CBATCH_IMAGE": "evil/x:1"}
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from cbatch.errors import JobError
-from cbatch.resources import NodeSpec, Resources, parse_resource_list, parse_size, parse_walltime
+from cbatch.core.errors import JobError
+from cbatch.core.resources import NodeSpec, Resources, parse_resource_list, parse_size, parse_walltime
 
 
 @pytest.mark.parametrize("text,expected", [

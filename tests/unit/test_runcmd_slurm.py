@@ -6,9 +6,11 @@ import argparse
 
 import pytest
 
-from cbatch import client, runcmd, slurm
+from cbatch.clients import client
+from cbatch.clients import runcmd
+from cbatch.clients import slurm
 from cbatch.cli import _parser
-from cbatch.errors import DirectiveError
+from cbatch.core.errors import DirectiveError
 
 
 def _args(*argv):

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from cbatch import submitfilter as sf
+from cbatch.admin import submitfilter as sf
 
 CONFIG = """
 defaults:

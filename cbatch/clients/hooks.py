@@ -1,0 +1,152 @@
+"""The batch system's root prologue and epilogue: register the job with cbatchd, unregister it, tidy up.
+
+pbs_mom runs ``mom_priv/prologue`` as root with 8 arguments (jobid user group name resource_list queue
+account script), ``PATH=/bin:/usr/bin`` and nothing else useful, in the forked child that then becomes the
+job starter: so the prologue's parent pid is the job's session id. What its exit status means to pbs_mom
+decides how we fail:
+
+- 0: the job goes on.
+- 1: the job is aborted and NO .o/.e file reaches the user - the user learns nothing.
+- anything else (or a crash, a timeout): the job is requeued and rerun at once, in a tight loop, forever.
+
+So the prologue exits 0 whatever happens - junk arguments, an unknown user, a daemon that is down. It logs
+to syslog (and to stderr, which pbs_mom appends to the job's .e file) and lets the job starter report the
+problem in the job's own words: the starter then finds no registration, or no daemon, and says so on one
+line in the .e file, exit 125. The epilogue (11 arguments) likewise never fails: it unregisters the job (the
+daemon removes its containers by label and lists again), then removes the empty cgroup directories Docker
+created under the job's TORQUE cgroup. With the daemon down it does nothing destructive: rmdir only.
+
+Stdlib + cbatch.clients.client only: these run on every job start.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, List, NamedTuple, Optional, Sequence
+
+from cbatch.host import cgroups
+from cbatch.clients import client
+from cbatch.core import job
+from cbatch.core.errors import CbatchError, _clean
+
+REGISTER_TIMEOUT = 30.0     # < pbs_mom's $prologalarm (300 s): a hung daemon must not get the job requeued
+
+
+class Who(NamedTuple):
+    """How a hook signs its log lines: the line's prefix and the syslog ident."""
+
+    prefix: str
+    ident: str
+
+
+PROLOGUE = Who("cbatch prologue", "cbatch-prologue")
+EPILOGUE = Who("cbatch epilogue", "cbatch-epilogue")
+
+
+def _log(who: Who, message: str, error: bool = True) -> None:
+    """One line to syslog (the admin's record) and to stderr (the job's .o/.e, ahead of its output)."""
+    line = f"{who.prefix}: {_clean(message)}"
+    try:
+        import syslog
+        syslog.openlog(who.ident, syslog.LOG_PID, syslog.LOG_DAEMON)
+        syslog.syslog(syslog.LOG_ERR if error else syslog.LOG_INFO, line)
+        syslog.closelog()
+    except Exception:  # noqa: BLE001 - no syslog (containers, tests) must not fail the hook
+        pass
+    if error:
+        try:
+            sys.stderr.write(line + "\n")
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+
+
+def _socket(socket_path: Optional[str]) -> str:
+    return socket_path or client.DEFAULT_SOCKET
+
+
+def prologue_main(argv: Sequence[str], socket_path: Optional[str] = None) -> int:
+    """Torque prologue: register the job (session id = our parent). Always returns 0 (see module doc)."""
+    return register_job(PROLOGUE, _job_of(argv), socket_path,
+                        lambda: job.Registration.from_prologue_argv(list(argv), session_id=os.getppid()))
+
+
+def epilogue_main(argv: Sequence[str], socket_path: Optional[str] = None) -> int:
+    """Torque epilogue (11 args): unregister, then tidy the job's cgroup leftovers. Always returns 0."""
+    args = list(argv)
+    if len(args) == 12:
+        args = args[1:]
+    job_id = args[0] if args else ""
+    if len(args) != 11 or not job_id:
+        _log(EPILOGUE, f"expected 11 arguments from pbs_mom, got {len(args)}: {' '.join(args)[:200]}")
+        return 0
+    # pbs_mom removes its own /torque/<jobid> directories afterwards; we remove the empty ones Docker made.
+    return unregister_job(EPILOGUE, job_id, socket_path, f"/torque/{job_id}")
+
+
+def register_job(who: Who, job_id: str, socket_path: Optional[str], build: Callable[[], "job.Registration"]) -> int:
+    """Register the Registration ``build()`` makes (Torque argv or Slurm env). Any failure - a malformed
+    job, an unknown user, a daemon that is down - is logged, never raised: returns 0 for the batch system."""
+    try:
+        client.call(_socket(socket_path), "register", _timeout=REGISTER_TIMEOUT, registration=build().to_dict())
+    except CbatchError as exc:
+        _log(who, f"job {job_id} not registered: {exc.message}")
+    except Exception as exc:  # noqa: BLE001 - a crash would requeue (Torque) or drain the node (Slurm)
+        _log(who, f"job {job_id} not registered: internal error: {type(exc).__name__}: {exc}")
+    return 0
+
+
+def unregister_job(who: Who, job_id: str, socket_path: Optional[str], cgroup_parent: Optional[str]) -> int:
+    """Unregister ``job_id`` (the daemon removes its containers and answers what it could not), then remove
+    the empty cgroup directories Docker left under ``cgroup_parent``. Logs, never raises; returns 0."""
+    try:
+        reply = client.call(_socket(socket_path), "unregister", _timeout=REGISTER_TIMEOUT, job_id=job_id)
+        left = reply.get("leftovers") or []
+        if left:
+            _log(who, f"job {job_id}: containers left after removal: {' '.join(map(str, left))}")
+    except CbatchError as exc:
+        # Nothing destructive without the daemon: it owns the engine; containers it cannot see now are
+        # removed by its start-up sweep (jobs no longer registered).
+        _log(who, f"job {job_id} not unregistered: {exc.message}")
+    except Exception as exc:  # noqa: BLE001
+        _log(who, f"job {job_id} not unregistered: internal error: {type(exc).__name__}: {exc}")
+    # Even when the daemon could not be reached: empty directories are ours to remove either way (rmdir only).
+    if cgroup_parent:
+        _tidy(who, job_id, cgroup_parent)
+    return 0
+
+
+def _tidy(who: Who, job_id: str, parent: str) -> List[str]:
+    """Remove the empty directories Docker made under ``parent`` in every controller; log what is left."""
+    try:
+        if not cgroups.existing(parent):
+            return []
+        left = cgroups.tidy(parent)
+        if left:
+            _log(who, f"job {job_id}: cgroups still busy: {' '.join(left)}")
+        return left
+    except Exception as exc:  # noqa: BLE001
+        _log(who, f"job {job_id}: cgroup tidy failed: {type(exc).__name__}: {exc}")
+        return []
+
+
+def _job_of(argv: Sequence[str]) -> str:
+    args = list(argv)
+    return _clean(args[0])[:80] if args else "(no job id)"
+
+
+def prologue_command(args) -> int:
+    """``cbatch prologue [--slurm] ARGS...``."""
+    if getattr(args, "slurm", False):
+        from cbatch.clients import slurm
+        return slurm.prologue(args)
+    return prologue_main(args.args, socket_path=args.socket)
+
+
+def epilogue_command(args) -> int:
+    """``cbatch epilogue [--slurm] ARGS...``."""
+    if getattr(args, "slurm", False):
+        from cbatch.clients import slurm
+        return slurm.epilogue(args)
+    return epilogue_main(args.args, socket_path=args.socket)

@@ -1,0 +1,219 @@
+"""cbatchd's ``start``, ``run`` and ``attach`` requests: authorise, decide, start a container, supervise.
+
+The request carries only what the client saw (argv, the stdin line, cwd, environment, its fds). Who the
+client is comes from SO_PEERCRED and /proc (:mod:`cbatch.daemon.peers`); which job it belongs to from the registry
+the root prologue filled; what runs from the daemon's own config, the script the daemon reads itself, and
+:mod:`cbatch.core.policy`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import os
+import stat
+import time
+
+from cbatch import protocol
+from cbatch.daemon import peers
+from cbatch.daemon import pinning
+from cbatch.core.errors import AccessDenied, CbatchError, JobError
+from cbatch.core.spec import Native
+from cbatch.daemon.supervise import Session, choose_stdio, supervise
+
+log = logging.getLogger("cbatchd")
+MAX_SCRIPT = 1 << 20
+LABEL_PEER = "cbatch.peer"          # the client's pid (for admins; the registry keeps the authoritative copy)
+# Run containers are named ...-run-<n>; seeding from the clock keeps names unique across daemon restarts.
+_RUN_INDEX = itertools.count(int(time.time() * 10) % 10**9)
+
+
+def read_script(path: str, uid: int) -> bytes:
+    """The first MiB of the job script, read by root without following a symlink.
+
+    It must be a regular file owned by the job's user (or root): a user cannot point the daemon at a file
+    they do not own to have its ``#CBATCH`` lines read.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError as exc:
+        raise JobError("job script", "cannot open", f"{path}: {exc.strerror}") from exc
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise JobError("job script", "not a regular file", path)
+        if st.st_uid not in (uid, 0):
+            raise AccessDenied("job script", "not owned by the job's user", path)
+        chunks, left = [], MAX_SCRIPT
+        while left > 0:
+            data = os.read(fd, min(left, 65536))
+            if not data:
+                break
+            chunks.append(data)
+            left -= len(data)
+        return b"".join(chunks)
+    except OSError as exc:
+        raise JobError("job script", "cannot read", f"{path}: {exc.strerror}") from exc
+    finally:
+        os.close(fd)
+
+
+def _cgroup_parent(reg, peer_pid: int):
+    """The job's cgroup for ``--cgroup-parent`` (Torque: /torque/<id>; Slurm: from the caller's cgroup)."""
+    if reg.batch == "slurm":
+        found = peers.slurm_job_of(peer_pid)
+        return found[2] if found and found[1] == reg.job_id else None
+    try:
+        from cbatch.host import cgroups
+    except ImportError:
+        return None
+    return cgroups.torque_parent(reg.job_id)
+
+
+def _request(msg: dict, fds) -> tuple:
+    argv = protocol.get_str_list(msg, "argv")
+    cwd = protocol.get_str(msg, "cwd")
+    env = protocol.get_pairs(msg, "env")
+    if len(fds) != 3:
+        raise protocol.bad_field("fds", "exactly stdin, stdout and stderr as SCM_RIGHTS")
+    return argv, cwd, env
+
+
+def start(daemon, conn, peer, msg: dict, fds) -> dict | None:
+    """A job starter asks to start its job (one start per job)."""
+    from cbatch.core import policy
+    from cbatch.core.directives import parse_script
+    from cbatch.core.job import Identity, JobContext
+    from cbatch.host.paths import resolve_as_user
+
+    rec = peers.start_job(daemon.registry, peer.pid, peer.uid)
+    reg = rec.registration
+    argv, cwd, env = _request(msg, fds)
+    line = protocol.get_str(msg, "line")
+    if len(argv) != 2:
+        raise protocol.bad_field("argv", "[starter, shell]")
+    if not daemon.registry.claim_start(reg.job_id):
+        raise AccessDenied("start", "job already started", reg.job_id, "a job starts once")
+    identity = Identity.lookup(reg.user)
+    words = line.split()
+    if not words or words[0] != reg.script_path:
+        log.warning("job %s: stdin line does not name the registered script %s", reg.job_id, reg.script_path)
+    directives = parse_script(read_script(reg.script_path, identity.uid))
+    job = JobContext.for_start(reg, identity, argv[1], line, cwd, env, _cgroup_parent(reg, peer.pid),
+                               peers.umask_of(peer.pid))
+    decision = policy.decide(daemon.config, job, directives, resolve_as_user)
+    if isinstance(decision, Native):
+        log.info("job %s: native (%s)", reg.job_id, decision.reason)
+        return {"mode": "native", "reason": decision.reason}
+    stdio, pump = choose_stdio(fds, attach_stdin=False, uid=peer.uid)
+    return _launch(daemon, conn, peer, job, decision, stdio, pump, fds, "job")
+
+
+def run(daemon, conn, peer, msg: dict, fds) -> dict | None:
+    """``cbatch run`` from inside a registered job (several at once are fine: MPI ranks)."""
+    from cbatch.core import policy
+    from cbatch.core.directives import parse_options
+    from cbatch.core.job import Identity, JobContext
+    from cbatch.host.paths import resolve_as_user
+
+    rec = peers.run_job(daemon.registry, peer.pid, peer.uid)
+    reg = rec.registration
+    argv, cwd, env = _request(msg, fds)
+    options = protocol.get_str_list(msg, "options", [])
+    if not argv:
+        raise protocol.bad_field("argv", "a non-empty command")
+    directives = parse_options(options)
+    identity = Identity.lookup(reg.user)
+    shell = identity.shell if identity.shell.startswith("/") else "/bin/sh"
+    job = JobContext.for_start(reg, identity, shell, "", cwd, env, _cgroup_parent(reg, peer.pid),
+                               peers.umask_of(peer.pid))
+    decision = policy.decide_run(daemon.config, job, directives, argv, resolve_as_user, next(_RUN_INDEX))
+    if isinstance(decision, Native):
+        return {"mode": "native", "reason": decision.reason}
+    # stdin always goes through the attach socket: interactive input must work, and its EOF closes the
+    # container's stdin.
+    stdio, pump = choose_stdio(fds, attach_stdin=True, uid=peer.uid)
+    return _launch(daemon, conn, peer, job, decision, stdio, pump, fds, "run")
+
+
+def _progress(fd: int):
+    """Image pull progress goes to the client's stderr (the job's .e file), one line at a time."""
+    def say(line: str) -> None:
+        try:
+            os.write(fd, (line.rstrip("\n") + "\n").encode("utf-8", "replace"))
+        except OSError:
+            pass
+    return say
+
+
+def _launch(daemon, conn, peer, job, spec, stdio, pump, fds, kind: str) -> None:
+    env = tuple(spec.env)
+    if daemon.images is not None:
+        # Present, or pulled now when the queue says pull: missing; else one "not on this node" line.
+        info = daemon.images.ensure(spec.image, daemon.config.queue(job.queue), _progress(fds[2]))
+        env += tuple(daemon.images.job_env(spec.image, info))
+    spec = dataclasses.replace(spec, env=env, labels=tuple(spec.labels) + ((LABEL_PEER, str(peer.pid)),))
+    # Docker mounts root-owned staging points holding the exact objects checked as the user (no path it
+    # re-resolves is one the user can swap); site mounts come from the root-owned config and are not pinned.
+    # The stdout/stderr spool files are staged from the client's own fds.
+    spool = [(attr, fd) for attr, fd in (("stdout_path", fds[1]), ("stderr_path", fds[2])) if getattr(stdio, attr)]
+    pinned, pins = pinning.pin(spec, job.identity, daemon.mount_root, daemon.config.queue(job.queue).mounts,
+                               [fd for _attr, fd in spool])
+    staged = dataclasses.replace(stdio, **{attr: point for (attr, _fd), point in zip(spool, pins.held)})
+    try:
+        cid = daemon.engine.start(pinned, staged, daemon.instance, daemon.config.daemon.helper)
+    except BaseException:
+        pinning.release(daemon.mount_root, spec.name)
+        raise
+    limit = spec.memory_bytes or job.resources.memory_on(daemon.config.daemon.hostname or None)
+    sess = Session(cid=cid, job_id=job.job_id, batch=job.batch, kind=kind, peer_pid=peer.pid, uid=peer.uid,
+                   memory_limit=limit, pump_fds=pump, owned_fds=tuple(fds), name=spec.name)
+    try:
+        daemon.registry.add_container(job.job_id, cid, sess.record())
+        protocol.send(conn, {"ok": True, "event": "started", "id": cid, "job_id": job.job_id,
+                             "name": spec.name, "image": spec.image})
+    except BaseException:
+        try:
+            daemon.engine.remove(cid)
+        except CbatchError as exc:
+            log.error("job %s: could not remove container %s: %s", job.job_id, cid[:12], exc)
+        daemon.registry.drop_container(job.job_id, cid)
+        raise
+    finally:
+        # Only once the container is recorded (the start-to-record window stays as short as it was): its own
+        # mount namespace holds its mounts now.
+        pinning.release(daemon.mount_root, spec.name)
+    log.info("job %s: %s container %s (%s, image %s) for pid %d; stdout %s, stderr %s", job.job_id, kind,
+             cid[:12], spec.name, spec.image, peer.pid, stdio.stdout_path or "proxied",
+             stdio.stderr_path or "proxied")
+    supervise(daemon, conn, sess)
+    return None
+
+
+def attach(daemon, conn, peer, msg: dict, fds) -> None:
+    """A client whose connection dropped (daemon restart) takes its container back."""
+    job_id = protocol.get_str(msg, "job_id")
+    cid = protocol.get_str(msg, "id")
+    with daemon.lock:
+        entry = daemon.adoptions.get(cid)
+        ok = entry is not None and entry[0] == job_id
+        info = entry[1] if ok else {}
+        ok = ok and info.get("peer") == peer.pid and info.get("uid") == peer.uid \
+            and peers.alive(peer.pid, info.get("peer_start"))
+        if ok:
+            del daemon.adoptions[cid]
+    if not ok:
+        raise AccessDenied("attach", "no container is waiting for this client", cid[:64],
+                           "only the original client may reattach, within the adoption window")
+    sess = Session(cid=cid, job_id=job_id, batch=str(info.get("batch", "torque")), kind=str(info.get("kind")),
+                   peer_pid=peer.pid, uid=peer.uid, memory_limit=info.get("memory_limit"),
+                   owned_fds=tuple(fds))
+    try:
+        protocol.send(conn, {"ok": True, "event": "attached", "id": cid, "job_id": job_id})
+    except CbatchError:
+        daemon.remove_container(job_id, cid)
+        raise
+    log.info("job %s: container %s: pid %d reattached", job_id, cid[:12], peer.pid)
+    supervise(daemon, conn, sess)
+    return None

@@ -1,0 +1,389 @@
+"""cbatchd: the root daemon, the only process that talks to the container engine.
+
+``cbatchd [--config FILE] [--foreground]``. It listens on ``daemon.socket`` (0666 in a 0755 directory) and
+learns who is asking from SO_PEERCRED only. Every connection is served in its own thread; a connection is
+bounded (1 MiB frames, 5 s to finish a frame, a cap on concurrent connections) so one bad client cannot stop
+the others. Requests:
+
+- ``ping`` (anyone), ``status`` (root): health and the registered jobs.
+- ``register`` / ``unregister`` (root: the prologue and epilogue): the job registry (:mod:`cbatch.daemon.registry`).
+- ``start`` (the job starter), ``run`` (``cbatch run``), ``attach`` (a client reconnecting after a daemon
+  restart): see :mod:`cbatch.daemon.launch` and :mod:`cbatch.daemon.supervise`.
+
+Restart without losing jobs: registrations and the containers we supervise are in ``daemon.state_dir``;
+on start-up containers of this instance that no registered job claims are removed, and containers whose
+client is still alive wait :data:`ADOPT_WAIT` seconds for it to ``attach`` again. Stopping the daemon never
+stops jobs' containers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import logging.handlers
+import os
+import signal
+import socket
+import stat
+import struct
+import sys
+import threading
+import time
+
+from cbatch import protocol
+from cbatch.core.errors import AccessDenied, CbatchError, DaemonError
+from cbatch.core.spec import LABEL_INSTANCE, LABEL_JOB
+
+log = logging.getLogger("cbatchd")
+DEFAULT_CONFIG = "/etc/cbatch/cbatch.yaml"
+MAX_CONNECTIONS = 1024
+FIRST_REQUEST_TIMEOUT = 10.0   # a connection that never says anything is dropped
+ADOPT_WAIT = 10.0
+TORQUE_KILL_DELAY = 2.0
+UNREGISTER_SETTLE = 5.0     # seconds unregister waits for containers already being removed
+ROOT_OPS = ("register", "unregister", "status")
+
+
+class Peer:
+    """The other end of a connection, from SO_PEERCRED."""
+
+    def __init__(self, conn: socket.socket) -> None:
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        self.pid, self.uid, self.gid = struct.unpack("3i", creds)
+
+    def __str__(self) -> str:
+        return f"pid {self.pid} uid {self.uid}"
+
+
+class Daemon:
+    """State shared by every connection: config, engine, registry, pending adoptions."""
+
+    def __init__(self, config) -> None:
+        from cbatch.engines.docker import Engine
+        from cbatch.daemon.registry import Registry
+
+        self.config = config
+        self.instance = config.daemon.instance or config.daemon.hostname or socket.gethostname()
+        self.engine = Engine(config.engine.url, config.engine.timeout)
+        self.registry = Registry(config.daemon.state_dir)
+        self.mount_root = os.path.join(config.daemon.mount_dir, self.instance)   # cbatch.daemon.pinning staging
+        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.adoptions: dict = {}          # cid -> (job_id, record info, deadline)
+        self.lock = threading.Lock()
+        self.sweeping = threading.Lock()   # one forget_ended_jobs at a time
+        self.stopping = False
+        self.listener = None
+        self.images = None                 # the image manager (pre-pull, job-start checks, images op)
+        try:
+            from cbatch.daemon.imagesync import ImageManager
+            self.images = ImageManager(self.engine, config, log)
+        except ImportError as exc:         # an install without image management still runs jobs
+            log.error("image manager unavailable: %s", exc)
+
+    # -- start-up (cbatch.daemon.recovery) -----------------------------------------------------------------
+    def recover(self) -> None:
+        """Reconcile the engine with the registry after a (re)start: :func:`cbatch.daemon.recovery.recover`."""
+        from cbatch.daemon import recovery
+        recovery.recover(self)
+
+    def forget_ended_jobs(self) -> None:
+        """Unregister Torque jobs whose session ended while nobody could: :func:`cbatch.daemon.recovery.forget_ended_jobs`."""
+        from cbatch.daemon import recovery
+        recovery.forget_ended_jobs(self)
+
+    def remove_container(self, job_id, cid: str) -> None:
+        """Remove one container and forget it (errors are logged: the sweeps try again later)."""
+        try:
+            self.engine.remove(cid)
+        except CbatchError as exc:
+            log.error("could not remove container %s: %s", cid[:12], exc)
+            return
+        if job_id is not None:
+            self.registry.drop_container(job_id, cid)
+
+    # -- serving ------------------------------------------------------------------------------------
+    def listen(self) -> socket.socket:
+        """Bind the unix socket (replacing a stale one, refusing if another daemon answers there)."""
+        path = self.config.daemon.socket
+        directory = os.path.dirname(path) or "."
+        os.makedirs(directory, mode=0o755, exist_ok=True)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            st = None
+        if st is not None:
+            if not stat.S_ISSOCK(st.st_mode):
+                raise DaemonError("daemon", "socket path exists and is not a socket", path)
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(path)
+                raise DaemonError("daemon", "another cbatchd is already listening", path)
+            except OSError:
+                os.unlink(path)
+            finally:
+                probe.close()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        old = os.umask(0o111)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o666)     # anyone may connect; SO_PEERCRED decides what they may do
+        sock.listen(128)
+        self.listener = sock
+        return sock
+
+    def serve_forever(self) -> None:
+        """Accept connections until stopped; each gets its own thread."""
+        sock = self.listener or self.listen()
+        if self.images is not None:
+            self.images.start()
+        log.info("cbatchd listening on %s (instance %s, %d registered jobs)", self.config.daemon.socket,
+                 self.instance, len(self.registry))
+        while not self.stopping:
+            try:
+                conn, _ = sock.accept()
+            except OSError as exc:
+                if self.stopping:
+                    break
+                log.error("accept failed: %s", exc)
+                time.sleep(0.1)
+                continue
+            if not self.slots.acquire(blocking=False):
+                log.error("too many connections (%d): refusing one", MAX_CONNECTIONS)
+                # Non-blocking: the accept loop must never wait on a client.
+                _refuse(conn, DaemonError("daemon", "busy", f"{MAX_CONNECTIONS} connections", "try again"),
+                        wait=0.0)
+                continue
+            threading.Thread(target=self._serve_one, args=(conn,), daemon=True).start()
+
+    def _serve_one(self, conn: socket.socket) -> None:
+        keep = False
+        peer = None
+        msg = None
+        fds = []
+        try:
+            peer = Peer(conn)
+            msg, fds = protocol.recv(conn, timeout=FIRST_REQUEST_TIMEOUT)
+            op = protocol.check_version(msg)
+            if op in ROOT_OPS and peer.uid != 0:
+                raise AccessDenied(op, "only root may do this", f"uid {peer.uid}")
+            handler = _HANDLERS.get(op)
+            if handler is None:
+                raise DaemonError("request", "unknown op", op, " | ".join(sorted(_HANDLERS)))
+            reply = handler(self, conn, peer, msg, fds)
+            if reply is None:
+                keep = True     # a session took over the connection (and the fds)
+            else:
+                protocol.send(conn, {"ok": True, **reply})
+        except protocol.Closed:
+            pass
+        except CbatchError as exc:
+            log.warning("refused %s from %s: %s", _op_of(msg), peer or "?", exc.message)
+            _refuse(conn, exc)
+            conn = None
+        except Exception as exc:  # noqa: BLE001 - one bad request must never take the daemon down
+            log.exception("internal error serving %s", peer or "?")
+            _refuse(conn, DaemonError("daemon", "internal error", f"{type(exc).__name__}: {exc}"))
+            conn = None
+        finally:
+            if not keep:
+                for fd in fds:
+                    _close_fd(fd)
+                if conn is not None:
+                    conn.close()
+            self.slots.release()
+
+    # -- simple ops ---------------------------------------------------------------------------------
+    def op_ping(self, conn, peer, msg, fds) -> dict:
+        try:
+            engine = self.engine.ping()
+        except CbatchError:
+            engine = False
+        from cbatch import __version__
+        return {"version": protocol.VERSION, "cbatch": __version__, "instance": self.instance,
+                "engine": bool(engine), "jobs": len(self.registry)}
+
+    def op_status(self, conn, peer, msg, fds) -> dict:
+        jobs = []
+        for rec in self.registry.all():
+            jobs.append({**rec.registration.to_dict(), "started": rec.started,
+                         "containers": sorted(rec.containers)})
+        return {"instance": self.instance, "jobs": jobs, "adopting": sorted(self.adoptions)}
+
+    def op_images(self, conn, peer, msg, fds) -> dict:
+        if self.images is None:
+            raise DaemonError("images", "image management unavailable", self.instance)
+        from cbatch.daemon.imagesync import handle_request
+        return handle_request(self.images, msg, peer.uid)
+
+    def op_register(self, conn, peer, msg, fds) -> dict:
+        from cbatch.core.job import Registration
+
+        data = msg.get("registration")
+        if not isinstance(data, dict):
+            raise protocol.bad_field("registration", "an object")
+        reg = Registration.from_dict(data)
+        from cbatch.daemon import peers
+        peers.owner_uid(reg)      # the owner must exist here (and match Slurm's uid): refuse now, logged
+        replaced = self.registry.register(reg)
+        # A job that ended while cbatchd was restarting left its registration (its epilogue found no daemon).
+        threading.Thread(target=self.forget_ended_jobs, daemon=True).start()
+        log.info("job %s: registered (user %s, queue %s, session %s, %s)%s", reg.job_id, reg.user, reg.queue,
+                 reg.session_id, reg.batch, " again" if replaced else "")
+        return {"job_id": reg.job_id, "replaced": replaced}
+
+    def op_unregister(self, conn, peer, msg, fds) -> dict:
+        job_id = protocol.get_str(msg, "job_id")
+        rec = self.registry.get(job_id)
+        errors = []
+        labels = {LABEL_JOB: job_id, LABEL_INSTANCE: self.instance}
+        try:
+            leftovers = self.engine.cleanup(labels)
+            # pbs_mom runs the epilogue the moment the starter dies, while the session thread may still be
+            # removing the container ("removal already in progress"): give that a moment before reporting.
+            deadline = time.monotonic() + UNREGISTER_SETTLE
+            while leftovers and time.monotonic() < deadline:
+                time.sleep(0.2)
+                leftovers = self.engine.cleanup(labels)
+        except CbatchError as exc:
+            leftovers, errors = [], [exc.message]
+        for cid in leftovers:
+            errors.append(DaemonError(f"job {job_id}", "container left behind", cid[:12]).message)
+        from cbatch.daemon import pinning
+        from cbatch.core.policy import container_name
+        for path in pinning.unpin_all(self.mount_root, container_name(job_id)):
+            errors.append(DaemonError(f"job {job_id}", "staging mount left behind", path).message)
+        with self.lock:
+            for cid in [c for c, (j, _i, _d) in self.adoptions.items() if j == job_id]:
+                del self.adoptions[cid]
+        cgroup_left = []
+        if rec is None or rec.registration.batch != "slurm":
+            try:
+                from cbatch.host import cgroups
+                parent = cgroups.torque_parent(job_id)
+                if parent:
+                    cgroup_left = list(cgroups.tidy(parent))
+            except (ImportError, AttributeError) as exc:
+                log.error("job %s: cgroup tidy unavailable: %s", job_id, exc)
+            except (OSError, CbatchError) as exc:
+                errors.append(DaemonError(f"job {job_id}", "cgroup tidy failed", str(exc)).message)
+        for path in cgroup_left:
+            errors.append(DaemonError(f"job {job_id}", "cgroup left behind", path).message)
+        self.registry.unregister(job_id)
+        for line in errors:
+            log.error("%s", line)
+        log.info("job %s: unregistered%s", job_id, "" if rec else " (was not registered)")
+        return {"job_id": job_id, "known": rec is not None, "leftovers": leftovers,
+                "cgroup_leftovers": cgroup_left, "errors": errors}
+
+
+def _op_of(msg) -> str:
+    return str(msg.get("op"))[:40] if isinstance(msg, dict) else "request"
+
+
+def _refuse(conn, err: CbatchError, wait: float = 1.0) -> None:
+    """Send one error reply if the connection still takes it (within ``wait`` seconds), then close."""
+    if conn is None:
+        return
+    try:
+        conn.settimeout(wait)
+        protocol.send(conn, {"ok": False, "error": err.to_wire()})
+    except (CbatchError, OSError):
+        pass
+    finally:
+        conn.close()
+
+
+def _close_fd(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _launch(name):
+    def handler(daemon, conn, peer, msg, fds):
+        from cbatch.daemon import launch
+        return getattr(launch, name)(daemon, conn, peer, msg, fds)
+    return handler
+
+
+_HANDLERS = {"ping": Daemon.op_ping, "status": Daemon.op_status, "images": Daemon.op_images,
+             "register": Daemon.op_register,
+             "unregister": Daemon.op_unregister, "start": _launch("start"), "run": _launch("run"),
+             "attach": _launch("attach")}
+
+
+def setup_logging(foreground: bool) -> None:
+    """Where the log goes: under systemd (JOURNAL_STREAM set) stderr, which is the journal; otherwise syslog
+    (/dev/log) when present, and stderr too in --foreground (tests and admins read it there)."""
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    handlers = []
+    journal = bool(os.environ.get("JOURNAL_STREAM"))
+    if not journal and os.path.exists("/dev/log"):
+        try:
+            h = logging.handlers.SysLogHandler(address="/dev/log",
+                                               facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+            h.setFormatter(logging.Formatter("cbatchd[%(process)d]: %(levelname)s %(message)s"))
+            handlers.append(h)
+        except OSError:
+            pass
+    if journal or foreground or not handlers:
+        fmt = "%(levelname)s %(message)s" if journal else "%(asctime)s cbatchd %(levelname)s %(message)s"
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter(fmt))
+        handlers.append(h)
+    for h in handlers:
+        root.addHandler(h)
+
+
+def main(argv=None) -> int:
+    """Entry point of ``cbatchd``."""
+    p = argparse.ArgumentParser(prog="cbatchd", description="cbatch's root daemon")
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--foreground", action="store_true", help="do not detach (systemd, tests)")
+    args = p.parse_args(argv)
+    from cbatch.core import config as config_mod
+    try:
+        cfg = config_mod.load(args.config, trusted=True)
+    except CbatchError as exc:
+        print(exc.message, file=sys.stderr)
+        return exc.exit_code
+    if not args.foreground:
+        import daemon as pydaemon     # python-daemon
+        ctx = pydaemon.DaemonContext(umask=0o022, working_directory="/")
+        ctx.open()
+    setup_logging(args.foreground)
+    if cfg.daemon.stop_grace >= TORQUE_KILL_DELAY:
+        log.warning("daemon.stop_grace %.1f s is not shorter than Torque's default kill_delay (%.0f s): qdel may "
+                    "SIGKILL the starter before the container is stopped", cfg.daemon.stop_grace, TORQUE_KILL_DELAY)
+    try:
+        d = Daemon(cfg)
+        d.recover()
+        d.listen()
+    except (CbatchError, OSError) as exc:
+        log.error("cannot start: %s", exc)
+        print(getattr(exc, "message", str(exc)), file=sys.stderr)
+        return 125
+
+    def stop(signum, _frame):
+        # Leave every container running: a restarted daemon adopts them.
+        log.info("signal %d: exiting (containers keep running)", signum)
+        d.stopping = True
+        for path, remove in ((cfg.daemon.socket, os.unlink), (d.mount_root, os.rmdir)):
+            try:
+                remove(path)      # the staging dir only when empty (else the next start-up unpins it)
+            except OSError:
+                pass
+        os._exit(0)
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    d.serve_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The pbs_mom emulator behind ``cbatch local`` and the tests. The runtime never imports it."""

@@ -1,0 +1,368 @@
+"""The container engine: the ONLY module that imports ``docker``.
+
+It turns a :class:`~cbatch.core.spec.ContainerSpec` into a running container and reports back. It decides
+nothing: every choice (image, mounts, limits, identity) arrives in the spec from the policy. Every failure
+surfaces as one :class:`~cbatch.core.errors.EngineError` line.
+
+Stdio. The job's output is the hot path, so it never passes through Python when it can avoid it: a regular
+stdout/stderr file is bind-mounted at ``/.cbatch/stdout``/``/.cbatch/stderr`` and the static helper
+``cbatch-exec`` (bind-mounted read-only at ``/.cbatch/exec``) opens it O_APPEND and dup2s it onto fd 1/2
+before it execs the command. Only when the caller asks for ``attach`` (a terminal, a pipe) do the bytes go
+through the engine's attach socket, demultiplexed by :func:`cbatch.daemon.streams.pump`. Docker's own log is
+switched off (``log_config: none``) so output is never stored twice.
+
+Entrypoint. The helper is always the container's entrypoint, so the stdio plumbing is the same for every
+job. With ``spec.use_entrypoint`` the image's own Entrypoint (and its Cmd when ``spec.argv`` is empty) is
+read from the image and placed after the helper's ``--``: the image's entrypoint still runs, as the job's
+process, with the job's stdio — exactly ``docker run IMAGE ARGV`` semantics, plus cbatch's plumbing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal as _signal
+import socket
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import docker
+import docker.errors
+import requests.exceptions
+
+from cbatch.core.errors import EngineError
+from cbatch.core.spec import HELPER_PATH, LABEL_INSTANCE, STDERR_PATH, STDOUT_PATH, ContainerSpec
+
+API_VERSION = "1.41"       # Debian 12's dockerd 20.10; newer engines still speak it. Pinned so that
+                           # constructing an Engine never talks to the engine (no version probe).
+_HINT_DOWN = "is dockerd running? see cbatch check --node"
+STDIN_LINE_MAX = 60 * 1024  # cbatch-exec writes the line into a pipe before exec: it must fit the buffer
+
+
+def _gone(exc: Exception) -> bool:
+    """The container or image is not there (ImageNotFound is a NotFound)."""
+    return isinstance(exc, docker.errors.NotFound)
+
+
+@dataclass(frozen=True)
+class Stdio:
+    """Where the job's stdio goes.
+
+    ``stdout_path``/``stderr_path``: host paths of existing regular files (the job's spool files); the
+    helper appends to them directly. ``None`` means that stream comes through the attach socket (when
+    ``attach``) or is discarded. ``attach``: the caller proxies stdio through :meth:`Engine.attach` and
+    :func:`cbatch.daemon.streams.pump`; the container's stdin is then the socket (unless ``spec.stdin_line`` feeds it).
+    """
+
+    stdout_path: Optional[str] = None
+    stderr_path: Optional[str] = None
+    attach: bool = False
+
+
+@dataclass(frozen=True)
+class ExitInfo:
+    """How a container ended: ``status`` as a shell reports it (128+N for signal N), OOM, engine error."""
+
+    status: int
+    oom_killed: bool = False
+    error: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """One local image: id (``sha256:...``), repo digests, size in bytes, and its tags."""
+
+    id: str
+    digests: Tuple[str, ...]
+    size: int
+    tags: Tuple[str, ...] = ()
+    created: str = ""          # the engine's RFC 3339 "Created" (build time); imagesync's prune age
+
+
+class Engine:
+    """A connection to one Docker engine. Cheap to build: nothing is sent until the first call."""
+
+    def __init__(self, url: str = "unix:///var/run/docker.sock", timeout: float = 60):
+        self.url = url
+        self.timeout = timeout
+        try:
+            # Every running job holds one connection in wait(): a pool of 10 would churn connections.
+            self.api = docker.APIClient(base_url=url, version=API_VERSION, timeout=timeout,
+                                        max_pool_size=128)
+        except docker.errors.DockerException as exc:
+            raise EngineError("engine", "bad url", url, str(exc)) from exc
+        self._attached: Dict[str, object] = {}   # cid -> the SDK's socket object (keeps it alive)
+
+    # -- errors -------------------------------------------------------------------------------------
+    def _fail(self, exc: Exception, what: str, value: object = None) -> EngineError:
+        """Map an SDK / transport exception to one EngineError line."""
+        if isinstance(exc, EngineError):
+            return exc
+        if isinstance(exc, (requests.exceptions.ConnectionError, FileNotFoundError, ConnectionError)):
+            return EngineError("engine", "not reachable", self.url, _HINT_DOWN)
+        if isinstance(exc, requests.exceptions.Timeout):
+            return EngineError("engine", "timed out", f"{what} after {self.timeout} s", _HINT_DOWN)
+        if isinstance(exc, docker.errors.ImageNotFound):
+            return EngineError("image", "not on this node", value,
+                               "ask the admin to pull it, or see cbatch images")
+        if isinstance(exc, docker.errors.NotFound):
+            return EngineError("container", "not found", value)
+        if isinstance(exc, docker.errors.APIError):
+            detail = exc.explanation or str(exc)
+            if isinstance(detail, bytes):
+                detail = detail.decode("utf-8", "replace")
+            return EngineError("engine", f"{what} failed", value, str(detail).strip())
+        return EngineError("engine", f"{what} failed", value, f"{type(exc).__name__}: {exc}")
+
+    def _call(self, what: str, value: object, fn: Callable, *args,
+              ok: Callable[[Exception], bool] = lambda exc: False, **kwargs):
+        """``fn(*args, **kwargs)``; an exception ``ok`` accepts gives None, any other an EngineError."""
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - everything becomes one EngineError line
+            if ok(exc):
+                return None
+            raise self._fail(exc, what, value) from exc
+
+    # -- engine -------------------------------------------------------------------------------------
+    def ping(self) -> bool:
+        """True when the engine answers; EngineError otherwise."""
+        return bool(self._call("ping", self.url, self.api.ping))
+
+    # -- containers ---------------------------------------------------------------------------------
+    def _command(self, spec: ContainerSpec, stdio: Stdio) -> List[str]:
+        """The container's full command: the helper, its options, ``--``, then what it execs."""
+        argv = list(spec.argv)
+        if spec.use_entrypoint:
+            conf = (self._call("inspect image", spec.image, self.api.inspect_image, spec.image)
+                    .get("Config") or {})
+            argv = list(conf.get("Entrypoint") or []) + (argv or list(conf.get("Cmd") or []))
+        if not argv:
+            raise EngineError("container", "no command", spec.image,
+                              "the spec has no argv and the image no entrypoint or cmd")
+        opts: List[str] = []
+        if stdio.stdout_path:
+            opts += ["--stdout", STDOUT_PATH]
+        if stdio.stderr_path:
+            opts += ["--stderr", STDERR_PATH]
+        if spec.umask is not None:
+            opts += ["--umask", "%04o" % spec.umask]
+        if spec.stdin_line is not None:
+            if len(spec.stdin_line.encode()) > STDIN_LINE_MAX:   # the helper would refuse it in the .e file
+                raise EngineError("stdin line", "too long", f"{len(spec.stdin_line.encode())} bytes",
+                                  f"at most {STDIN_LINE_MAX}")
+            opts += ["--stdin-line", spec.stdin_line]
+        if any("\0" in a for a in argv + opts):
+            raise EngineError("container", "NUL byte in the command", spec.name)
+        return [HELPER_PATH] + opts + ["--"] + argv
+
+    def _host_config(self, spec: ContainerSpec, stdio: Stdio, helper: str) -> dict:
+        bind = docker.types.Mount
+        mounts = [bind(m.target, m.source, type="bind", read_only=m.read_only, propagation="rprivate")
+                  for m in spec.mounts]
+        mounts.append(bind(HELPER_PATH, helper, type="bind", read_only=True, propagation="rprivate"))
+        for path, target in ((stdio.stdout_path, STDOUT_PATH), (stdio.stderr_path, STDERR_PATH)):
+            if path:
+                mounts.append(bind(target, path, type="bind", read_only=False, propagation="rprivate"))
+        kw = dict(
+            mounts=mounts,
+            network_mode=spec.network,
+            read_only=spec.read_only_rootfs,
+            group_add=[str(g) for g in spec.groups] or None,
+            cgroup_parent=spec.cgroup_parent or None,
+            pids_limit=spec.pids_limit,
+            cap_drop=["ALL"] if spec.cap_drop_all else None,
+            security_opt=["no-new-privileges"] if spec.no_new_privileges else None,
+            init=spec.init,
+            shm_size=spec.shm_bytes,
+            devices=list(spec.devices) or None,
+            # No Docker log: output goes to the job's files (or the attach socket), never stored twice.
+            log_config=docker.types.LogConfig(type="none"),
+        )
+        if spec.cpus:
+            kw["nano_cpus"] = int(spec.cpus * 1e9)
+        if spec.cpuset:
+            kw["cpuset_cpus"] = spec.cpuset
+        if spec.memory_bytes:
+            # memswap == memory: no swap, so a job over its limit is OOM-killed rather than swapping.
+            kw["mem_limit"] = spec.memory_bytes
+            kw["memswap_limit"] = spec.memory_bytes
+        return self.api.create_host_config(**{k: v for k, v in kw.items() if v is not None})
+
+    def start(self, spec: ContainerSpec, stdio: Stdio, instance: str, helper: str) -> str:
+        """Create and start the container; return its id.
+
+        ``instance`` becomes the ``cbatch.instance`` label (which cbatchd owns it); ``helper`` is the host
+        path of cbatch-exec. With ``stdio.attach`` the attach socket is opened *before* the start so no
+        early byte is lost; fetch it with :meth:`attach`. A failure after create removes the container.
+        """
+        for path in (stdio.stdout_path, stdio.stderr_path):
+            # A bind of a missing source would make Docker create a directory there; refuse instead.
+            if path and not os.path.isfile(path):
+                raise EngineError("output", "not a regular file", path)
+        if not os.path.isfile(helper):
+            raise EngineError("helper", "not found", helper, "make -C libexec install")
+        labels = spec.label_dict()
+        labels[LABEL_INSTANCE] = instance
+        env = [f"{k}={v}" for k, v in spec.env_dict().items()]
+        # tini (--init) then signals the job's whole process group, as pbs_mom signals the session.
+        env.append("TINI_KILL_PROCESS_GROUP=1")
+        config = dict(
+            image=spec.image, name=spec.name, entrypoint=self._command(spec, stdio), command=None,
+            user=f"{spec.uid}:{spec.gid}", working_dir=spec.workdir, environment=env, labels=labels,
+            hostname=spec.hostname, host_config=self._host_config(spec, stdio, helper),
+            # stdin_open with detach=False also sets StdinOnce: our stdin EOF closes the container's stdin.
+            stdin_open=stdio.attach, tty=False, detach=not stdio.attach,
+            use_config_proxy=False,     # the job's environment is the spec's, not ~/.docker/config.json's
+        )
+        try:
+            cid = self.api.create_container(**config)["Id"]
+        except docker.errors.ImageNotFound as exc:
+            raise self._fail(exc, "create container", spec.image) from exc
+        except Exception as exc:  # noqa: BLE001
+            raise self._fail(exc, "create container", spec.name) from exc
+        try:
+            if stdio.attach:
+                self._attached[cid] = self.api.attach_socket(
+                    cid, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
+            self.api.start(cid)
+        except Exception as exc:  # noqa: BLE001
+            err = self._fail(exc, "start container", spec.name)
+            self._drop_attach(cid)
+            try:
+                self.api.remove_container(cid, force=True, v=True)
+            except Exception:  # noqa: BLE001 - the start error is the one to report
+                pass
+            raise err from exc
+        return cid
+
+    def attach(self, cid: str) -> socket.socket:
+        """The attach socket opened by :meth:`start` (``stdio.attach``): pass it to :func:`cbatch.daemon.streams.pump`."""
+        sio = self._attached.get(cid)
+        if sio is None:
+            raise EngineError("container", "not attached", cid, "start it with Stdio(attach=True)")
+        sock = getattr(sio, "_sock", sio)
+        sock.settimeout(None)
+        return sock
+
+    def _drop_attach(self, cid: str) -> None:
+        sio = self._attached.pop(cid, None)
+        if sio is not None:
+            sock = getattr(sio, "_sock", None)
+            for obj in (sio, sock):
+                try:
+                    if obj is not None:
+                        obj.close()
+                except OSError:
+                    pass
+
+    def wait(self, cid: str) -> ExitInfo:
+        """Block until the container has stopped (no timeout: jobs run for days)."""
+        res = self._call("wait", cid, self.api.wait, cid, timeout=None)
+        # Removed right after it stopped (a cleanup): the status alone is enough.
+        state = (self._call("inspect", cid, self.api.inspect_container, cid, ok=_gone) or {}).get("State") or {}
+        err = (res.get("Error") or {}).get("Message") or state.get("Error") or None
+        return ExitInfo(status=int(res.get("StatusCode", state.get("ExitCode", 125))),
+                        oom_killed=bool(state.get("OOMKilled")), error=err)
+
+    def signal(self, cid: str, signum: int) -> None:
+        """Send ``signum`` to the container's init (tini forwards it to the job's process group).
+
+        A container that has already stopped (409) or vanished is not an error: the race with the job's
+        own exit is normal.
+        """
+        self._call("signal", cid, self.api.kill, cid, signal=int(signum),
+                   ok=lambda exc: _gone(exc) or getattr(exc, "status_code", None) == 409)
+
+    def running(self, cid: str) -> bool:
+        """True while the container runs; False when stopped or gone."""
+        attrs = self._call("inspect", cid, self.api.inspect_container, cid, ok=_gone)
+        return bool(attrs and attrs["State"]["Running"])
+
+    def stop(self, cid: str, grace: float) -> None:
+        """SIGTERM, then SIGKILL when still running after ``grace`` seconds (a float, unlike docker stop)."""
+        self.signal(cid, _signal.SIGTERM)
+        deadline = time.monotonic() + max(0.0, grace)
+        while time.monotonic() < deadline:
+            if not self.running(cid):
+                return
+            time.sleep(0.05)
+        self.signal(cid, _signal.SIGKILL)
+
+    def remove(self, cid: str) -> None:
+        """Kill and remove the container; a container already gone (or being removed) is fine."""
+        self._drop_attach(cid)
+        self._call("remove container", cid, self.api.remove_container, cid, force=True, v=True,
+                   ok=lambda exc: _gone(exc) or (getattr(exc, "status_code", None) == 409
+                                                 and "already in progress" in str(exc.explanation)))
+
+    def list_ids(self, labels: Dict[str, str]) -> List[str]:
+        """Ids of all containers (running or not) carrying every one of ``labels``."""
+        flt = {"label": [f"{k}={v}" for k, v in sorted(labels.items())]}
+        return [c["Id"] for c in self._call("list containers", flt, self.api.containers, all=True,
+                                            filters=flt)]
+
+    def cleanup(self, labels: Dict[str, str]) -> List[str]:
+        """Remove every container with ``labels``, list again, and return the ids still there."""
+        if not labels:
+            # An empty filter matches every container on the node, including other people's.
+            raise EngineError("cleanup", "refused", "no labels", "pass at least cbatch.instance")
+        for cid in self.list_ids(labels):
+            try:
+                self.remove(cid)
+            except EngineError:
+                pass  # reported below as a leftover
+        return self.list_ids(labels)
+
+    def container_pid(self, cid: str) -> int:
+        """The host pid of the container's init (0 when not running)."""
+        return int(self._call("inspect", cid, self.api.inspect_container, cid)["State"]["Pid"])
+
+    # -- images -------------------------------------------------------------------------------------
+    @staticmethod
+    def _image(attrs: dict) -> ImageInfo:
+        return ImageInfo(id=attrs["Id"], digests=tuple(attrs.get("RepoDigests") or ()),
+                         size=int(attrs.get("Size") or 0), tags=tuple(attrs.get("RepoTags") or ()),
+                         created=str(attrs.get("Created") or ""))
+
+    def image_info(self, ref: str) -> Optional[ImageInfo]:
+        """The local image ``ref`` names, or None when it is not on this node."""
+        attrs = self._call("inspect image", ref, self.api.inspect_image, ref, ok=_gone)
+        return self._image(attrs) if attrs else None
+
+    image_present = image_info     # the name docs/architecture.md used first
+
+    def pull(self, ref: str, auth_config: Optional[dict] = None,
+             progress: Optional[Callable[[dict], None]] = None) -> ImageInfo:
+        """Pull ``ref`` (``name[:tag]`` or ``name@digest``); ``progress`` gets each engine event dict."""
+        repo, tag = docker.utils.parse_repository_tag(ref)
+        try:
+            for event in self.api.pull(repo, tag=tag or "latest", stream=True, decode=True,
+                                       auth_config=auth_config):
+                if "error" in event:
+                    raise EngineError("image", "pull failed", ref, str(event["error"]).strip())
+                if progress:
+                    progress(event)
+        except Exception as exc:  # noqa: BLE001
+            raise self._fail(exc, "pull", ref) from exc
+        info = self.image_info(ref)
+        if info is None:
+            raise EngineError("image", "pull failed", ref, "the engine reported success but has no image")
+        return info
+
+    def list_images(self) -> List[ImageInfo]:
+        """Every local image."""
+        return [self._image(self._call("inspect image", i["Id"], self.api.inspect_image, i["Id"]))
+                for i in self._call("list images", None, self.api.images)]
+
+    def image_ids_in_use(self) -> set:
+        """Image ids of every container on this node, running or not (imagesync never prunes those)."""
+        return {c.get("ImageID") for c in self._call("list containers", None, self.api.containers, all=True)
+                if c.get("ImageID")}
+
+    def remove_image(self, ref: str) -> bool:
+        """Remove the image ``ref`` (not forced: an image in use stays). False when it was not there."""
+        return bool(self._call("remove image", ref, lambda: self.api.remove_image(ref) or True, ok=_gone))
+
+
+# -- attach demultiplexer ---------------------------------------------------------------------------

@@ -1,0 +1,243 @@
+"""Host paths *as a given user would see them*: the policy's resolver, and the opener mount pinning uses.
+
+A root daemon must not resolve a user's mount source with its own rights: ``realpath`` as root follows
+symlinks into directories the user cannot enter and would "prove" paths the user cannot access. So when
+running as root we fork, drop to the user's groups/gid/uid in the child, do the work there, and send the
+answer (and any fds, as SCM_RIGHTS) back over a socketpair. When not root, only our own uid can be served,
+in-process. :func:`resolve_as_user` returns a canonical path; :func:`open_as_user` walks a canonical path
+again, one component at a time without following symlinks, and returns an ``O_PATH`` fd pinning the object
+(see :mod:`cbatch.daemon.pinning`).
+
+Stdlib only.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import os
+import select
+import signal
+import socket
+import stat
+import time
+from typing import Callable, List, Sequence, Tuple
+
+from cbatch.core.errors import PolicyError
+
+TIMEOUT = 10.0      # a hung NFS mount must not hang the daemon's start request forever
+MAX_FDS = 200       # fds per SCM_RIGHTS message (the kernel's SCM_MAX_FD is 253)
+_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class _Changed(OSError):
+    """A component of a checked canonical path is a symlink now (it was swapped after the check)."""
+
+
+def _resolve_here(path: str) -> str:
+    """realpath with our current rights; OSError if missing or inaccessible."""
+    real = os.path.realpath(path, strict=True)
+    st = os.stat(real)
+    want = os.R_OK | (os.X_OK if stat.S_ISDIR(st.st_mode) else 0)
+    # access() checks the real uid, which after setuid() in the child (or in-process non-root) is the user.
+    if not os.access(real, want):
+        raise OSError(errno.EACCES, os.strerror(errno.EACCES), real)
+    return real
+
+
+def _open_here(path: str) -> int:
+    """An O_PATH fd for canonical ``path``, walked from ``/`` without following any symlink.
+
+    Each ``openat`` is a lookup with our current rights, so search permission on every directory on the
+    way is checked as the user; a component that is a symlink now raises :class:`_Changed`.
+    """
+    fd = os.open("/", _PATH_FLAGS | os.O_DIRECTORY)
+    try:
+        for name in [p for p in path.split("/") if p]:
+            if name in (".", ".."):
+                raise OSError(errno.EINVAL, "not a canonical path", path)
+            nxt = os.open(name, _PATH_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+            if stat.S_ISLNK(os.fstat(fd).st_mode):
+                raise _Changed(errno.ELOOP, "a symlink appeared", path)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _error(path: str, exc_errno: int) -> PolicyError:
+    if exc_errno == errno.ENOENT:
+        return PolicyError("path", "no such file or directory", path, "check the path exists on this node")
+    if exc_errno in (errno.EACCES, errno.EPERM):
+        return PolicyError("path", "permission denied", path, "the job's user cannot access it")
+    if exc_errno == errno.ETIMEDOUT:
+        return PolicyError("path", "timed out resolving", path, "a hung filesystem?")
+    return PolicyError("path", f"cannot resolve ({os.strerror(exc_errno)})", path)
+
+
+def _changed(path: str) -> PolicyError:
+    return PolicyError("mount", "changed while being checked", path, "a symlink appeared; refusing")
+
+
+# A unit of work run as the user: returns (payload, fds to hand back). A failure is an OSError whose
+# ``filename`` names the path at fault (``_Changed`` for a swapped symlink).
+Work = Callable[[], Tuple[bytes, List[int]]]
+
+
+def _report(exc: OSError) -> bytes:
+    kind = b"L" if isinstance(exc, _Changed) else b"E"
+    return kind + str(exc.errno or errno.EIO).encode() + b"\0" + os.fsencode(str(exc.filename or ""))
+
+
+def _child(sock: socket.socket, identity, work: Work) -> None:
+    """Runs in the forked child; never returns."""
+    code = 0
+    try:
+        os.setgroups(list(identity.groups))
+        os.setgid(identity.gid)
+        os.setuid(identity.uid)
+        payload, fds = work()
+        for i in range(0, len(fds), MAX_FDS):
+            socket.send_fds(sock, [b"F"], fds[i:i + MAX_FDS])
+        result = b"\0" + payload
+    except OSError as exc:
+        result = _report(exc)
+    except BaseException:  # noqa: BLE001 - the child must never run on into the parent's code
+        result = b"E" + str(errno.EIO).encode() + b"\0"
+        code = 1
+    try:
+        sock.send(result)
+    finally:
+        os._exit(code)
+
+
+def _as_user(identity, work: Work, what: str) -> Tuple[bytes, List[int]]:
+    """Run ``work`` with ``identity``'s rights; its payload and fds, or the PolicyError it ended in.
+
+    Root forks and drops privileges in the child; anyone else may only act as themselves, in-process.
+    ``what`` names the request in errors that have no path of their own.
+    """
+    if os.geteuid() != 0:
+        if identity.uid != os.geteuid():
+            raise PolicyError("path", "cannot resolve paths as another user without root", identity.user)
+        try:
+            return work()
+        except _Changed as exc:
+            raise _changed(exc.filename or what) from exc
+        except OSError as exc:
+            raise _error(exc.filename or what, exc.errno or errno.EIO) from exc
+    # SEQPACKET keeps each message (and the fds riding on it) whole.
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pid = os.fork()
+    if pid == 0:
+        parent.close()
+        _child(child, identity, work)
+    child.close()
+    fds: List[int] = []
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                os.kill(pid, signal.SIGKILL)
+                raise _error(what, errno.ETIMEDOUT)
+            if not select.select([parent], [], [], left)[0]:
+                continue
+            data, got = _recv(parent)
+            fds += got
+            if data != b"F":
+                break
+    except BaseException:
+        _close_all(fds)
+        raise
+    finally:
+        parent.close()
+        os.waitpid(pid, 0)
+    if data[:1] == b"\0":
+        return data[1:], fds
+    _close_all(fds)
+    head, _, name = data[1:].partition(b"\0")
+    path = os.fsdecode(name) or what
+    if data[:1] == b"L":
+        raise _changed(path)
+    try:
+        code = int(head.decode() or errno.EIO)
+    except ValueError:
+        code = errno.EIO
+    raise _error(path, code)
+
+
+def _recv(sock: socket.socket) -> Tuple[bytes, List[int]]:
+    """One message and its fds, close-on-exec from the start (socket.recv_fds drops the flag before 3.12)."""
+    fds = array.array("i")
+    data, ancdata, _flags, _addr = sock.recvmsg(65536, socket.CMSG_SPACE(MAX_FDS * fds.itemsize),
+                                                socket.MSG_CMSG_CLOEXEC)
+    for level, kind, cdata in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(cdata[:len(cdata) - len(cdata) % fds.itemsize])
+    return data, list(fds)
+
+
+def _close_all(fds: Sequence[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _checked(path: str) -> None:
+    if not isinstance(path, str) or not path.startswith("/") or "\0" in path:
+        raise PolicyError("path", "not an absolute path", path)
+
+
+def resolve_as_user(path: str, identity) -> str:
+    """Return the canonical form of ``path`` (symlinks and ``..`` resolved) as ``identity`` sees it.
+
+    The path must exist and be readable (directories: searchable) by that user. Raises PolicyError
+    otherwise, or when not root and asked to resolve for another uid.
+    """
+    _checked(path)
+
+    def work() -> Tuple[bytes, List[int]]:
+        try:
+            return os.fsencode(_resolve_here(path)), []
+        except OSError as exc:
+            exc.filename = path         # report the path as the user wrote it
+            raise
+    return os.fsdecode(_as_user(identity, work, path)[0])
+
+
+def open_all_as_user(paths: Sequence[str], identity) -> List[int]:
+    """O_PATH fds (close-on-exec, the caller closes them) for canonical ``paths``, opened as ``identity``.
+
+    One child for all paths. Every component is looked up without following symlinks, with the user's
+    search permissions: a path whose component became a symlink after it was resolved is refused with
+    ``cbatch: mount: changed while being checked: <path> (a symlink appeared; refusing)``; a path the user
+    cannot reach with ``permission denied``.
+    """
+    for path in paths:
+        _checked(path)
+
+    def work() -> Tuple[bytes, List[int]]:
+        fds: List[int] = []
+        try:
+            for path in paths:
+                fds.append(_open_here(path))
+        except OSError as exc:
+            _close_all(fds)
+            exc.filename = path
+            raise
+        return b"", fds
+    fds = _as_user(identity, work, ", ".join(paths)[:200])[1]
+    if len(fds) != len(paths):
+        _close_all(fds)
+        raise PolicyError("mount", "could not pin all sources", f"{len(fds)} of {len(paths)}")
+    return fds
+
+
+def open_as_user(path: str, identity) -> int:
+    """An O_PATH fd for canonical ``path`` as ``identity`` reaches it (see :func:`open_all_as_user`)."""
+    return open_all_as_user([path], identity)[0]
