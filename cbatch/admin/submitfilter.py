@@ -135,14 +135,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return status
 
 
-def command(args) -> int:
-    """The ``cbatch submit-filter`` route (cli.py): same as :func:`main`."""
-    extra: List[str] = []
-    if getattr(args, "config", None):
-        extra += ["--config", args.config]
-    qsub_args = list(getattr(args, "qsub_args", None) or [])
-    return main(extra + ["--"] + (qsub_args[1:] if qsub_args[:1] == ["--"] else qsub_args))
-
-
 if __name__ == "__main__":
     sys.exit(main())

@@ -18,15 +18,15 @@ from typing import Any, Dict, Optional, Tuple
 
 import yaml
 
-from cbatch.core.configkeys import (GLOB, MERGED_MAPS, NAME, QUEUE_KEYS, RESERVED_TARGETS, Ctx, abspath, instance,
-                               integer, is_reserved_target, mapping, number, positive, section, unknown, url)
+from cbatch.core.configkeys import (GLOB, MERGED_MAPS, NAME, QUEUE_KEYS, Ctx, abspath, instance, integer, mapping,
+                                   number, positive, section, unknown, url)
 from cbatch.core.directives import NATIVE
 from cbatch.core.errors import ConfigError
 from cbatch.core.spec import Mount
 
-__all__ = ["DEFAULT_PATH", "DEFAULT_ENV_DROP", "RESERVED_TARGETS", "EngineConfig", "DaemonConfig", "UserMounts",
+__all__ = ["DEFAULT_PATH", "DEFAULT_ENV_DROP", "EngineConfig", "DaemonConfig", "UserMounts",
            "Hardening", "QueuePolicy", "RegistryConfig", "ImagesConfig", "SiteConfig", "ConfigError",
-           "is_reserved_target", "normalize_reference", "image_allowed", "parse", "check_trusted", "load"]
+           "normalize_reference", "image_allowed", "parse", "check_trusted", "load"]
 
 DEFAULT_PATH = "/etc/cbatch/cbatch.yaml"
 DEFAULT_ENV_DROP = ("PATH", "LD_LIBRARY_PATH", "LD_PRELOAD", "LD_AUDIT", "HOSTNAME", "PWD", "OLDPWD", "SHLVL",

@@ -20,11 +20,12 @@ import re
 from fnmatch import fnmatchcase
 from typing import Callable, List, Optional, Sequence, Tuple
 
-from cbatch.core.config import RESERVED_TARGETS, QueuePolicy, SiteConfig, image_allowed, is_reserved_target
+from cbatch.core.config import QueuePolicy, SiteConfig, image_allowed
 from cbatch.core.directives import NATIVE, Directives, valid_reference
 from cbatch.core.errors import DirectiveError, PolicyError
 from cbatch.core.job import Identity, JobContext
-from cbatch.core.spec import LABEL_JOB, LABEL_KIND, LABEL_UID, ContainerSpec, Mount, Native
+from cbatch.core.spec import (LABEL_JOB, LABEL_KIND, LABEL_UID, RESERVED_TARGETS, ContainerSpec, Mount, Native,
+                              is_reserved_target)
 
 Resolver = Callable[[str, Identity], str]
 IMAGE_ENV = "CBATCH_IMAGE"
@@ -82,8 +83,6 @@ def check_image(policy: QueuePolicy, queue: str, image: str, source: str) -> Non
             allowed += ", native"
         raise PolicyError("image", f"not allowed in queue {queue}", image, "allowed: " + allowed)
 
-
-_check_image = check_image     # the submit filter's earlier name
 
 
 def check_request(policy: QueuePolicy, queue: str, directives: Directives, image: str,
