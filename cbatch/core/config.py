@@ -43,7 +43,8 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class DaemonConfig:
-    """cbatchd's own settings. ``hostname`` is not a key: it is this host's name, resolved at load."""
+    """cbatchd's own settings. ``hostname``, ``cpus`` and ``memory`` are not keys: they describe this host
+    and are filled in at load (the policy clamps a job's limits to them)."""
 
     socket: str = "/run/cbatch/cbatchd.sock"
     state_dir: str = "/var/lib/cbatch"
@@ -52,6 +53,8 @@ class DaemonConfig:
     helper: str = "/usr/libexec/cbatch/cbatch-exec"
     hostname: str = ""
     mount_dir: str = "/run/cbatch/mounts"  # root-only staging points of pinned bind mounts (cbatch.daemon.pinning)
+    cpus: int = 0           # this node's CPUs and memory (bytes), measured by load(); 0 = unknown (no clamp)
+    memory: int = 0
 
 
 @dataclass(frozen=True)
@@ -207,8 +210,10 @@ def image_allowed(ref: str, patterns: Tuple[str, ...]) -> bool:
     return False
 
 
-def parse(text: str, path: str = DEFAULT_PATH, hostname: Optional[str] = None) -> SiteConfig:
-    """Validate YAML text into a SiteConfig (no file access). ``hostname`` defaults to this host's name."""
+def parse(text: str, path: str = DEFAULT_PATH, hostname: Optional[str] = None,
+          node: Tuple[int, int] = (0, 0)) -> SiteConfig:
+    """Validate YAML text into a SiteConfig (no file access). ``hostname`` defaults to this host's name;
+    ``node`` is (cpus, memory bytes) of this host, 0 for unknown (see :func:`node_size`)."""
     c = Ctx(path)
     try:
         # libyaml's safe loader when present: same semantics, ~10x faster (the submit filter runs per qsub).
@@ -223,7 +228,7 @@ def parse(text: str, path: str = DEFAULT_PATH, hostname: Optional[str] = None) -
 
     host = hostname if hostname is not None else socket.gethostname()
     engine = section(c, "engine", data, EngineConfig(), {"url": url, "timeout": positive})
-    daemon = section(c, "daemon", data, DaemonConfig(instance=host, hostname=host),
+    daemon = section(c, "daemon", data, DaemonConfig(instance=host, hostname=host, cpus=node[0], memory=node[1]),
                      {"socket": abspath, "state_dir": abspath, "instance": instance, "stop_grace": number,
                       "helper": abspath, "mount_dir": abspath})
     own_defaults = _queue_partial(c, "defaults", data.get("defaults"))
@@ -269,6 +274,19 @@ def check_trusted(path: str, real: str, st: os.stat_result) -> None:
         parent = os.path.dirname(parent)
 
 
+def node_size() -> Tuple[int, int]:
+    """(CPUs this process may use, physical memory in bytes) of this host; 0 where it cannot tell."""
+    try:
+        cpus = min(os.cpu_count() or 0, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 0
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        memory = 0
+    return cpus, max(memory, 0)
+
+
 def load(path: str = DEFAULT_PATH, trusted: bool = False, hostname: Optional[str] = None) -> SiteConfig:
     """Read and validate the site config. With ``trusted=True`` (the root daemon) also refuse a file that
     is not root-owned or is group/world-writable, or lives under a directory someone else can write."""
@@ -293,4 +311,4 @@ def load(path: str = DEFAULT_PATH, trusted: bool = False, hostname: Optional[str
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(path, "", "not valid UTF-8", f"byte {exc.start}", "save the file as UTF-8") from exc
-    return parse(text, path=path, hostname=hostname)
+    return parse(text, path=path, hostname=hostname, node=node_size())

@@ -24,6 +24,7 @@ from cbatch.core.config import QueuePolicy, SiteConfig, image_allowed
 from cbatch.core.directives import NATIVE, Directives, valid_reference
 from cbatch.core.errors import DirectiveError, PolicyError
 from cbatch.core.job import Identity, JobContext
+from cbatch.core.mountset import MountSet
 from cbatch.core.spec import (LABEL_JOB, LABEL_KIND, LABEL_UID, RESERVED_TARGETS, ContainerSpec, Mount, Native,
                               is_reserved_target)
 
@@ -130,22 +131,6 @@ def _under(path: str, prefix: str) -> bool:
     return path == prefix or path.startswith(prefix.rstrip("/") + "/")
 
 
-class _Mounts:
-    """Collects mounts in order, refusing two different sources on one target."""
-
-    def __init__(self) -> None:
-        self.items: List[Mount] = []
-
-    def add(self, mount: Mount, subject: str) -> None:
-        for m in self.items:
-            if m.target == mount.target:
-                if m.source == mount.source:
-                    return          # e.g. cwd == home: one mount, the earlier (cbatch's) mode wins
-                raise PolicyError(subject, "mount target already used", mount.target,
-                                  f"cbatch already mounts {m.source} there")
-        self.items.append(mount)
-
-
 def _job_path(job: JobContext, resolve: Resolver, path: str, what: str, read_only: bool,
               script: str) -> Mount:
     """A host path the job refers to (cwd, home, TMPDIR, node file), mounted at the same path."""
@@ -158,7 +143,7 @@ def _job_path(job: JobContext, resolve: Resolver, path: str, what: str, read_onl
 
 
 def _user_mounts(policy: QueuePolicy, job: JobContext, directives: Directives, resolve: Resolver,
-                 fallback: str, mounts: _Mounts) -> None:
+                 fallback: str, mounts: MountSet) -> None:
     prefixes = tuple(job.identity.home if p == "~" else p for p in policy.user_mounts.prefixes)
     for m in directives.mounts:
         subject = _subject(m.line, fallback)
@@ -177,7 +162,54 @@ def _user_mounts(policy: QueuePolicy, job: JobContext, directives: Directives, r
             shown = source if source == m.source else f"{source} (resolved from {m.source})"
             raise PolicyError(subject, "mount source outside the allowed directories", shown,
                               "allowed: " + (", ".join(prefixes) or "none"))
-        mounts.add(Mount(source=source, target=target, read_only=m.read_only), subject)
+        mounts.add(Mount(source=source, target=target, read_only=m.read_only), "user", subject)
+
+
+# Bounds beyond which a request is nonsense on any node (the engine would answer with its own text); below
+# them a request larger than this node is clamped to the node (TORQUE's np= may exceed the cores).
+MAX_CPUS = 1 << 16
+MAX_MEMORY = 1 << 60                 # 1 EiB; the engine takes an int64
+MIN_MEMORY = 6 << 20                 # Docker's minimum memory limit (6 MiB)
+MAX_WALLTIME = (1 << 31) - 1         # seconds (~68 years)
+WORKDIR_FORBIDDEN = KERNEL_SOURCES + ("/.cbatch",)
+
+
+def _workdir(asked: Optional[str], cwd: str) -> str:
+    """The container's working directory; never a kernel interface or cbatch's plumbing (``/proc/self/fd/N``
+    would hand the job a descriptor of the engine's, whatever the runc version)."""
+    path = _container_path(asked or cwd)
+    if any(_under(path, k) for k in WORKDIR_FORBIDDEN):
+        raise PolicyError("--workdir" if asked else "working directory", "not allowed as working directory", path,
+                          "not " + ", ".join(WORKDIR_FORBIDDEN) + " or anything under them")
+    return path
+
+
+def limits(config: SiteConfig, job: JobContext) -> Tuple[Optional[int], Optional[int]]:
+    """(cpus, memory bytes) for the container when no batch-system cgroup limits the job.
+
+    Refuses what no node could honour (one line naming the resource); clamps to this node's CPUs and
+    memory (``config.daemon.cpus``/``memory``, measured when the config was loaded; 0 = unknown).
+    """
+    res, host, daemon = job.resources, config.daemon.hostname, config.daemon
+    if res.walltime is not None and res.walltime > MAX_WALLTIME:
+        raise PolicyError("resource list", "walltime out of range", f"walltime={res.walltime}",
+                          f"at most {MAX_WALLTIME} seconds")
+    cpus = res.cpus_on(host)
+    if cpus is not None and cpus > MAX_CPUS:
+        raise PolicyError("resource list", "more CPUs than any node has", f"{cpus} cpus",
+                          f"at most {daemon.cpus or MAX_CPUS} on this node")
+    if cpus and daemon.cpus and cpus > daemon.cpus:
+        cpus = daemon.cpus
+    memory = res.memory_on(host)
+    if memory is not None and memory > MAX_MEMORY:
+        raise PolicyError("resource list", "more memory than any node has", f"{memory} bytes",
+                          "at most 1024pb (mem, or pmem times cpus)")
+    if memory and memory < MIN_MEMORY:
+        raise PolicyError("resource list", "memory limit too small to start a container", f"{memory} bytes",
+                          "mem or pmem times cpus at least 6mb")
+    if memory and daemon.memory and memory > daemon.memory:
+        memory = daemon.memory
+    return cpus, memory
 
 
 def _common(config: SiteConfig, job: JobContext, directives: Directives, resolve: Resolver, *, run: bool,
@@ -194,31 +226,31 @@ def _common(config: SiteConfig, job: JobContext, directives: Directives, resolve
                           job.identity.user, "run as a normal user, or set allow_root for this queue")
     check_request(policy, queue, directives, image, fallback)
 
-    mounts = _Mounts()
+    mounts = MountSet()
     if not run:
-        mounts.add(_job_path(job, resolve, job.script_path, "job script", True, ""), "job script")
-    mounts.add(Mount("/etc/passwd", "/etc/passwd", True), "passwd")
-    mounts.add(Mount("/etc/group", "/etc/group", True), "group")
+        mounts.add(_job_path(job, resolve, job.script_path, "job script", True, ""), "job", "job script")
+    mounts.add(Mount("/etc/passwd", "/etc/passwd", True), "cbatch", "passwd")
+    mounts.add(Mount("/etc/group", "/etc/group", True), "cbatch", "group")
     script = job.script_path
     if job.node_file:
-        mounts.add(_job_path(job, resolve, job.node_file, "PBS_NODEFILE", True, script), "PBS_NODEFILE")
+        mounts.add(_job_path(job, resolve, job.node_file, "PBS_NODEFILE", True, script), "job", "PBS_NODEFILE")
     if job.tmpdir:
-        mounts.add(_job_path(job, resolve, job.tmpdir, "TMPDIR", False, script), "TMPDIR")
-    mounts.add(_job_path(job, resolve, job.cwd, "working directory", False, script), "working directory")
-    mounts.add(_job_path(job, resolve, job.identity.home, "home directory", False, script), "home directory")
+        mounts.add(_job_path(job, resolve, job.tmpdir, "TMPDIR", False, script), "job", "TMPDIR")
+    mounts.add(_job_path(job, resolve, job.cwd, "working directory", False, script), "job", "working directory")
+    mounts.add(_job_path(job, resolve, job.identity.home, "home directory", False, script), "job",
+               "home directory")
     for m in policy.mounts:
-        mounts.add(m, "site mount")
+        mounts.add(m, "site", f"site mount {m.source}")
     _user_mounts(policy, job, directives, resolve, fallback, mounts)
+    workdir = _workdir(directives.workdir, job.cwd)
 
     limited = job.cgroup_parent is None
-    cpus = job.resources.cpus_on(config.daemon.hostname) if limited else None
-    memory = job.resources.memory_on(config.daemon.hostname) if limited else None
+    cpus, memory = limits(config, job) if limited else (None, None)
     hard = policy.hardening
     env = tuple((k, v) for k, v, _ in environment(policy, job, directives, image))
     return ContainerSpec(
         name=name, image=image, argv=argv, uid=job.identity.uid, gid=job.identity.gid,
-        groups=job.identity.groups, workdir=posixpath.normpath(directives.workdir or job.cwd), env=env,
-        mounts=tuple(mounts.items),
+        groups=job.identity.groups, workdir=workdir, env=env, mounts=mounts.mounts(),
         labels=((LABEL_JOB, job.job_id), (LABEL_UID, str(job.identity.uid)), (LABEL_KIND, kind)),
         stdin_line=stdin_line, use_entrypoint=directives.entrypoint,
         network=directives.network or policy.network,
