@@ -236,9 +236,9 @@ def _common(config: SiteConfig, job: JobContext, directives: Directives, resolve
         mounts.add(_job_path(job, resolve, job.node_file, "PBS_NODEFILE", True, script), "job", "PBS_NODEFILE")
     if job.tmpdir:
         mounts.add(_job_path(job, resolve, job.tmpdir, "TMPDIR", False, script), "job", "TMPDIR")
-    mounts.add(_job_path(job, resolve, job.cwd, "working directory", False, script), "job", "working directory")
     mounts.add(_job_path(job, resolve, job.identity.home, "home directory", False, script), "job",
                "home directory")
+    mounts.add(_job_path(job, resolve, job.cwd, "working directory", False, script), "job", "working directory")
     for m in policy.mounts:
         mounts.add(m, "site", f"site mount {m.source}")
     _user_mounts(policy, job, directives, resolve, fallback, mounts)

@@ -454,7 +454,7 @@ def assert_flat(spec):
 def test_user_mount_target_inside_home_is_refused():
     msg = nest_refuse(d("#CBATCH --image=debian:12 --mount /scratch/alice/data:/home/alice/data"))
     assert msg == ("cbatch: directive line 2: mount target inside another mount: /home/alice/data inside "
-                   "/home/alice (working directory) (cbatch never mounts one path inside another: the engine would "
+                   "/home/alice (home directory) (cbatch never mounts one path inside another: the engine would "
                    "create it through directories the user can change; choose a target outside /home/alice)")
 
 
