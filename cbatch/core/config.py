@@ -25,7 +25,7 @@ from cbatch.core.errors import ConfigError
 from cbatch.core.spec import Mount
 
 __all__ = ["DEFAULT_PATH", "DEFAULT_ENV_DROP", "EngineConfig", "DaemonConfig", "UserMounts",
-           "Hardening", "QueuePolicy", "RegistryConfig", "ImagesConfig", "SiteConfig", "ConfigError",
+           "Hardening", "QueuePolicy", "RegistryConfig", "ImagesConfig", "TorqueConfig", "SiteConfig", "ConfigError",
            "normalize_reference", "image_allowed", "parse", "check_trusted", "load"]
 
 DEFAULT_PATH = "/etc/cbatch/cbatch.yaml"
@@ -112,6 +112,15 @@ class ImagesConfig:
 
 
 @dataclass(frozen=True)
+class TorqueConfig:
+    """Facts about the TORQUE server cbatch cannot see from a node. ``default_queue`` is the server's
+    ``default_queue`` (``qmgr -c 'p s'``): the queue ``cbatch check`` assumes for a script without ``-q``
+    (None: the ``defaults`` policy, shown as ``(none)``). Jobs themselves always carry their real queue."""
+
+    default_queue: Optional[str] = None
+
+
+@dataclass(frozen=True)
 class SiteConfig:
     """The whole site config. Use :meth:`queue` to get a queue's merged policy."""
 
@@ -122,6 +131,7 @@ class SiteConfig:
     queues: Tuple[Tuple[str, QueuePolicy], ...] = ()
     registry: RegistryConfig = RegistryConfig()
     images: ImagesConfig = ImagesConfig()
+    torque: TorqueConfig = TorqueConfig()
 
     def queue(self, name: Optional[str]) -> QueuePolicy:
         """The merged policy of queue ``name``; an unknown queue (or None) gets the defaults."""
@@ -224,7 +234,7 @@ def parse(text: str, path: str = DEFAULT_PATH, hostname: Optional[str] = None,
         raise ConfigError(path, where, "not valid YAML", getattr(exc, "problem", None) or str(exc).split("\n")[0],
                           "check indentation and quoting") from exc
     data = mapping(c, "", data) if data is not None else {}
-    unknown(c, "", data, ("engine", "daemon", "defaults", "queues", "registry", "images"))
+    unknown(c, "", data, ("engine", "daemon", "defaults", "queues", "registry", "images", "torque"))
 
     host = hostname if hostname is not None else socket.gethostname()
     engine = section(c, "engine", data, EngineConfig(), {"url": url, "timeout": positive})
@@ -245,8 +255,15 @@ def parse(text: str, path: str = DEFAULT_PATH, hostname: Optional[str] = None,
                        {"auth_file": lambda c_, k, v: None if v is None else abspath(c_, k, v)})
     images = section(c, "images", data, ImagesConfig(),
                      {"prune_max_age_days": lambda c_, k, v: integer(c_, k, v, 1, nullable=True)})
+    def queue_name(c_: Ctx, k: str, v: Any) -> Optional[str]:
+        if v is None:
+            return None
+        if not isinstance(v, str) or not NAME.match(v):
+            raise c_.err(k, "not a valid queue name", v, "letters, digits, _ . - (or null)")
+        return v
+    torque = section(c, "torque", data, TorqueConfig(), {"default_queue": queue_name})
     return SiteConfig(path=path, engine=engine, daemon=daemon, defaults=defaults, queues=tuple(queues),
-                      registry=registry, images=images)
+                      registry=registry, images=images, torque=torque)
 
 
 def check_trusted(path: str, real: str, st: os.stat_result) -> None:
