@@ -20,15 +20,19 @@ import re
 from fnmatch import fnmatchcase
 from typing import Callable, List, Optional, Sequence, Tuple
 
-from cbatch.core.config import QueuePolicy, SiteConfig, image_allowed
+from cbatch.core.config import QueuePolicy, SiteConfig, image_allowed, normalize_reference
 from cbatch.core.directives import NATIVE, Directives, valid_reference
 from cbatch.core.errors import DirectiveError, PolicyError
+from cbatch.core.imagerefs import repo_of
 from cbatch.core.job import Identity, JobContext
 from cbatch.core.mountset import MountSet
 from cbatch.core.spec import (LABEL_JOB, LABEL_KIND, LABEL_UID, RESERVED_TARGETS, ContainerSpec, Mount, Native,
                               is_reserved_target)
 
 Resolver = Callable[[str, Identity], str]
+# ``tags_of(ref)``: the tags (``name:tag``) this node's engine has for the image a digest reference names,
+# () when it has none. The daemon passes the engine's lookup; None (submit filter, tests) = unknown.
+TagsOf = Callable[[str], Sequence[str]]
 IMAGE_ENV = "CBATCH_IMAGE"
 _NAME_BAD = re.compile(r"[^a-zA-Z0-9_.-]")
 KERNEL_SOURCES = ("/proc", "/sys", "/dev")
@@ -68,8 +72,26 @@ def choose_image(policy: QueuePolicy, job: JobContext, directives: Directives,
     return policy.image, f"queue {policy.name or 'defaults'} default"
 
 
-def check_image(policy: QueuePolicy, queue: str, image: str, source: str) -> None:
-    """Refuse an image the queue does not allow (or native where it is not allowed), or a bad reference."""
+def _repo(ref: str) -> str:
+    """The fully expanded repository of a reference (``busybox@sha256:..`` -> ``docker.io/library/busybox``)."""
+    return normalize_reference(repo_of(ref) + ":x").rsplit(":", 1)[0]
+
+
+def digest_allowed(image: str, patterns: Tuple[str, ...], tags_of: Optional[TagsOf]) -> bool:
+    """True if ``image`` pins a digest (``name@sha256:..``) that is, on this node, the image of a tag of the
+    same repository the queue allows (``name:tag`` exactly or by a glob such as ``name:*``)."""
+    if tags_of is None or "@" not in image:
+        return False
+    want = _repo(image)
+    return any(_repo(tag) == want and image_allowed(tag, patterns) for tag in tags_of(image) if "@" not in tag)
+
+
+def check_image(policy: QueuePolicy, queue: str, image: str, source: str,
+                tags_of: Optional[TagsOf] = None) -> None:
+    """Refuse an image the queue does not allow (or native where it is not allowed), or a bad reference.
+
+    A digest reference is allowed when it matches a pattern itself, or when ``tags_of`` (the engine's
+    knowledge, injected: no I/O here) shows it is the image of an allowed tag of its repository."""
     if image == NATIVE:
         if not policy.native:
             raise PolicyError("image", f"native (no container) is not allowed in queue {queue}", source,
@@ -78,10 +100,12 @@ def check_image(policy: QueuePolicy, queue: str, image: str, source: str) -> Non
     if not valid_reference(image):
         raise PolicyError("image", f"not a valid image reference (from {source})", image,
                           "[registry[:port]/]name[:tag][@sha256:<64 hex>], lowercase name")
-    if not image_allowed(image, policy.images):
+    if not image_allowed(image, policy.images) and not digest_allowed(image, policy.images, tags_of):
         allowed = ", ".join(policy.images) or "none"
         if policy.native:
             allowed += ", native"
+        if "@" in image:
+            allowed += "; a digest only as the image of an allowed tag on this node"
         raise PolicyError("image", f"not allowed in queue {queue}", image, "allowed: " + allowed)
 
 
@@ -213,12 +237,13 @@ def limits(config: SiteConfig, job: JobContext) -> Tuple[Optional[int], Optional
 
 
 def _common(config: SiteConfig, job: JobContext, directives: Directives, resolve: Resolver, *, run: bool,
-            argv: Tuple[str, ...], stdin_line: Optional[str], name: str, kind: str) -> ContainerSpec | Native:
+            argv: Tuple[str, ...], stdin_line: Optional[str], name: str, kind: str,
+            tags_of: Optional[TagsOf]) -> ContainerSpec | Native:
     policy = config.queue(job.queue)
     queue = job.queue or "(none)"
     fallback = "cbatch run" if run else "directive"
     image, source = choose_image(policy, job, directives, run=run)
-    check_image(policy, queue, image, source)
+    check_image(policy, queue, image, source, tags_of)
     if image == NATIVE:
         return Native(shell=job.shell, reason=f"image native (from {source})")
     if job.identity.uid == 0 and not policy.allow_root:
@@ -260,18 +285,20 @@ def _common(config: SiteConfig, job: JobContext, directives: Directives, resolve
         init=hard.init, shm_bytes=policy.shm_size, umask=job.umask)
 
 
-def decide(config: SiteConfig, job: JobContext, directives: Directives, resolve: Resolver) -> ContainerSpec | Native:
+def decide(config: SiteConfig, job: JobContext, directives: Directives, resolve: Resolver,
+           tags_of: Optional[TagsOf] = None) -> ContainerSpec | Native:
     """Decide how a transparent batch job runs: the container spec, or Native when it runs without one.
 
     The container runs ``job.shell`` fed ``job.stdin_line`` (as pbs_mom feeds the shell), as the job's
     host identity, in ``job.cwd`` (or ``--workdir``). Raises PolicyError/DirectiveError for a refusal.
+    ``tags_of``: see :func:`check_image` (digest references of allowed tags).
     """
     return _common(config, job, directives, resolve, run=False, argv=(job.shell,), stdin_line=job.stdin_line,
-                   name=container_name(job.job_id), kind="job")
+                   name=container_name(job.job_id), kind="job", tags_of=tags_of)
 
 
 def decide_run(config: SiteConfig, job: JobContext, directives: Directives, argv: Sequence[str],
-               resolve: Resolver, index: int = 0) -> ContainerSpec | Native:
+               resolve: Resolver, index: int = 0, tags_of: Optional[TagsOf] = None) -> ContainerSpec | Native:
     """Decide a ``cbatch run`` inside job ``job``: ``argv`` is the user's command, ``index`` numbers the
     job's runs (container ``cbatch-<job>-<hash>-run-<index>``). Native means: exec ``argv`` directly."""
     if not argv:
@@ -279,4 +306,4 @@ def decide_run(config: SiteConfig, job: JobContext, directives: Directives, argv
     if isinstance(index, bool) or not isinstance(index, int) or index < 0:
         raise DirectiveError("cbatch run", "invalid run index", index)
     return _common(config, job, directives, resolve, run=True, argv=tuple(argv), stdin_line=None,
-                   name=container_name(job.job_id, f"-run-{index}"), kind="run")
+                   name=container_name(job.job_id, f"-run-{index}"), kind="run", tags_of=tags_of)

@@ -638,3 +638,68 @@ def test_limits_not_applied_under_a_batch_cgroup():
     spec = policy.decide(node_cfg(4, 8 << 30), job(resources="ncpus=100000", cgroup="/torque/1.vm"),
                          d("#CBATCH --image=debian:12"), fake_resolve)
     assert spec.cpus is None and spec.memory_bytes is None
+
+
+# --- digest pinning: name@sha256 of an allowed tag (issue 10.15) ------------------------------------------
+
+D1, D2 = "sha256:" + "1" * 64, "sha256:" + "2" * 64
+PIN_CONFIG = """
+daemon: {instance: test}
+queues:
+  exact: {images: ["reg.example:5000/hpc/tool:1"], image: native}
+  glob: {images: ["reg.example:5000/hpc/tool:*"], image: native}
+  hub: {images: ["busybox:1.36"], image: native}
+"""
+LOCAL = {  # what the engine knows: digest reference -> that image's tags
+    f"reg.example:5000/hpc/tool@{D1}": ("reg.example:5000/hpc/tool:1", "reg.example:5000/other:1"),
+    f"reg.example:5000/hpc/tool@{D2}": ("reg.example:5000/hpc/tool:2",),
+    f"reg.example:5000/evil@{D1}": ("reg.example:5000/hpc/tool:1",),
+    f"busybox@{D1}": ("busybox:1.36",),
+    f"docker.io/library/busybox@{D1}": ("busybox:1.36",),     # the engine answers either spelling
+}
+
+
+def pin(queue, image, tags_of=lambda ref: LOCAL.get(ref, ())):
+    config = parse(PIN_CONFIG, path="site.yaml", hostname="vm")
+    return policy.decide(config, job(queue=queue), d(f"#CBATCH --image={image}"), fake_resolve, tags_of)
+
+
+@pytest.mark.parametrize("queue,image", [
+    ("exact", f"reg.example:5000/hpc/tool@{D1}"),
+    ("glob", f"reg.example:5000/hpc/tool@{D1}"),
+    ("glob", f"reg.example:5000/hpc/tool@{D2}"),
+    ("glob", f"reg.example:5000/hpc/tool:2@{D2}"),          # the glob matches the reference itself
+    ("hub", f"busybox@{D1}"),
+    ("hub", f"docker.io/library/busybox@{D1}"),
+])
+def test_digest_of_an_allowed_tag_is_allowed(queue, image):
+    spec = pin(queue, image)
+    assert spec.image == image
+
+
+@pytest.mark.parametrize("queue,image", [
+    ("exact", f"reg.example:5000/hpc/tool@{D2}"),           # that digest is tag 2's, and only 1 is allowed
+    ("exact", f"reg.example:5000/evil@{D1}"),               # an allowed tag's image, but another repository
+    ("exact", f"reg.example:5000/hpc/tool@{'sha256:' + '3' * 64}"),   # unknown here
+    ("hub", f"busybox@{D2}"),
+])
+def test_digest_not_of_an_allowed_tag_is_refused(queue, image):
+    with pytest.raises(PolicyError) as info:
+        pin(queue, image)
+    assert info.value.message.startswith(f"cbatch: image: not allowed in queue {queue}: {image} (allowed: ")
+    assert info.value.message.endswith("; a digest only as the image of an allowed tag on this node)")
+
+
+def test_digest_without_a_lookup_is_refused_and_tags_are_not_looked_up():
+    with pytest.raises(PolicyError):
+        pin("exact", f"reg.example:5000/hpc/tool@{D1}", tags_of=None)
+    seen = []
+    assert pin("exact", "reg.example:5000/hpc/tool:1", tags_of=lambda ref: seen.append(ref) or ()).image
+    assert seen == []                                       # only digest references consult the engine
+
+
+def test_decide_run_takes_tags_of_too():
+    config = parse(PIN_CONFIG, path="site.yaml", hostname="vm")
+    spec = policy.decide_run(config, job(queue="exact"), d(f"#CBATCH --image=reg.example:5000/hpc/tool@{D1}"),
+                             ["true"], fake_resolve, 0, lambda ref: LOCAL.get(ref, ()))
+    assert spec.image == f"reg.example:5000/hpc/tool@{D1}"
