@@ -46,12 +46,18 @@ def check(script: bytes, qsub_args: Sequence[str], config, default_queue: str = 
     from cbatch.core import policy as pol
     from cbatch.core import qsubopts
     from cbatch.core.directives import parse_script
+    from cbatch.core.errors import PolicyError
 
     request = qsubopts.read(script, qsub_args, os.environ, default_queue)
     directives = parse_script(script)
     policy = config.queue(request.queue)
     image, source = pol.choose_image(policy, _JobView(request.variables), directives)
-    pol.check_image(policy, request.queue, image, source)
+    try:
+        pol.check_image(policy, request.queue, image, source)
+    except PolicyError:
+        # A digest of an allowed tag is allowed, but only the node's engine knows which digests those are.
+        if "@" not in image or not pol.repo_allowed(image, policy.images):
+            raise
     pol.check_request(policy, request.queue, directives, image)
     return request.queue
 

@@ -21,6 +21,7 @@ from fnmatch import fnmatchcase
 from typing import Callable, List, Optional, Sequence, Tuple
 
 from cbatch.core.config import QueuePolicy, SiteConfig, image_allowed, normalize_reference
+from cbatch.core.configkeys import GLOB
 from cbatch.core.directives import NATIVE, Directives, valid_reference
 from cbatch.core.errors import DirectiveError, PolicyError
 from cbatch.core.imagerefs import repo_of
@@ -84,6 +85,20 @@ def digest_allowed(image: str, patterns: Tuple[str, ...], tags_of: Optional[Tags
         return False
     want = _repo(image)
     return any(_repo(tag) == want and image_allowed(tag, patterns) for tag in tags_of(image) if "@" not in tag)
+
+
+def repo_allowed(image: str, patterns: Tuple[str, ...]) -> bool:
+    """True if some pattern allows some tag of ``image``'s repository (the submit filter, which has no
+    engine, lets such a digest reference through: the node decides with :func:`digest_allowed`)."""
+    want = _repo(image)
+    for pat in patterns:
+        if GLOB.search(pat):
+            name = pat.rsplit(":", 1)[0] if ":" in pat.rsplit("/", 1)[-1] else pat
+            if fnmatchcase(want, name) or fnmatchcase(repo_of(image), name):
+                return True
+        elif _repo(pat) == want:
+            return True
+    return False
 
 
 def check_image(policy: QueuePolicy, queue: str, image: str, source: str,

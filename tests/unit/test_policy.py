@@ -389,8 +389,9 @@ def test_policy_imports_without_docker():
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
-def test_policy_source_does_no_io():
-    source = (Path(policy.__file__)).read_text()
+@pytest.mark.parametrize("module", ["policy", "mountset", "imagerefs", "spec"])
+def test_policy_source_does_no_io(module):
+    source = (Path(policy.__file__).parent / f"{module}.py").read_text()
     for needle in ("open(", "os.stat", "os.lstat", "os.path.", "os.environ", "os.getcwd", "pwd.", "grp.",
                    "subprocess", "socket", "import docker", "realpath", "os.listdir", "Path(", "getgrouplist"):
         assert needle not in source, needle
@@ -703,3 +704,15 @@ def test_decide_run_takes_tags_of_too():
     spec = policy.decide_run(config, job(queue="exact"), d(f"#CBATCH --image=reg.example:5000/hpc/tool@{D1}"),
                              ["true"], fake_resolve, 0, lambda ref: LOCAL.get(ref, ()))
     assert spec.image == f"reg.example:5000/hpc/tool@{D1}"
+
+
+@pytest.mark.parametrize("image,patterns,expected", [
+    (f"reg.example:5000/hpc/tool@{D1}", ("reg.example:5000/hpc/tool:1",), True),
+    (f"reg.example:5000/hpc/tool@{D1}", ("reg.example:5000/hpc/tool:*",), True),
+    (f"reg.example:5000/hpc/tool@{D1}", ("reg.example:5000/hpc/*",), True),
+    (f"busybox@{D1}", ("docker.io/library/busybox:1.36",), True),
+    (f"reg.example:5000/evil@{D1}", ("reg.example:5000/hpc/tool:1",), False),
+    (f"reg.example:5000/hpc/toolx@{D1}", ("reg.example:5000/hpc/tool:*",), False),
+])
+def test_repo_allowed_for_the_submit_filter(image, patterns, expected):
+    assert policy.repo_allowed(image, patterns) is expected
