@@ -68,7 +68,9 @@ def _parser() -> argparse.ArgumentParser:
 
     for name in ("prologue", "epilogue"):
         h = sub.add_parser(name, help=f"the batch system's {name} (root)")
-        h.add_argument("--slurm", action="store_true", help="read the job from Slurm's environment")
+        # --slurm picks slurm.py's hook (which uses hooks.py's sequence); hooks.py never imports slurm.py.
+        h.add_argument("--slurm", dest="route", action="store_const", const=f"cbatch.clients.slurm:{name}",
+                       help="read the job from Slurm's environment")
         h.add_argument("--socket", default=None, help=argparse.SUPPRESS)
         h.add_argument("args", nargs=argparse.REMAINDER)
         h.set_defaults(route=f"cbatch.clients.hooks:{name}_command")

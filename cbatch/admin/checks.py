@@ -101,11 +101,12 @@ def print_config(cfg: configmod.SiteConfig, out: TextIO) -> None:
 
 
 def build_job(script: str, identity: Identity, queue: Optional[str], data: bytes,
-              environ: Optional[dict] = None) -> JobContext:
-    """A JobContext as if ``script`` were submitted now by ``identity`` and started in the current dir."""
+              environ: Optional[dict] = None, default_queue: Optional[str] = None) -> JobContext:
+    """A JobContext as if ``script`` were submitted now by ``identity`` and started in the current dir.
+    ``default_queue`` is the server's (config ``torque.default_queue``): qsub's queue without ``-q``."""
     environ = os.environ if environ is None else environ
     # ``--queue`` plays qsub's -q: it overrides the script's #PBS -q, as on the qsub command line.
-    request = qsubopts.read(data, ["-q", queue] if queue is not None else [], environ)
+    request = qsubopts.read(data, ["-q", queue] if queue is not None else [], environ, default_queue=default_queue)
     queue = request.queue or ""
     name = request.name or os.path.basename(script)
     cwd = os.getcwd()
@@ -131,7 +132,7 @@ def build_job(script: str, identity: Identity, queue: Optional[str], data: bytes
 def _describe(out: TextIO, cfg: configmod.SiteConfig, job: JobContext, directives, result) -> None:
     ident = job.identity
     out.write(f"script: {job.script_path}\n")
-    out.write(f"queue: {job.queue or '(default)'}\n")
+    out.write(f"queue: {job.queue or '(none: the defaults policy; set torque.default_queue)'}\n")
     out.write(f"user: {ident.user} (uid {ident.uid}, gid {ident.gid}, groups "
               f"{','.join(map(str, ident.groups))})\n")
     if isinstance(result, Native):
@@ -179,7 +180,7 @@ def check_script(cfg: configmod.SiteConfig, script: str, queue: Optional[str] = 
     except OSError as exc:
         raise JobError("script", f"cannot read ({exc.strerror})", script) from exc
     directives = parse_script(data)
-    job = build_job(path, identity, queue, data)
+    job = build_job(path, identity, queue, data, default_queue=cfg.torque.default_queue)
     result = policy.decide(cfg, job, directives, resolve)
     _describe(out, cfg, job, directives, result)
     return 0

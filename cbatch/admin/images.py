@@ -58,8 +58,10 @@ def format_inventory(inv: dict) -> str:
             out.append("  prepull: " + "; ".join(parts))
         present = q.get("present") or []
         if present:
-            rows = [["IMAGE", "DIGEST", "SIZE"]]
-            rows += [[p["ref"], _short(p.get("digest") or p.get("id")), _size(p.get("size"))] for p in present]
+            # DIGEST is the registry's repo digest (usable as --image=name@...; "-" for a locally built
+            # image), ID the engine's local image id: two different things, never one column for both.
+            rows = [["IMAGE", "DIGEST", "ID", "SIZE"]]
+            rows += [[p["ref"], _short(p.get("digest")), _short(p.get("id")), _size(p.get("size"))] for p in present]
             out.extend(_table(rows))
         else:
             out.append("  (no allowed image is present on this node)")

@@ -46,12 +46,18 @@ def check(script: bytes, qsub_args: Sequence[str], config, default_queue: str = 
     from cbatch.core import policy as pol
     from cbatch.core import qsubopts
     from cbatch.core.directives import parse_script
+    from cbatch.core.errors import PolicyError
 
     request = qsubopts.read(script, qsub_args, os.environ, default_queue)
     directives = parse_script(script)
     policy = config.queue(request.queue)
     image, source = pol.choose_image(policy, _JobView(request.variables), directives)
-    pol.check_image(policy, request.queue, image, source)
+    try:
+        pol.check_image(policy, request.queue, image, source)
+    except PolicyError:
+        # A digest of an allowed tag is allowed, but only the node's engine knows which digests those are.
+        if "@" not in image or not pol.repo_allowed(image, policy.images):
+            raise
     pol.check_request(policy, request.queue, directives, image)
     return request.queue
 
@@ -107,7 +113,7 @@ def install(path: str, config_path: str = DEFAULT_CONFIG, default_queue: str = D
     import site
     import sysconfig
 
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # above cbatch/
     paths = [here]
     for p in [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *site.getsitepackages()]:
         if p not in paths and os.path.isdir(p):
@@ -133,15 +139,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     status = run(argv, sys.stdin.buffer, sys.stdout.buffer, sys.stderr.buffer)
     sys.stdout.buffer.flush()
     return status
-
-
-def command(args) -> int:
-    """The ``cbatch submit-filter`` route (cli.py): same as :func:`main`."""
-    extra: List[str] = []
-    if getattr(args, "config", None):
-        extra += ["--config", args.config]
-    qsub_args = list(getattr(args, "qsub_args", None) or [])
-    return main(extra + ["--"] + (qsub_args[1:] if qsub_args[:1] == ["--"] else qsub_args))
 
 
 if __name__ == "__main__":

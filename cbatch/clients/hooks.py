@@ -137,16 +137,11 @@ def _job_of(argv: Sequence[str]) -> str:
 
 
 def prologue_command(args) -> int:
-    """``cbatch prologue [--slurm] ARGS...``."""
-    if getattr(args, "slurm", False):
-        from cbatch.clients import slurm
-        return slurm.prologue(args)
+    """``cbatch prologue ARGS...`` (pbs_mom's). ``--slurm`` routes to :func:`cbatch.clients.slurm.prologue`
+    in cli.py, so this module never imports slurm (which imports this one)."""
     return prologue_main(args.args, socket_path=args.socket)
 
 
 def epilogue_command(args) -> int:
-    """``cbatch epilogue [--slurm] ARGS...``."""
-    if getattr(args, "slurm", False):
-        from cbatch.clients import slurm
-        return slurm.epilogue(args)
+    """``cbatch epilogue ARGS...`` (pbs_mom's); ``--slurm`` is routed to slurm.py by cli.py."""
     return epilogue_main(args.args, socket_path=args.socket)

@@ -18,15 +18,15 @@ from typing import Any, Dict, Optional, Tuple
 
 import yaml
 
-from cbatch.core.configkeys import (GLOB, MERGED_MAPS, NAME, QUEUE_KEYS, RESERVED_TARGETS, Ctx, abspath, instance,
-                               integer, is_reserved_target, mapping, number, positive, section, unknown, url)
+from cbatch.core.configkeys import (GLOB, MERGED_MAPS, NAME, QUEUE_KEYS, Ctx, abspath, instance, integer, mapping,
+                                   number, positive, section, unknown, url)
 from cbatch.core.directives import NATIVE
 from cbatch.core.errors import ConfigError
 from cbatch.core.spec import Mount
 
-__all__ = ["DEFAULT_PATH", "DEFAULT_ENV_DROP", "RESERVED_TARGETS", "EngineConfig", "DaemonConfig", "UserMounts",
-           "Hardening", "QueuePolicy", "RegistryConfig", "ImagesConfig", "SiteConfig", "ConfigError",
-           "is_reserved_target", "normalize_reference", "image_allowed", "parse", "check_trusted", "load"]
+__all__ = ["DEFAULT_PATH", "DEFAULT_ENV_DROP", "EngineConfig", "DaemonConfig", "UserMounts",
+           "Hardening", "QueuePolicy", "RegistryConfig", "ImagesConfig", "TorqueConfig", "SiteConfig", "ConfigError",
+           "normalize_reference", "image_allowed", "parse", "check_trusted", "load"]
 
 DEFAULT_PATH = "/etc/cbatch/cbatch.yaml"
 DEFAULT_ENV_DROP = ("PATH", "LD_LIBRARY_PATH", "LD_PRELOAD", "LD_AUDIT", "HOSTNAME", "PWD", "OLDPWD", "SHLVL",
@@ -43,7 +43,8 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class DaemonConfig:
-    """cbatchd's own settings. ``hostname`` is not a key: it is this host's name, resolved at load."""
+    """cbatchd's own settings. ``hostname``, ``cpus`` and ``memory`` are not keys: they describe this host
+    and are filled in at load (the policy clamps a job's limits to them)."""
 
     socket: str = "/run/cbatch/cbatchd.sock"
     state_dir: str = "/var/lib/cbatch"
@@ -52,6 +53,8 @@ class DaemonConfig:
     helper: str = "/usr/libexec/cbatch/cbatch-exec"
     hostname: str = ""
     mount_dir: str = "/run/cbatch/mounts"  # root-only staging points of pinned bind mounts (cbatch.daemon.pinning)
+    cpus: int = 0           # this node's CPUs and memory (bytes), measured by load(); 0 = unknown (no clamp)
+    memory: int = 0
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,15 @@ class ImagesConfig:
 
 
 @dataclass(frozen=True)
+class TorqueConfig:
+    """Facts about the TORQUE server cbatch cannot see from a node. ``default_queue`` is the server's
+    ``default_queue`` (``qmgr -c 'p s'``): the queue ``cbatch check`` assumes for a script without ``-q``
+    (None: the ``defaults`` policy, shown as ``(none)``). Jobs themselves always carry their real queue."""
+
+    default_queue: Optional[str] = None
+
+
+@dataclass(frozen=True)
 class SiteConfig:
     """The whole site config. Use :meth:`queue` to get a queue's merged policy."""
 
@@ -119,6 +131,7 @@ class SiteConfig:
     queues: Tuple[Tuple[str, QueuePolicy], ...] = ()
     registry: RegistryConfig = RegistryConfig()
     images: ImagesConfig = ImagesConfig()
+    torque: TorqueConfig = TorqueConfig()
 
     def queue(self, name: Optional[str]) -> QueuePolicy:
         """The merged policy of queue ``name``; an unknown queue (or None) gets the defaults."""
@@ -207,8 +220,10 @@ def image_allowed(ref: str, patterns: Tuple[str, ...]) -> bool:
     return False
 
 
-def parse(text: str, path: str = DEFAULT_PATH, hostname: Optional[str] = None) -> SiteConfig:
-    """Validate YAML text into a SiteConfig (no file access). ``hostname`` defaults to this host's name."""
+def parse(text: str, path: str = DEFAULT_PATH, hostname: Optional[str] = None,
+          node: Tuple[int, int] = (0, 0)) -> SiteConfig:
+    """Validate YAML text into a SiteConfig (no file access). ``hostname`` defaults to this host's name;
+    ``node`` is (cpus, memory bytes) of this host, 0 for unknown (see :func:`node_size`)."""
     c = Ctx(path)
     try:
         # libyaml's safe loader when present: same semantics, ~10x faster (the submit filter runs per qsub).
@@ -219,11 +234,11 @@ def parse(text: str, path: str = DEFAULT_PATH, hostname: Optional[str] = None) -
         raise ConfigError(path, where, "not valid YAML", getattr(exc, "problem", None) or str(exc).split("\n")[0],
                           "check indentation and quoting") from exc
     data = mapping(c, "", data) if data is not None else {}
-    unknown(c, "", data, ("engine", "daemon", "defaults", "queues", "registry", "images"))
+    unknown(c, "", data, ("engine", "daemon", "defaults", "queues", "registry", "images", "torque"))
 
     host = hostname if hostname is not None else socket.gethostname()
     engine = section(c, "engine", data, EngineConfig(), {"url": url, "timeout": positive})
-    daemon = section(c, "daemon", data, DaemonConfig(instance=host, hostname=host),
+    daemon = section(c, "daemon", data, DaemonConfig(instance=host, hostname=host, cpus=node[0], memory=node[1]),
                      {"socket": abspath, "state_dir": abspath, "instance": instance, "stop_grace": number,
                       "helper": abspath, "mount_dir": abspath})
     own_defaults = _queue_partial(c, "defaults", data.get("defaults"))
@@ -240,8 +255,15 @@ def parse(text: str, path: str = DEFAULT_PATH, hostname: Optional[str] = None) -
                        {"auth_file": lambda c_, k, v: None if v is None else abspath(c_, k, v)})
     images = section(c, "images", data, ImagesConfig(),
                      {"prune_max_age_days": lambda c_, k, v: integer(c_, k, v, 1, nullable=True)})
+    def queue_name(c_: Ctx, k: str, v: Any) -> Optional[str]:
+        if v is None:
+            return None
+        if not isinstance(v, str) or not NAME.match(v):
+            raise c_.err(k, "not a valid queue name", v, "letters, digits, _ . - (or null)")
+        return v
+    torque = section(c, "torque", data, TorqueConfig(), {"default_queue": queue_name})
     return SiteConfig(path=path, engine=engine, daemon=daemon, defaults=defaults, queues=tuple(queues),
-                      registry=registry, images=images)
+                      registry=registry, images=images, torque=torque)
 
 
 def check_trusted(path: str, real: str, st: os.stat_result) -> None:
@@ -269,6 +291,19 @@ def check_trusted(path: str, real: str, st: os.stat_result) -> None:
         parent = os.path.dirname(parent)
 
 
+def node_size() -> Tuple[int, int]:
+    """(CPUs this process may use, physical memory in bytes) of this host; 0 where it cannot tell."""
+    try:
+        cpus = min(os.cpu_count() or 0, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 0
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        memory = 0
+    return cpus, max(memory, 0)
+
+
 def load(path: str = DEFAULT_PATH, trusted: bool = False, hostname: Optional[str] = None) -> SiteConfig:
     """Read and validate the site config. With ``trusted=True`` (the root daemon) also refuse a file that
     is not root-owned or is group/world-writable, or lives under a directory someone else can write."""
@@ -293,4 +328,4 @@ def load(path: str = DEFAULT_PATH, trusted: bool = False, hostname: Optional[str
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(path, "", "not valid UTF-8", f"byte {exc.start}", "save the file as UTF-8") from exc
-    return parse(text, path=path, hostname=hostname)
+    return parse(text, path=path, hostname=hostname, node=node_size())

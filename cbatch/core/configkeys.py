@@ -15,23 +15,14 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 from cbatch.core.directives import NATIVE, parse_mount, valid_reference
 from cbatch.core.errors import ConfigError
 from cbatch.core.resources import SIZE_HINT, parse_size
-from cbatch.core.spec import Mount
+from cbatch.core.spec import RESERVED_TARGETS, Mount, is_reserved_target
 
-# Container paths cbatch itself provides, or that would hand the host's kernel interfaces to a job.
-RESERVED_TARGETS = ("/etc/passwd", "/etc/group", "/etc/shadow", "/proc", "/sys", "/dev", "/.cbatch")
 URL_SCHEMES = ("unix", "tcp", "http", "https", "ssh")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
 ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 ENV_PATTERN = re.compile(r"^[A-Za-z0-9_*?%\[\]]+\Z")
 GLOB = re.compile(r"[*?\[]")
 
-
-def is_reserved_target(target: str, extra: Tuple[str, ...] = ()) -> bool:
-    """True if a container path is ``/``, or equal to or under a reserved path (or one of ``extra``)."""
-    if target == "/":
-        return True
-    reserved = RESERVED_TARGETS + tuple(e for e in extra if e and e != "/")
-    return any(target == r or target.startswith(r.rstrip("/") + "/") for r in reserved)
 
 
 # --- converters: (path, key, value) -> python value, ConfigError on anything unexpected -----------------

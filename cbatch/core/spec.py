@@ -11,6 +11,19 @@ HELPER_PATH = CBATCH_DIR + "/exec"          # the static cbatch-exec helper, bin
 STDOUT_PATH = CBATCH_DIR + "/stdout"        # the job's stdout spool file, when it is a regular file
 STDERR_PATH = CBATCH_DIR + "/stderr"
 
+# Container paths cbatch itself provides, or that would hand the host's kernel interfaces to a job: nothing
+# may be mounted onto them or under them (facts about the container layout, so they live here).
+RESERVED_TARGETS = ("/etc/passwd", "/etc/group", "/etc/shadow", "/proc", "/sys", "/dev", CBATCH_DIR)
+
+
+def is_reserved_target(target: str, extra: Tuple[str, ...] = ()) -> bool:
+    """True if a container path is ``/``, or equal to or under a reserved path (or one of ``extra``)."""
+    if target == "/":
+        return True
+    reserved = RESERVED_TARGETS + tuple(e for e in extra if e and e != "/")
+    return any(target == r or target.startswith(r.rstrip("/") + "/") for r in reserved)
+
+
 LABEL_JOB = "cbatch.job"
 LABEL_UID = "cbatch.uid"
 LABEL_INSTANCE = "cbatch.instance"          # which cbatchd owns the container (one per node, or per test)

@@ -299,6 +299,17 @@ class ImageManager:
             return repo_of(ref) + "@" + ref.split("@", 1)[1]
         return pick_digest(tuple(info.digests), ref)
 
+    def tags_of(self, ref: str) -> Tuple[str, ...]:
+        """The policy's ``tags_of``: the local tags of the image digest reference ``ref`` names (only when the
+        engine lists that very repo digest for it), else ()."""
+        if "@" not in ref:
+            return ()
+        info = self.engine.image_info(ref)
+        if info is None or repo_of(ref) + "@" + ref.split("@", 1)[1] not in {
+                repo_of(d) + "@" + d.split("@", 1)[1] for d in info.digests}:
+            return ()
+        return tuple(info.tags)
+
     def job_env(self, ref: str, info) -> Tuple[Tuple[str, str], ...]:
         """Environment pairs the daemon appends to a container spec: ``CBATCH_IMAGE_DIGEST`` (the repo
         digest, usable as ``--image=``) and ``CBATCH_IMAGE_ID`` (the local image id)."""

@@ -102,7 +102,7 @@ def start(daemon, conn, peer, msg: dict, fds) -> dict | None:
     directives = parse_script(read_script(reg.script_path, identity.uid))
     job = JobContext.for_start(reg, identity, argv[1], line, cwd, env, _cgroup_parent(reg, peer.pid),
                                peers.umask_of(peer.pid))
-    decision = policy.decide(daemon.config, job, directives, resolve_as_user)
+    decision = policy.decide(daemon.config, job, directives, resolve_as_user, _tags_of(daemon))
     if isinstance(decision, Native):
         log.info("job %s: native (%s)", reg.job_id, decision.reason)
         return {"mode": "native", "reason": decision.reason}
@@ -128,7 +128,8 @@ def run(daemon, conn, peer, msg: dict, fds) -> dict | None:
     shell = identity.shell if identity.shell.startswith("/") else "/bin/sh"
     job = JobContext.for_start(reg, identity, shell, "", cwd, env, _cgroup_parent(reg, peer.pid),
                                peers.umask_of(peer.pid))
-    decision = policy.decide_run(daemon.config, job, directives, argv, resolve_as_user, next(_RUN_INDEX))
+    decision = policy.decide_run(daemon.config, job, directives, argv, resolve_as_user, next(_RUN_INDEX),
+                                 _tags_of(daemon))
     if isinstance(decision, Native):
         return {"mode": "native", "reason": decision.reason}
     # stdin always goes through the attach socket: interactive input must work, and its EOF closes the
@@ -145,6 +146,11 @@ def _progress(fd: int):
         except OSError:
             pass
     return say
+
+
+def _tags_of(daemon):
+    """The policy's ``tags_of`` (a digest reference is allowed as an allowed tag's image), or None."""
+    return daemon.images.tags_of if daemon.images is not None else None
 
 
 def _launch(daemon, conn, peer, job, spec, stdio, pump, fds, kind: str) -> None:

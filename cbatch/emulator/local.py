@@ -69,7 +69,7 @@ class Job:
         self.kill_delay, self.walltime_poll, self.cgroup_dirs = kill_delay, walltime_poll, cgroup_dirs
         self.script_path = plan["script"]
         self.stdout_path, self.stderr_path = plan["stdout"], plan["stderr"]
-        self.tmpdir = plan["env"].get("TMPDIR")
+        self.tmpdir = plan["tmpdir"]        # only the one the mom made: never a path the job named (-v TMPDIR)
         self.session_id: Optional[int] = None
         self.started = threading.Event()      # set once the prologue passed and the starter was exec'ed
         self._spawned = threading.Event()     # the job child exists: session_id is known, qdel can act
@@ -244,7 +244,7 @@ class Job:
             except FileNotFoundError:
                 pass
         if self.tmpdir and self.mom.keep_files is False:
-            momproc.remove_tree(self.tmpdir)
+            momproc.remove_as_user(self.tmpdir, self.plan["uid"], self.plan["gid"], self.mom.python)
         return leftovers
 
 
@@ -328,10 +328,13 @@ class Mom:
         cwd = initdir or pw.pw_dir
         env = momproc.job_env(pw, job_id=job_id, name=name, queue=queue, host=self.host, aux=self.aux,
                               res=res, workdir=workdir, variables=variables or {}, initdir=initdir, cwd=cwd)
-        if tmpdir:
-            env["TMPDIR"] = os.path.join(self.tmpdir_base, job_id)
-            os.makedirs(env["TMPDIR"], mode=0o700, exist_ok=True)
-            os.chown(env["TMPDIR"], pw.pw_uid, pw.pw_gid)
+        own_tmpdir = None
+        if tmpdir:      # like pbs_mom's $tmpdir: the mom's own directory replaces any -v TMPDIR
+            try:
+                own_tmpdir = env["TMPDIR"] = momproc.make_tmpdir(self.tmpdir_base, job_id, pw.pw_uid, pw.pw_gid)
+            except FileExistsError as exc:
+                raise JobError("TMPDIR", "already exists; the mom makes a fresh one per job",
+                               os.path.join(self.tmpdir_base, job_id), "remove the leftover") from exc
         cgroup_dirs = momproc.make_cgroups(self.cgroup_root, job_id, res, cgroups) if cgroups else []
         hook_env = momproc.hook_env(env, self.host, res)
         plan = {"job_id": job_id, "user": user, "uid": pw.pw_uid, "gid": pw.pw_gid, "group": group, "name": name,
@@ -341,7 +344,7 @@ class Mom:
                 "shell": shell or pw.pw_shell or "/bin/sh", "cwd": cwd, "env": env, "hook_env": hook_env,
                 "stdin_line": " ".join([script_path, *args]) + "\n", "mem": res["mem"],
                 "walltime": res["walltime"], "privileged": self.run_privileged, "tasks": [os.path.join(d, "tasks") for d in cgroup_dirs],
-                "plan_file": os.path.join(self.jobs_dir, job_id + ".plan")}
+                "plan_file": os.path.join(self.jobs_dir, job_id + ".plan"), "tmpdir": own_tmpdir}
         momproc.write_owned(plan["plan_file"], json.dumps(plan).encode(), 0, 0, 0o600)
         return Job(self, job_id, plan, kill_delay, walltime_poll, cgroup_dirs)
 
@@ -352,13 +355,24 @@ def _socket_path(args) -> str:
     return install._socket_from_config()
 
 
-def _request(script: bytes, args) -> qsubopts.QsubRequest:
+def submit_environ(job_uid: int, environ=None) -> dict:
+    """The environment ``-V`` and ``-v NAME`` (without a value) copy from, as qsub would from its caller's.
+
+    ``cbatch local`` runs as root; a job for another user must never receive root's environment (sudo
+    keeps tokens, cloud credentials, SSH agents): then these copy nothing and only ``-v NAME=value`` sets a
+    variable. A job of root itself gets root's environment, as qsub run by root would give it.
+    """
+    environ = os.environ if environ is None else environ
+    return dict(environ) if job_uid == os.geteuid() else {}
+
+
+def _request(script: bytes, args, environ) -> qsubopts.QsubRequest:
     """Read the script as qsub would, our ``-q/-l/-N/-v`` playing qsub's command line (so they win)."""
     qsub_args = [] if args.queue is None else ["-q", args.queue]
     qsub_args += [w for value in args.resources for w in ("-l", value)]
     qsub_args += [w for value in args.variables for w in ("-v", value)]
     qsub_args += [] if args.name is None else ["-N", args.name]
-    return qsubopts.read(script, qsub_args, os.environ, default_queue=DEFAULT_QUEUE)
+    return qsubopts.read(script, qsub_args, environ, default_queue=DEFAULT_QUEUE)
 
 
 def command(args) -> int:
@@ -379,14 +393,19 @@ def command(args) -> int:
             script = fh.read()
     except OSError as exc:
         raise JobError("job script", "cannot read", f"{args.script}: {exc.strerror}") from exc
-    request = _request(script, args)
+    try:
+        job_uid = pwd.getpwnam(user).pw_uid
+    except KeyError as exc:
+        raise CbatchError("cbatch local", "unknown user", user, "pass --user USER of this host") from exc
+    request = _request(script, args, submit_environ(job_uid))
     import tempfile
     root = tempfile.mkdtemp(prefix="cbatch-local-", dir="/var/spool" if os.path.isdir("/var/spool") else None)
     try:
         mom = Mom(root, _socket_path(args))
         job = mom.submit(script, user, queue=request.queue, resources=request.resource_list or "nodes=1:ppn=1",
                          variables=request.variables, shell=request.shell, args=list(args.args),
-                         name=request.name or os.path.basename(args.script)[:15], workdir=os.getcwd())
+                         name=request.name or os.path.basename(args.script)[:15], workdir=os.getcwd(),
+                         tmpdir=True)
         result = job.wait(timeout=10 ** 9)
     finally:
         momproc.remove_tree(root)

@@ -73,8 +73,17 @@ def append(path: str, data: bytes) -> None:
 
 
 def write_owned(path: str, data: bytes, uid: int, gid: int, mode: int) -> None:
-    """Create or truncate ``path`` (never through a symlink) with owner and mode set before any data."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    """Create ``path`` afresh with owner and mode set before any data.
+
+    Whatever stood at the name (a user may plant a file, symlink or hard link in the world-writable spool)
+    is unlinked first - unlink never follows - and the new file is created O_EXCL, so root never truncates,
+    chowns or writes an object somebody else put there.
+    """
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
         os.fchown(fd, uid, gid)
         os.fchmod(fd, mode)
@@ -84,8 +93,41 @@ def write_owned(path: str, data: bytes, uid: int, gid: int, mode: int) -> None:
 
 
 def remove_tree(path: str) -> None:
-    """Remove a job directory (TMPDIR, the emulator's root); rmtree never follows symlinks."""
+    """Remove a root-made directory (the emulator's root): rmtree's fd-based walk never follows symlinks."""
+    assert shutil.rmtree.avoids_symlink_attacks
     shutil.rmtree(path, ignore_errors=True)
+
+
+def make_tmpdir(base: str, name: str, uid: int, gid: int) -> str:
+    """pbs_mom's ``$tmpdir``: create ``<base>/<name>`` (mode 0700, owned by the job user) and return it.
+
+    Created by root with mkdirat in an opened ``base`` and chowned through a descriptor of the new directory
+    opened without following links: a name a user planted beforehand (directory, symlink) makes mkdir fail
+    and the job does not start, instead of root chowning whatever the name points to.
+    """
+    if not name or "/" in name or name in (".", ".."):
+        raise ValueError(f"bad TMPDIR name: {name!r}")
+    dfd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.mkdir(name, 0o700, dir_fd=dfd)
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+        try:
+            os.fchown(fd, uid, gid)
+            os.fchmod(fd, 0o700)
+        finally:
+            os.close(fd)
+    finally:
+        os.close(dfd)
+    return os.path.join(base, name)
+
+
+def remove_as_user(path: str, uid: int, gid: int, python: str) -> None:
+    """Remove a job's TMPDIR as its owner (the directory is theirs and so is all it holds): root never walks
+    a tree the job could change under it. Idempotent; errors are the user's files' business."""
+    code = "import shutil,sys; shutil.rmtree(sys.argv[1], ignore_errors=True)"
+    subprocess.run([python, "-I", "-c", code, path], user=uid, group=gid, extra_groups=[], cwd="/",
+                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={},
+                   check=False, timeout=600)
 
 
 # ---- sessions ---------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ A root daemon must not resolve a user's mount source with its own rights: ``real
 symlinks into directories the user cannot enter and would "prove" paths the user cannot access. So when
 running as root we fork, drop to the user's groups/gid/uid in the child, do the work there, and send the
 answer (and any fds, as SCM_RIGHTS) back over a socketpair. When not root, only our own uid can be served,
-in-process. :func:`resolve_as_user` returns a canonical path; :func:`open_as_user` walks a canonical path
+in-process. :func:`resolve_as_user` returns a canonical path; :func:`open_all_as_user` walks canonical paths
 again, one component at a time without following symlinks, and returns an ``O_PATH`` fd pinning the object
 (see :mod:`cbatch.daemon.pinning`).
 
@@ -236,8 +236,3 @@ def open_all_as_user(paths: Sequence[str], identity) -> List[int]:
         _close_all(fds)
         raise PolicyError("mount", "could not pin all sources", f"{len(fds)} of {len(paths)}")
     return fds
-
-
-def open_as_user(path: str, identity) -> int:
-    """An O_PATH fd for canonical ``path`` as ``identity`` reaches it (see :func:`open_all_as_user`)."""
-    return open_all_as_user([path], identity)[0]

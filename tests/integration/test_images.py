@@ -304,6 +304,8 @@ def reg_daemon(registry, daemon_factory):
         "reg": {"images": [f"{reg.host}/cbt/*"], "image": reg.ref("cbt/busybox:1"),
                 "prepull": [reg.ref("cbt/busybox:1")]},
         "regpull": {"images": [f"{reg.host}/cbt/*"], "image": reg.ref("cbt/busybox:1"), "pull": "missing"},
+        # only the exact tag: its digest (issue 10.15) is allowed as that tag's image, nothing else is
+        "exacttag": {"images": [reg.ref("cbt/busybox:1")], "image": "native"},
     }
     return daemon_factory("images", queues=queues)
 
@@ -368,3 +370,25 @@ def test_job_pulls_missing_image_and_sees_digest(reg_daemon, registry, mom_facto
     err = r.stderr.decode()
     assert f"cbatch: image: {reg.ref('cbt/debian:12')}: not on this node, pulling" in err
     assert f"cbatch: image: {reg.ref('cbt/debian:12')}: pulled {reg.host}/cbt/debian@" in err
+
+
+def test_daemon_allows_the_digest_of_an_allowed_tag(reg_daemon, registry, mom_factory, carol):
+    """``--image=name@sha256:..`` in a queue allowing only ``name:1``: runs when that digest is tag 1's
+    image here (the old policy refused it: no pattern matches a digest reference); another digest of the
+    same repository is refused in one line."""
+    reg = registry
+    ref = reg.ref("cbt/busybox:1")
+    assert wait_for(lambda: (_images(reg_daemon, action="list")["inventory"]["sync"].get(ref) or {})
+                    .get("state") == "ok", 120), reg_daemon.log()
+    pinned = f"{reg.host}/cbt/busybox@{reg.digests['cbt/busybox:1']}"
+    mom = mom_factory(reg_daemon)
+    body = f"#!/bin/sh\n#CBATCH --image={pinned}\necho \"ran $CBATCH_IMAGE $CBATCH_IMAGE_DIGEST\"\n".encode()
+    r = mom.submit(body, carol.name, queue="exacttag").wait(120)
+    assert r.exit_status == 0, r.stderr
+    assert r.stdout == f"ran {pinned} {pinned}\n".encode()
+    other = f"{reg.host}/cbt/busybox@sha256:" + "5" * 64
+    r = mom.submit(body.replace(pinned.encode(), other.encode()), carol.name, queue="exacttag").wait(120)
+    assert r.exit_status == 125 and r.stdout == b""
+    assert r.stderr.decode().splitlines() == [
+        f"cbatch: image: not allowed in queue exacttag: {other} (allowed: {ref}, native; a digest only as the "
+        "image of an allowed tag on this node)"]

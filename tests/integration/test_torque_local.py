@@ -69,3 +69,43 @@ def test_cbatch_local_reads_pbs_lines_and_its_options_override(daemon, alice, wo
                        capture_output=True, cwd=str(workdir), timeout=120)
     assert p.returncode == 0, p.stderr
     assert p.stdout.decode().split()[:6] == ["batch", "cmd", "1", "300", "cmd", "kept"]
+
+
+def test_cbatch_local_never_removes_a_tmpdir_the_job_named(daemon, alice, workdir):
+    """Issue 9.9: ``#PBS -v TMPDIR=<root dir>`` made ``sudo cbatch local`` mount it rw and then remove it
+    recursively as root (this removed a whole /etc). Now the mom's own /tmp/<jobid> replaces it."""
+    import shutil
+    import tempfile
+    victim = tempfile.mkdtemp(prefix="cbt-victim-", dir="/var/spool")
+    os.chmod(victim, 0o755)
+    with open(os.path.join(victim, "precious"), "w") as fh:
+        fh.write("keep\n")
+    try:
+        path = workdir / "tmp.sh"
+        path.write_text(f"#!/bin/bash\n#PBS -v TMPDIR={victim}\n#CBATCH --image=cbatch-test/debian:12\n"
+                        "echo \"T=$TMPDIR $(stat -c %U \"$TMPDIR\")\"\n")
+        os.chown(path, alice.uid, alice.gid)
+        p = subprocess.run([CBATCH, "local", "--user", alice.name, "--socket", daemon.socket, str(path)],
+                           capture_output=True, cwd=str(workdir), timeout=120)
+        assert p.returncode == 0, p.stderr
+        line = p.stdout.decode().strip()
+        assert line.startswith("T=/tmp/") and line.endswith(f" {alice.name}") and victim not in line
+        assert not os.path.lexists(line[2:].split()[0])                  # the mom's own TMPDIR is gone
+        with open(os.path.join(victim, "precious")) as fh:
+            assert fh.read() == "keep\n"
+    finally:
+        shutil.rmtree(victim, ignore_errors=True)
+
+
+def test_cbatch_local_never_copies_roots_environment(daemon, alice, workdir):
+    """``#PBS -V`` / ``#PBS -v NAME`` under ``sudo cbatch local`` copied root's environment (its secrets)
+    into the user's job."""
+    path = workdir / "env.sh"
+    path.write_text("#!/bin/bash\n#PBS -V\n#PBS -v CBT_ROOT_SECRET\n#CBATCH --image=cbatch-test/debian:12\n"
+                    "echo \"S=${CBT_ROOT_SECRET-unset}\"\n")
+    os.chown(path, alice.uid, alice.gid)
+    env = {**os.environ, "CBT_ROOT_SECRET": "root-token-5e1f"}
+    p = subprocess.run([CBATCH, "local", "--user", alice.name, "--socket", daemon.socket, str(path)],
+                       capture_output=True, cwd=str(workdir), timeout=120, env=env)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == b"S=unset\n" and b"root-token" not in p.stdout + p.stderr

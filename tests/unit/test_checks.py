@@ -121,6 +121,8 @@ def test_config_summary(config, capsys):
 
 def test_shipped_example_config_checks(capsys):
     status, out, _ = run(["--config", str(REPO / "config" / "cbatch.yaml")], capsys)
+    assert status == 0 and "queues: (none; every queue uses the defaults)" in out and "image: native" in out
+    status, out, _ = run(["--config", str(REPO / "config" / "examples" / "queues.yaml")], capsys)
     assert status == 0 and "queue batch:" in out and "queue gpu:" in out
 
 

@@ -107,11 +107,14 @@ def test_every_key_parsed():
 def test_example_site_config_is_valid_and_documents_every_key():
     text = (REPO / "config" / "cbatch.yaml").read_text()
     cfg = parse(text, path="cbatch.yaml", hostname="n")
-    assert cfg.queue("batch").image == "cbatch-test/busybox:1"
+    # Installed as is, it changes nothing: no queues, every job native (issue 10.6).
+    assert cfg.queues == () and cfg.defaults.image == "native" and cfg.defaults.native
+    assert cfg.defaults.images == () and cfg.torque.default_queue is None
     for key in ("url:", "timeout:", "socket:", "state_dir:", "instance:", "stop_grace:", "helper:", "image:",
                 "images:", "native:", "env:", "env_drop:", "mounts:", "user_mounts:", "allowed:", "prefixes:",
                 "network:", "networks:", "allow_root:", "pids_limit:", "read_only_rootfs:", "no_new_privileges:",
-                "init:", "cap_drop_all:", "shm_size:", "pull:", "prepull:", "auth_file:", "prune_max_age_days:"):
+                "init:", "cap_drop_all:", "shm_size:", "pull:", "prepull:", "auth_file:", "prune_max_age_days:",
+                "default_queue:"):
         assert key in text, key
 
 
@@ -123,7 +126,7 @@ def test_mom_priv_config_lines():
 
 @pytest.mark.parametrize("text,message", [
     ("[1, 2]", "cbatch: site.yaml: expected a mapping: [1, 2] (a YAML mapping of key: value)"),
-    ("foo: 1", "cbatch: site.yaml: foo: unknown key: foo (known keys: engine, daemon, defaults, queues, registry, images)"),
+    ("foo: 1", "cbatch: site.yaml: foo: unknown key: foo (known keys: engine, daemon, defaults, queues, registry, images, torque)"),
     ("engine: {url: /var/run/docker.sock}", "cbatch: site.yaml: engine.url: not an engine URL: /var/run/docker.sock "
                                             "(scheme one of unix, tcp, http, https, ssh)"),
     ("engine: {timeout: 0}", "cbatch: site.yaml: engine.timeout: expected a number: 0 (a number > 0)"),

@@ -334,6 +334,11 @@ def test_handle_request_and_cli_formatting():
     text = format_inventory(inv)
     assert f"queue batch: default {REG}/cbt/busybox:1, pull never" in text
     assert "sha256:111111111111" in text and "  allowed: 127.0.0.1:5999/cbt/*, local/ok:*" in text
+    lines = text.splitlines()
+    at = next(i for i, l in enumerate(lines) if l.split()[:1] == ["IMAGE"])
+    header, row = lines[at].split(), lines[at + 1].split()
+    assert header == ["IMAGE", "DIGEST", "ID", "SIZE"]
+    assert row[1] == "sha256:111111111111" and row[2] == "sha256:bbbbbbbbbbbb"     # repo digest, image id
     for action in ("sync", "prune"):
         with pytest.raises(AccessDenied, match=f"cbatch: images: {action} needs root: uid 1000"):
             handle_request(m, {"action": action}, 1000)

@@ -248,3 +248,117 @@ def test_busy_mom_descriptors_do_not_clash_with_leaked_ones(tree, alice):
             os.close(fd)
     assert r.exit_status == 0 and r.stdout.endswith(b"ok\n")
     assert {"9", "10", "11", "14", "255"} <= set(value(read_log(logs, "starter"), "FDS").split())
+
+
+# ---- root never removes, chowns or writes a path the job named (issue 9.9) ------------------------------
+@pytest.fixture
+def victim():
+    """A root-owned directory with a file: what a job must never get removed or chowned."""
+    path = Path(f"/var/spool/cbatch-test/victim-{os.getpid()}-{time.monotonic_ns()}")
+    path.mkdir(mode=0o755, parents=True)
+    (path / "precious").write_text("keep\n")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def assert_intact(victim):
+    st = os.lstat(victim)
+    assert stat.S_ISDIR(st.st_mode) and (st.st_uid, st.st_gid) == (0, 0)
+    assert (victim / "precious").read_text() == "keep\n"
+
+
+@pytest.mark.parametrize("own_tmpdir", [False, True])
+def test_tmpdir_named_by_the_job_is_never_removed(tree, alice, victim, own_tmpdir):
+    """``#PBS -v TMPDIR=/etc``-like: the old emulator removed the job's TMPDIR variable recursively as root."""
+    mom, logs = make_mom(tree)
+    job = mom.submit(b"#!/bin/bash\necho \"T=$TMPDIR\"\n", alice.name, variables={"TMPDIR": str(victim)},
+                     tmpdir=own_tmpdir)
+    r = job.wait(30)
+    assert r.exit_status == 0
+    assert_intact(victim)
+    if own_tmpdir:      # the mom's own TMPDIR replaced the job's, and is gone afterwards
+        assert job.tmpdir and job.tmpdir != str(victim) and not os.path.lexists(job.tmpdir)
+        assert f"T={job.tmpdir}\n".encode() in r.stdout
+    else:
+        assert job.tmpdir is None
+
+
+def test_tmpdir_name_planted_beforehand_is_not_followed(tree, alice, victim):
+    """Job ids are predictable: a symlink planted at ``<tmpdir>/<next id>`` made root chown its target."""
+    base = tree.parent / (tree.name + "-tmp")
+    base.mkdir(mode=0o1777)
+    os.chmod(base, 0o1777)
+    try:
+        first = 10 ** 9 + os.getpid() * 100
+        mom, _ = make_mom(tree, first_id=first, tmpdir_base=str(base))
+        planted = base / f"{first}.{mom.host}"
+        os.symlink(str(victim), planted)
+        os.lchown(planted, alice.uid, alice.gid)
+        from cbatch.core.errors import JobError
+        with pytest.raises(JobError) as info:
+            mom.submit(b"#!/bin/bash\ntrue\n", alice.name, tmpdir=True)
+        assert info.value.message.startswith(f"cbatch: TMPDIR: already exists; the mom makes a fresh one per job: {planted}")
+        assert_intact(victim)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_symlink_planted_in_tmpdir_is_not_followed_at_removal(tree, alice, victim):
+    mom, _ = make_mom(tree)
+    body = (f"#!/bin/bash\nln -s {victim} \"$TMPDIR/link\"\nln -s {victim}/precious \"$TMPDIR/file\"\n"
+            f"mkdir \"$TMPDIR/d\" && ln -s {victim} \"$TMPDIR/d/up\"\nls -l \"$TMPDIR\"\n").encode()
+    job = mom.submit(body, alice.name, tmpdir=True)
+    r = job.wait(30)
+    assert r.exit_status == 0 and b"link ->" in r.stdout
+    assert_intact(victim) and not os.path.lexists(job.tmpdir)
+
+
+def test_tmpdir_swapped_for_a_symlink_is_not_followed_at_removal(tree, alice, victim):
+    """The job owns its TMPDIR's name in the sticky base: it renames the directory away and leaves a
+    symlink to a root directory in its place. Removal runs as the job's user, who cannot touch the target."""
+    mom, _ = make_mom(tree)
+    body = f"#!/bin/bash\nmv \"$TMPDIR\" \"$TMPDIR.away\" && ln -s {victim} \"$TMPDIR\" && echo swapped\n".encode()
+    job = mom.submit(body, alice.name, tmpdir=True)
+    try:
+        r = job.wait(30)
+        assert b"swapped\n" in r.stdout and os.path.islink(job.tmpdir)
+        assert_intact(victim)
+    finally:
+        for p in (job.tmpdir, job.tmpdir + ".away"):
+            if os.path.islink(p):
+                os.unlink(p)
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def test_spool_file_planted_as_hardlink_is_replaced_not_truncated(tree, alice, victim):
+    """The spool is world-writable: a name planted there (symlink or hard link to someone else's file) is
+    unlinked and created afresh, never truncated or chowned through."""
+    from cbatch.emulator import momproc
+    spool = tree.parent / (tree.name + "-spool")
+    spool.mkdir(mode=0o1777)
+    os.chmod(spool, 0o1777)
+    try:
+        target = victim / "precious"
+        os.link(target, spool / "1.OU")
+        os.symlink(str(target), spool / "1.ER")
+        for name in ("1.OU", "1.ER"):
+            momproc.write_owned(str(spool / name), b"", alice.uid, alice.gid, 0o600)
+            st = os.lstat(spool / name)
+            assert stat.S_ISREG(st.st_mode) and st.st_uid == alice.uid and st.st_nlink == 1
+        assert_intact(victim) and os.stat(target).st_uid == 0
+    finally:
+        shutil.rmtree(spool, ignore_errors=True)
+
+
+def test_minus_v_and_minus_V_never_copy_roots_environment(alice, monkeypatch):
+    import argparse
+    from cbatch.emulator import local
+    monkeypatch.setenv("CBT_ROOT_SECRET", "s3cr3t")
+    args = argparse.Namespace(queue=None, resources=[], variables=["CBT_ROOT_SECRET", "GIVEN=1"], name=None)
+    script = b"#!/bin/bash\n#PBS -V\n#PBS -v CBT_ROOT_SECRET\necho\n"
+    req = local._request(script, args, local.submit_environ(alice.uid))
+    assert req.variables == {"GIVEN": "1"}
+    assert "s3cr3t" not in repr(req)
+    # root's own job: qsub run by root exports root's environment, as TORQUE would
+    req = local._request(script, args, local.submit_environ(0))
+    assert req.variables["CBT_ROOT_SECRET"] == "s3cr3t"

@@ -134,8 +134,8 @@ def test_as_root_resolves_with_the_users_rights():
 
 # ---- open_all_as_user: the pinning walk (no symlink followed, one child for all paths) ---------------------------
 def test_open_as_user_pins_the_canonical_object(tree):
-    from cbatch.host.paths import open_all_as_user, open_as_user
-    fd = open_as_user(str(tree / "secret" / "file"), me())
+    from cbatch.host.paths import open_all_as_user
+    fd, = open_all_as_user([str(tree / "secret" / "file")], me())
     try:
         assert os.readlink(f"/proc/self/fd/{fd}") == str(tree / "secret" / "file")
         assert os.get_inheritable(fd) is False
@@ -160,7 +160,7 @@ def test_open_as_user_refuses_any_symlink_component(tree, path):
 
 
 def test_open_as_user_missing(tree):
-    from cbatch.host.paths import open_as_user
+    from cbatch.host.paths import open_all_as_user
     with pytest.raises(PolicyError) as exc:
-        open_as_user(str(tree / "nope"), me())
+        open_all_as_user([str(tree / "nope")], me())
     assert exc.value.problem == "no such file or directory"

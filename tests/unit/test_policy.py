@@ -389,8 +389,9 @@ def test_policy_imports_without_docker():
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
-def test_policy_source_does_no_io():
-    source = (Path(policy.__file__)).read_text()
+@pytest.mark.parametrize("module", ["policy", "mountset", "imagerefs", "spec"])
+def test_policy_source_does_no_io(module):
+    source = (Path(policy.__file__).parent / f"{module}.py").read_text()
     for needle in ("open(", "os.stat", "os.lstat", "os.path.", "os.environ", "os.getcwd", "pwd.", "grp.",
                    "subprocess", "socket", "import docker", "realpath", "os.listdir", "Path(", "getgrouplist"):
         assert needle not in source, needle
@@ -409,3 +410,309 @@ def test_kernel_filesystems_refused_even_under_a_root_prefix():
     spec = policy.decide(wide, job(), Directives(image="debian:12", mounts=(UserMount("/etc", "/hostetc", True, 2),)),
                          resolve)
     assert spec.mounts[-1] == Mount("/etc", "/hostetc", True)      # the admin allowed "/": their call
+
+
+# --- no mount inside another (runc CVE-2024-45310: targets created through user-writable paths) ---------
+
+NEST_CONFIG = CONFIG + """
+  scratchrw:
+    mounts: ["/scratch:rw"]
+  scratchro:
+    mounts: ["/scratch"]
+  moved:
+    mounts: ["/opt/apps:/home/alice/apps"]
+  inhome:
+    mounts: ["/home/alice/sub"]
+"""
+
+
+def nest(directives=Directives(), queue="batch", cwd="/home/alice", env=None, run=False):
+    config = parse(NEST_CONFIG, path="site.yaml", hostname="vm")
+    j = job(queue=queue, cwd=cwd, env=env)
+    if run:
+        return policy.decide_run(config, j, directives, ["true"], fake_resolve)
+    return policy.decide(config, j, directives, fake_resolve)
+
+
+def nest_refuse(*args, **kw) -> str:
+    with pytest.raises(PolicyError) as info:
+        nest(*args, **kw)
+    return info.value.message
+
+
+def targets(spec):
+    return [m.target for m in spec.mounts]
+
+
+def assert_flat(spec):
+    """No target strictly inside another: nothing for the engine to create through another mount."""
+    ts = targets(spec)
+    for a in ts:
+        for b in ts:
+            assert not a.startswith(b.rstrip("/") + "/"), (a, b)
+
+
+def test_user_mount_target_inside_home_is_refused():
+    msg = nest_refuse(d("#CBATCH --image=debian:12 --mount /scratch/alice/data:/home/alice/data"))
+    assert msg == ("cbatch: directive line 2: mount target inside another mount: /home/alice/data inside "
+                   "/home/alice (home directory) (cbatch never mounts one path inside another: the engine would "
+                   "create it through directories the user can change; choose a target outside /home/alice)")
+
+
+@pytest.mark.parametrize("target", ["/tmp/1.vm/x", "/work/deep/er", "/home/alice/sub/x", "/d/inner"])
+def test_user_mount_inside_any_job_or_user_mount_is_refused(target):
+    text = "#CBATCH --image=debian:12 --mount /scratch/alice:/d --mount /scratch/alice/data:" + target
+    msg = nest_refuse(d(text), cwd="/work" if target.startswith("/work") else "/home/alice")
+    assert "mount target inside another mount" in msg and msg.startswith("cbatch: directive line 2: ")
+
+
+def test_user_mount_containing_a_job_mount_is_refused_naming_the_directive():
+    # The user's mount at /home covers the home mount's target: the home would be created inside it.
+    msg = nest_refuse(d("#CBATCH --image=debian:12 --mount /scratch/alice:/home"))
+    assert msg.startswith("cbatch: directive line 2: mount target inside another mount: /home/alice inside /home")
+
+
+def test_user_mount_onto_etc_would_hold_passwd_and_is_refused():
+    msg = nest_refuse(d("#CBATCH --image=debian:12 --mount /scratch/alice:/etc"))
+    assert msg.startswith("cbatch: directive line 2: mount target inside another mount: /etc/passwd inside /etc")
+
+
+def test_identity_user_mount_inside_rw_home_is_dropped_as_redundant():
+    spec = nest(d("#CBATCH --image=debian:12 --mount /home/alice/sub:/home/alice/sub:rw"))
+    assert "/home/alice/sub" not in targets(spec) and Mount("/home/alice", "/home/alice", False) in spec.mounts
+    assert_flat(spec)
+
+
+def test_identity_user_mount_ro_inside_rw_home_is_refused_not_widened():
+    msg = nest_refuse(d("#CBATCH --image=debian:12 --mount /home/alice/sub:/home/alice/sub:ro"))
+    assert "mount target inside another mount: /home/alice/sub inside /home/alice" in msg
+
+
+def test_symlinked_identity_looking_user_mount_is_not_redundant():
+    # /home/alice/lnk -> /etc: source /etc, target /home/alice/lnk: not the same object, refused.
+    msg = nest_refuse(d("#CBATCH --image=debian:12 --mount /scratch/alice/data-link:/home/alice/x"))
+    assert "/home/alice/x inside /home/alice" in msg
+
+
+@pytest.mark.parametrize("cwd", ["/home/alice/sub", "/home/alice"])
+def test_cwd_and_tmpdir_inside_home_are_one_mount(cwd):
+    spec = nest(d("#CBATCH --image=debian:12"), cwd=cwd, env=[("TMPDIR", "/home/alice/sub")])
+    assert targets(spec).count("/home/alice") == 1 and "/home/alice/sub" not in targets(spec)
+    assert spec.workdir == cwd
+    assert_flat(spec)
+
+
+def test_home_inside_cwd_is_dropped():
+    spec = nest(d("#CBATCH --image=debian:12"), cwd="/scratch", env=[("TMPDIR", "/scratch/alice")])
+    assert Mount("/scratch", "/scratch", False) in spec.mounts and "/scratch/alice" not in targets(spec)
+    assert_flat(spec)
+
+
+def test_job_mounts_inside_rw_identity_site_mount_are_dropped():
+    spec = nest(d("#CBATCH --image=debian:12"), queue="scratchrw", cwd="/scratch/alice/data",
+                env=[("TMPDIR", "/scratch/alice")])
+    assert Mount("/scratch", "/scratch", False) in spec.mounts
+    assert not [t for t in targets(spec) if t.startswith("/scratch/")]
+    assert spec.workdir == "/scratch/alice/data"
+    assert_flat(spec)
+
+
+def test_rw_job_mount_inside_ro_site_mount_is_refused():
+    msg = nest_refuse(d("#CBATCH --image=debian:12"), queue="scratchro", cwd="/scratch/alice/data")
+    assert msg.startswith("cbatch: working directory: mount target inside another mount: /scratch/alice/data "
+                          "inside /scratch (site mount /scratch)")
+
+
+def test_site_mount_inside_home_is_refused_and_moved_site_mount_too():
+    assert "mount target inside another mount: /home/alice/apps inside /home/alice" in nest_refuse(
+        d("#CBATCH --image=debian:12"), queue="moved")
+    # Identity ro site mount inside the rw home: the admin asked for read-only, so it is not dropped.
+    msg = nest_refuse(d("#CBATCH --image=debian:12"), queue="inhome")
+    assert msg.startswith("cbatch: site mount /home/alice/sub: mount target inside another mount")
+
+
+def test_nodefile_and_script_inside_rw_cwd_are_dropped():
+    # ro job files inside a rw identity view of the same directory: same files, host permissions decide.
+    from cbatch.core.mountset import MountSet
+    ms = MountSet()
+    ms.add(Mount("/spool", "/spool", False), "job", "working directory")
+    ms.add(Mount("/spool/1.SC", "/spool/1.SC", True), "job", "job script")
+    ms.add(Mount("/etc", "/etc", False), "job", "home directory")
+    ms.add(Mount("/etc/passwd", "/etc/passwd", True), "cbatch", "passwd")
+    assert ms.mounts() == (Mount("/spool", "/spool", False), Mount("/etc", "/etc", False))
+
+
+def test_nesting_order_and_deepest_parent():
+    from cbatch.core.mountset import MountSet
+    ms = MountSet()
+    # Added deepest first: the rule still compares each with its deepest kept ancestor.
+    ms.add(Mount("/a/b/c", "/a/b/c", False), "user", "directive line 4")
+    ms.add(Mount("/x", "/a/b", False), "user", "directive line 3")
+    ms.add(Mount("/a", "/a", False), "job", "home directory")
+    with pytest.raises(PolicyError) as info:
+        ms.mounts()
+    # /a/b inside /a (not identity): refused before /a/b/c is even considered.
+    assert info.value.message.startswith("cbatch: directive line 3: mount target inside another mount: /a/b inside /a")
+    ms = MountSet()
+    ms.add(Mount("/a", "/a", False), "job", "home directory")
+    ms.add(Mount("/a/b", "/a/b", False), "job", "working directory")      # dropped
+    ms.add(Mount("/a/b/c", "/a/b/c", True), "user", "directive line 3")   # vs /a (kept), ro in rw: refused
+    with pytest.raises(PolicyError) as info:
+        ms.mounts()
+    assert "/a/b/c inside /a (home directory)" in info.value.message
+    ms = MountSet()
+    ms.add(Mount("/a", "/a", True), "site", "site mount /a")
+    ms.add(Mount("/a/b", "/a/b", True), "user", "directive line 3")       # same mode, identity: dropped
+    ms.add(Mount("/ab", "/ab", False), "user", "directive line 4")        # a sibling, not inside /a
+    assert ms.mounts() == (Mount("/a", "/a", True), Mount("/ab", "/ab", False))
+
+
+def test_cbatch_run_applies_the_same_rule():
+    msg = nest_refuse(d("#CBATCH --image=debian:12 --mount /scratch/alice/data:/home/alice/data"), run=True)
+    assert "mount target inside another mount" in msg
+
+
+def test_every_spec_is_flat():
+    for cwd in ("/home/alice", "/home/alice/sub", "/work", "/scratch", "/scratch/alice"):
+        for queue in ("batch", "scratchrw"):
+            assert_flat(nest(d("#CBATCH --image=debian:12 --mount /scratch/alice/data:/data"), queue=queue, cwd=cwd))
+
+
+# --- working directory and limits: one line instead of the engine's text ---------------------------------
+
+@pytest.mark.parametrize("workdir", ["/proc/self/fd/3", "/proc", "/sys/fs", "/dev", "/dev/shm", "//proc/1/cwd",
+                                     "/tmp/../proc/self/cwd", "/.cbatch", "/.cbatch/x"])
+def test_workdir_in_kernel_interfaces_is_refused(workdir):
+    msg = refuse(d(f"#CBATCH --image=debian:12 --workdir {workdir}"))
+    assert msg.startswith("cbatch: --workdir: not allowed as working directory: /")
+    assert msg.endswith("(not /proc, /sys, /dev, /.cbatch or anything under them)")
+
+
+def test_workdir_elsewhere_is_normalised():
+    assert decide(d("#CBATCH --image=debian:12 --workdir //opt/./x/")).workdir == "/opt/x"
+    assert decide(d("#CBATCH --image=debian:12 --workdir /procx")).workdir == "/procx"
+
+
+def node_cfg(cpus, memory):
+    return parse(CONFIG, path="site.yaml", hostname="vm", node=(cpus, memory))
+
+
+def limits_of(resources, cpus=4, memory=8 << 30):
+    return policy.limits(node_cfg(cpus, memory), job(resources=resources))
+
+
+@pytest.mark.parametrize("resources,expected", [
+    ("ncpus=2,mem=1gb", (2, 1 << 30)),
+    ("ncpus=100,mem=100gb", (4, 8 << 30)),               # clamped to the node
+    ("nodes=1:ppn=8,pmem=2gb", (4, 8 << 30)),            # pmem * 8 = 16gb, clamped
+    ("ncpus=65536", (4, None)),
+    ("walltime=100:00:00", (None, None)),
+    ("mem=6mb", (None, 6 << 20)),
+])
+def test_limits_clamped_to_the_node(resources, expected):
+    assert limits_of(resources) == expected
+
+
+def test_unknown_node_size_does_not_clamp():
+    assert limits_of("ncpus=100,mem=100gb", 0, 0) == (100, 100 << 30)
+
+
+@pytest.mark.parametrize("resources,message", [
+    ("ncpus=100000", "cbatch: resource list: more CPUs than any node has: 100000 cpus (at most 4 on this node)"),
+    ("nodes=1:ppn=70000", "cbatch: resource list: more CPUs than any node has: 70000 cpus (at most 4 on this node)"),
+    ("mem=2000pb", f"cbatch: resource list: more memory than any node has: {2000 << 50} bytes "
+                   "(at most 1024pb (mem, or pmem times cpus))"),
+    ("nodes=1:ppn=4,pmem=300pb", f"cbatch: resource list: more memory than any node has: {1200 << 50} bytes "
+                                 "(at most 1024pb (mem, or pmem times cpus))"),
+    ("mem=1kb", "cbatch: resource list: memory limit too small to start a container: 1024 bytes "
+                "(mem or pmem times cpus at least 6mb)"),
+    ("walltime=99999999999", "cbatch: resource list: walltime out of range: walltime=99999999999 "
+                             "(at most 2147483647 seconds)"),
+])
+def test_absurd_resources_are_refused_in_one_line(resources, message):
+    with pytest.raises(PolicyError) as info:
+        policy.decide(node_cfg(4, 8 << 30), job(resources=resources), d("#CBATCH --image=debian:12"), fake_resolve)
+    assert info.value.message == message
+
+
+def test_limits_not_applied_under_a_batch_cgroup():
+    spec = policy.decide(node_cfg(4, 8 << 30), job(resources="ncpus=100000", cgroup="/torque/1.vm"),
+                         d("#CBATCH --image=debian:12"), fake_resolve)
+    assert spec.cpus is None and spec.memory_bytes is None
+
+
+# --- digest pinning: name@sha256 of an allowed tag (issue 10.15) ------------------------------------------
+
+D1, D2 = "sha256:" + "1" * 64, "sha256:" + "2" * 64
+PIN_CONFIG = """
+daemon: {instance: test}
+queues:
+  exact: {images: ["reg.example:5000/hpc/tool:1"], image: native}
+  glob: {images: ["reg.example:5000/hpc/tool:*"], image: native}
+  hub: {images: ["busybox:1.36"], image: native}
+"""
+LOCAL = {  # what the engine knows: digest reference -> that image's tags
+    f"reg.example:5000/hpc/tool@{D1}": ("reg.example:5000/hpc/tool:1", "reg.example:5000/other:1"),
+    f"reg.example:5000/hpc/tool@{D2}": ("reg.example:5000/hpc/tool:2",),
+    f"reg.example:5000/evil@{D1}": ("reg.example:5000/hpc/tool:1",),
+    f"busybox@{D1}": ("busybox:1.36",),
+    f"docker.io/library/busybox@{D1}": ("busybox:1.36",),     # the engine answers either spelling
+}
+
+
+def pin(queue, image, tags_of=lambda ref: LOCAL.get(ref, ())):
+    config = parse(PIN_CONFIG, path="site.yaml", hostname="vm")
+    return policy.decide(config, job(queue=queue), d(f"#CBATCH --image={image}"), fake_resolve, tags_of)
+
+
+@pytest.mark.parametrize("queue,image", [
+    ("exact", f"reg.example:5000/hpc/tool@{D1}"),
+    ("glob", f"reg.example:5000/hpc/tool@{D1}"),
+    ("glob", f"reg.example:5000/hpc/tool@{D2}"),
+    ("glob", f"reg.example:5000/hpc/tool:2@{D2}"),          # the glob matches the reference itself
+    ("hub", f"busybox@{D1}"),
+    ("hub", f"docker.io/library/busybox@{D1}"),
+])
+def test_digest_of_an_allowed_tag_is_allowed(queue, image):
+    spec = pin(queue, image)
+    assert spec.image == image
+
+
+@pytest.mark.parametrize("queue,image", [
+    ("exact", f"reg.example:5000/hpc/tool@{D2}"),           # that digest is tag 2's, and only 1 is allowed
+    ("exact", f"reg.example:5000/evil@{D1}"),               # an allowed tag's image, but another repository
+    ("exact", f"reg.example:5000/hpc/tool@{'sha256:' + '3' * 64}"),   # unknown here
+    ("hub", f"busybox@{D2}"),
+])
+def test_digest_not_of_an_allowed_tag_is_refused(queue, image):
+    with pytest.raises(PolicyError) as info:
+        pin(queue, image)
+    assert info.value.message.startswith(f"cbatch: image: not allowed in queue {queue}: {image} (allowed: ")
+    assert info.value.message.endswith("; a digest only as the image of an allowed tag on this node)")
+
+
+def test_digest_without_a_lookup_is_refused_and_tags_are_not_looked_up():
+    with pytest.raises(PolicyError):
+        pin("exact", f"reg.example:5000/hpc/tool@{D1}", tags_of=None)
+    seen = []
+    assert pin("exact", "reg.example:5000/hpc/tool:1", tags_of=lambda ref: seen.append(ref) or ()).image
+    assert seen == []                                       # only digest references consult the engine
+
+
+def test_decide_run_takes_tags_of_too():
+    config = parse(PIN_CONFIG, path="site.yaml", hostname="vm")
+    spec = policy.decide_run(config, job(queue="exact"), d(f"#CBATCH --image=reg.example:5000/hpc/tool@{D1}"),
+                             ["true"], fake_resolve, 0, lambda ref: LOCAL.get(ref, ()))
+    assert spec.image == f"reg.example:5000/hpc/tool@{D1}"
+
+
+@pytest.mark.parametrize("image,patterns,expected", [
+    (f"reg.example:5000/hpc/tool@{D1}", ("reg.example:5000/hpc/tool:1",), True),
+    (f"reg.example:5000/hpc/tool@{D1}", ("reg.example:5000/hpc/tool:*",), True),
+    (f"reg.example:5000/hpc/tool@{D1}", ("reg.example:5000/hpc/*",), True),
+    (f"busybox@{D1}", ("docker.io/library/busybox:1.36",), True),
+    (f"reg.example:5000/evil@{D1}", ("reg.example:5000/hpc/tool:1",), False),
+    (f"reg.example:5000/hpc/toolx@{D1}", ("reg.example:5000/hpc/tool:*",), False),
+])
+def test_repo_allowed_for_the_submit_filter(image, patterns, expected):
+    assert policy.repo_allowed(image, patterns) is expected

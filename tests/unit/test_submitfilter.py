@@ -148,3 +148,13 @@ def test_wrapper_subprocess(tmp_path, config):
     assert (p.returncode, p.stdout, p.stderr) == (0, OK, b"")
     p = subprocess.run([str(wrapper), "-q", "gpu", "job.sh"], input=OK, capture_output=True, env=env)
     assert p.returncode == 1 and p.stdout == b"" and p.stderr.startswith(b"cbatch: image: not allowed")
+
+
+def test_digest_references_are_left_to_the_node(config):
+    """qsub time has no engine: a digest of the allowed repository passes (the node checks it is an allowed
+    tag's image); a digest of another repository is refused at once."""
+    digest = "sha256:" + "4" * 64
+    ok = f"#CBATCH --image=cbatch-test/debian@{digest}\n".encode()
+    assert run(config, ok, "-q", "gpu", "x")[0] == 0
+    rc, _, err = run(config, f"#CBATCH --image=cbatch-test/busybox@{digest}\n".encode(), "-q", "gpu", "x")
+    assert rc == 1 and err.startswith(f"cbatch: image: not allowed in queue gpu: cbatch-test/busybox@{digest}")
