@@ -15,6 +15,16 @@ Entrypoint. The helper is always the container's entrypoint, so the stdio plumbi
 job. With ``spec.use_entrypoint`` the image's own Entrypoint (and its Cmd when ``spec.argv`` is empty) is
 read from the image and placed after the helper's ``--``: the image's entrypoint still runs, as the job's
 process, with the job's stdio — exactly ``docker run IMAGE ARGV`` semantics, plus cbatch's plumbing.
+
+Identity. Nothing in the image may resolve an id: Docker and runc read the image's /etc/passwd and
+/etc/group for ``user`` and ``group_add`` (a group_add entry is matched as a NAME first, so an image group
+named ``1003`` with gid 0 becomes the job's). A job of a non-root user therefore starts as numeric ``0:0``
+with every capability dropped but SETUID/SETGID/SETPCAP (and KILL for the init), no group_add, and the
+helper sets the host's exact numbers itself (``--ids``, :func:`helper_ids_args`) before it opens anything.
+
+Image paths. Mount targets are checked in the created container, before it starts, through the engine's
+archive stat: a target whose path passes through a symlink in the image is refused (results cached per
+image id). The image's VOLUMEs are each covered with a bounded tmpfs so no anonymous volume is created.
 """
 
 from __future__ import annotations
@@ -24,11 +34,12 @@ import signal as _signal
 import socket
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import docker
 import docker.errors
 import requests.exceptions
+from docker.utils import decode_json_header
 
 from cbatch.core.errors import EngineError
 from cbatch.core.spec import HELPER_PATH, LABEL_INSTANCE, STDERR_PATH, STDOUT_PATH, ContainerSpec
@@ -37,6 +48,44 @@ API_VERSION = "1.41"       # Debian 12's dockerd 20.10; newer engines still spea
                            # constructing an Engine never talks to the engine (no version probe).
 _HINT_DOWN = "is dockerd running? see cbatch check --node"
 STDIN_LINE_MAX = 60 * 1024  # cbatch-exec writes the line into a pipe before exec: it must fit the buffer
+# What the container's root keeps until the helper drops to the job's ids: set*id, emptying the bounding
+# set, and (for tini, which stays root) signalling the job's processes. Nothing else.
+IDS_CAPS = ["SETUID", "SETGID", "SETPCAP"]
+GO_MODE_SYMLINK = 1 << 27   # os.ModeSymlink in the engine's path stat
+UNPRIV_PORT_SYSCTL = "net.ipv4.ip_unprivileged_port_start"
+PRIVILEGED_PORTS = 1024
+VOLUME_TMPFS_BYTES = 64 * 1024 * 1024   # each image VOLUME becomes a tmpfs of at most this
+_LINK_CACHE_MAX = 20000
+
+
+def helper_ids_args(uid: int, gid: int, groups: Iterable[int]) -> List[str]:
+    """The helper options that make a process started as 0:0 become exactly ``uid:gid`` with ``groups``.
+
+    For the container's entrypoint and for ``docker exec`` alike (run the helper as user ``0:0``, then
+    ``--ids ... -- CMD``). Numbers only: nothing is looked up, in the image or anywhere.
+    """
+    nums = [uid, gid, *groups]
+    if any(isinstance(n, bool) or not isinstance(n, int) or not 0 <= n < 2 ** 32 - 1 for n in nums):
+        raise EngineError("identity", "not a numeric id", nums)
+    return ["--ids", f"{int(uid)}:{int(gid)}:" + ",".join(str(int(g)) for g in groups)]
+
+
+def host_unprivileged_port_start() -> int:
+    """The host's ``net.ipv4.ip_unprivileged_port_start``, never below 1024 (the job keeps the host's rule)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_unprivileged_port_start") as fh:
+            return max(PRIVILEGED_PORTS, int(fh.read().strip()))
+    except (OSError, ValueError):
+        return PRIVILEGED_PORTS
+
+
+def _prefixes(target: str) -> List[str]:
+    parts = [p for p in target.split("/") if p]
+    return ["/" + "/".join(parts[:n]) for n in range(1, len(parts) + 1)]
+
+
+def _under(path: str, top: str) -> bool:
+    return path != top and path.startswith(top.rstrip("/") + "/")
 
 
 def _gone(exc: Exception) -> bool:
@@ -92,6 +141,7 @@ class Engine:
         except docker.errors.DockerException as exc:
             raise EngineError("engine", "bad url", url, str(exc)) from exc
         self._attached: Dict[str, object] = {}   # cid -> the SDK's socket object (keeps it alive)
+        self._links: Dict[Tuple[str, str], str] = {}   # (image id, path) -> "" | link target | "absent"
 
     # -- errors -------------------------------------------------------------------------------------
     def _fail(self, exc: Exception, what: str, value: object = None) -> EngineError:
@@ -130,17 +180,18 @@ class Engine:
         return bool(self._call("ping", self.url, self.api.ping))
 
     # -- containers ---------------------------------------------------------------------------------
-    def _command(self, spec: ContainerSpec, stdio: Stdio) -> List[str]:
+    def _command(self, spec: ContainerSpec, stdio: Stdio, conf: Optional[dict] = None) -> List[str]:
         """The container's full command: the helper, its options, ``--``, then what it execs."""
         argv = list(spec.argv)
         if spec.use_entrypoint:
-            conf = (self._call("inspect image", spec.image, self.api.inspect_image, spec.image)
-                    .get("Config") or {})
+            if conf is None:
+                conf = (self._call("inspect image", spec.image, self.api.inspect_image, spec.image)
+                        .get("Config") or {})
             argv = list(conf.get("Entrypoint") or []) + (argv or list(conf.get("Cmd") or []))
         if not argv:
             raise EngineError("container", "no command", spec.image,
                               "the spec has no argv and the image no entrypoint or cmd")
-        opts: List[str] = []
+        opts: List[str] = helper_ids_args(spec.uid, spec.gid, spec.groups) if spec.uid != 0 else []
         if stdio.stdout_path:
             opts += ["--stdout", STDOUT_PATH]
         if stdio.stderr_path:
@@ -156,7 +207,9 @@ class Engine:
             raise EngineError("container", "NUL byte in the command", spec.name)
         return [HELPER_PATH] + opts + ["--"] + argv
 
-    def _host_config(self, spec: ContainerSpec, stdio: Stdio, helper: str) -> dict:
+    @staticmethod
+    def _mounts(spec: ContainerSpec, stdio: Stdio, helper: str, conf: Optional[dict] = None) -> list:
+        """Every mount of the container: the spec's binds, cbatch's plumbing, a tmpfs per image VOLUME."""
         bind = docker.types.Mount
         mounts = [bind(m.target, m.source, type="bind", read_only=m.read_only, propagation="rprivate")
                   for m in spec.mounts]
@@ -164,14 +217,32 @@ class Engine:
         for path, target in ((stdio.stdout_path, STDOUT_PATH), (stdio.stderr_path, STDERR_PATH)):
             if path:
                 mounts.append(bind(target, path, type="bind", read_only=False, propagation="rprivate"))
+        # An image VOLUME would be an anonymous volume: unbounded disk, on a path nobody checked. A
+        # bounded tmpfs at the same target takes its place (the engine skips a VOLUME already mounted).
+        taken = {m["Target"] for m in mounts}
+        for vol in sorted((conf or {}).get("Volumes") or {}):
+            target = os.path.normpath("/" + str(vol))
+            if target not in taken:
+                mounts.append(bind(target, None, type="tmpfs", tmpfs_size=VOLUME_TMPFS_BYTES,
+                                   tmpfs_mode=0o1777))
+                taken.add(target)
+        return mounts
+
+    def _host_config(self, spec: ContainerSpec, stdio: Stdio, helper: str, conf: Optional[dict] = None) -> dict:
+        drop_ids = spec.uid != 0
+        caps = None
+        if spec.cap_drop_all and drop_ids:
+            caps = IDS_CAPS + (["KILL"] if spec.init else [])   # tini (root) signals the job's group
         kw = dict(
-            mounts=mounts,
+            mounts=self._mounts(spec, stdio, helper, conf),
             network_mode=spec.network,
             read_only=spec.read_only_rootfs,
-            group_add=[str(g) for g in spec.groups] or None,
+            # Never for a non-root job: the engine would resolve each entry in the image's /etc/group.
+            group_add=None if drop_ids else ([str(g) for g in spec.groups] or None),
             cgroup_parent=spec.cgroup_parent or None,
             pids_limit=spec.pids_limit,
             cap_drop=["ALL"] if spec.cap_drop_all else None,
+            cap_add=caps,
             security_opt=["no-new-privileges"] if spec.no_new_privileges else None,
             init=spec.init,
             shm_size=spec.shm_bytes,
@@ -179,6 +250,10 @@ class Engine:
             # No Docker log: output goes to the job's files (or the attach socket), never stored twice.
             log_config=docker.types.LogConfig(type="none"),
         )
+        if spec.network != "host":
+            # Docker opens every port to everyone in the container's net namespace (start = 0); batch
+            # daemons trust ports < 1024, so the job keeps the host's rule.
+            kw["sysctls"] = {UNPRIV_PORT_SYSCTL: str(host_unprivileged_port_start())}
         if spec.cpus:
             kw["nano_cpus"] = int(spec.cpus * 1e9)
         if spec.cpuset:
@@ -207,10 +282,15 @@ class Engine:
         env = [f"{k}={v}" for k, v in spec.env_dict().items()]
         # tini (--init) then signals the job's whole process group, as pbs_mom signals the session.
         env.append("TINI_KILL_PROCESS_GROUP=1")
+        image = self._call("inspect image", spec.image, self.api.inspect_image, spec.image)
+        conf = image.get("Config") or {}
+        # Numeric 0:0 so the engine resolves no name; the helper becomes the job's ids (--ids).
+        user = "0:0" if spec.uid != 0 else f"{spec.uid}:{spec.gid}"
+        host_config = self._host_config(spec, stdio, helper, conf)
         config = dict(
-            image=spec.image, name=spec.name, entrypoint=self._command(spec, stdio), command=None,
-            user=f"{spec.uid}:{spec.gid}", working_dir=spec.workdir, environment=env, labels=labels,
-            hostname=spec.hostname, host_config=self._host_config(spec, stdio, helper),
+            image=spec.image, name=spec.name, entrypoint=self._command(spec, stdio, conf), command=None,
+            user=user, working_dir=spec.workdir, environment=env, labels=labels,
+            hostname=spec.hostname, host_config=host_config,
             # stdin_open with detach=False also sets StdinOnce: our stdin EOF closes the container's stdin.
             stdin_open=stdio.attach, tty=False, detach=not stdio.attach,
             use_config_proxy=False,     # the job's environment is the spec's, not ~/.docker/config.json's
@@ -222,6 +302,9 @@ class Engine:
         except Exception as exc:  # noqa: BLE001
             raise self._fail(exc, "create container", spec.name) from exc
         try:
+            # The image the container really has (a tag may have moved since the inspect above).
+            image_id = self._call("inspect", cid, self.api.inspect_container, cid)["Image"]
+            self.check_targets(cid, image_id, [m["Target"] for m in host_config.get("Mounts") or []])
             if stdio.attach:
                 self._attached[cid] = self.api.attach_socket(
                     cid, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
@@ -235,6 +318,50 @@ class Engine:
                 pass
             raise err from exc
         return cid
+
+    def stat(self, cid: str, path: str) -> Optional[dict]:
+        """The engine's stat of ``path`` in container ``cid`` (last component not followed), None if absent."""
+        def head():
+            res = self.api.head(self.api._url("/containers/{0}/archive", cid), params={"path": path})
+            if res.status_code == 404:
+                return None
+            self.api._raise_for_status(res)
+            raw = res.headers.get("x-docker-container-path-stat")
+            if not raw:
+                raise EngineError("engine", "stat failed", path, "no path stat in the answer")
+            return decode_json_header(raw)
+        return self._call("stat path", path, head)
+
+    def check_targets(self, cid: str, image_id: str, targets: Sequence[str]) -> None:
+        """Refuse (EngineError) any mount target that passes through a symlink in the image.
+
+        The engine resolves a target's symlinks inside the image before it mounts, so ``/x/passwd`` with
+        ``/x -> /etc`` would land on /etc/passwd. Every component is stat'ed in the created, not yet started
+        container, except those strictly under another mount target (host content, not the image's).
+        Answers depend only on the image, so they are cached per image id.
+        """
+        cache = self._links
+        if len(cache) > _LINK_CACHE_MAX:
+            cache.clear()
+        tops = set(targets)
+        for target in sorted(tops):
+            for prefix in _prefixes(target):
+                if any(_under(prefix, t) for t in tops):
+                    break
+                key = (image_id, prefix)
+                if key not in cache:
+                    st = self.stat(cid, prefix)
+                    cache[key] = ("absent" if st is None else
+                                  str(st.get("linkTarget") or "?") if int(st.get("mode", 0)) & GO_MODE_SYMLINK
+                                  else "")
+                found = cache[key]
+                if found == "absent":
+                    break
+                if found:
+                    raise EngineError("mount", "target passes through a symlink in the image",
+                                      f"{target} ({prefix} -> {found})",
+                                      "the image's symlinks are not followed for mounts; choose another target"
+                                      " or an image without that link")
 
     def attach(self, cid: str) -> socket.socket:
         """The attach socket opened by :meth:`start` (``stdio.attach``): pass it to :func:`cbatch.daemon.streams.pump`."""
