@@ -70,6 +70,7 @@ class ContainerSpec:
     shm_bytes: Optional[int] = None
     devices: Tuple[str, ...] = field(default=())
     umask: Optional[int] = None             # the caller's umask (pbs_mom gives jobs 0077), applied by the helper
+    layer_bytes: Optional[int] = None       # bound on the writable layer (hardening.layer_size); None: unbounded
 
     def env_dict(self) -> dict:
         """The environment as a dict (later pairs win, matching how the policy layered them)."""

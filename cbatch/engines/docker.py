@@ -43,6 +43,7 @@ from docker.utils import decode_json_header
 
 from cbatch.core.errors import EngineError
 from cbatch.core.spec import HELPER_PATH, LABEL_INSTANCE, STDERR_PATH, STDOUT_PATH, ContainerSpec
+from cbatch.engines import layer
 
 API_VERSION = "1.41"       # Debian 12's dockerd 20.10; newer engines still speak it. Pinned so that
                            # constructing an Engine never talks to the engine (no version probe).
@@ -115,6 +116,7 @@ class ExitInfo:
     status: int
     oom_killed: bool = False
     error: Optional[str] = None
+    notice: Optional[str] = None     # one complete ``cbatch: ...`` line for the job's error file
 
 
 @dataclass(frozen=True)
@@ -302,22 +304,57 @@ class Engine:
         except Exception as exc:  # noqa: BLE001
             raise self._fail(exc, "create container", spec.name) from exc
         try:
+            attrs = self._call("inspect", cid, self.api.inspect_container, cid)
+            if spec.layer_bytes:
+                self._bound_layer(attrs, spec.layer_bytes)
             # The image the container really has (a tag may have moved since the inspect above).
-            image_id = self._call("inspect", cid, self.api.inspect_container, cid)["Image"]
-            self.check_targets(cid, image_id, [m["Target"] for m in host_config.get("Mounts") or []])
+            self.check_targets(cid, attrs["Image"], [m["Target"] for m in host_config.get("Mounts") or []])
             if stdio.attach:
                 self._attached[cid] = self.api.attach_socket(
                     cid, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
             self.api.start(cid)
         except Exception as exc:  # noqa: BLE001
             err = self._fail(exc, "start container", spec.name)
-            self._drop_attach(cid)
             try:
-                self.api.remove_container(cid, force=True, v=True)
+                self.remove(cid)
             except Exception:  # noqa: BLE001 - the start error is the one to report
                 pass
             raise err from exc
         return cid
+
+    @staticmethod
+    def _bound_layer(attrs: dict, size: int) -> None:
+        """Put the container's writable layer on a tmpfs of ``size`` bytes (see :mod:`cbatch.engines.layer`)."""
+        ldir = layer.layer_dir(attrs)
+        if ldir is None or not os.path.isdir(ldir):
+            # Fail closed: a queue that asked for a bound never runs unbounded.
+            raise EngineError("hardening", "cannot bound the writable layer",
+                              (attrs.get("GraphDriver") or {}).get("Name"),
+                              "needs a local overlay2 engine; or set hardening.layer_size: null")
+        layer.bound(ldir, size)
+
+    @staticmethod
+    def _layer_notice(attrs: dict) -> Optional[str]:
+        ldir = layer.layer_dir(attrs)
+        if not ldir or not layer.full(ldir):
+            return None
+        st = os.statvfs(ldir)
+        return EngineError("container", "writable layer full", f"{st.f_blocks * st.f_frsize // 2 ** 20} MiB",
+                           "writes into the image's filesystem are bounded by hardening.layer_size; put big"
+                           " files in $TMPDIR, the working directory or a mounted directory").message
+
+    def _release_layer(self, cid: str) -> None:
+        """Unmount the layer's tmpfs (after the container stopped); the engine cannot remove it otherwise."""
+        attrs = self._call("inspect", cid, self.api.inspect_container, cid, ok=_gone)
+        ldir = layer.layer_dir(attrs or {})
+        if not ldir or not layer.mounted(ldir):
+            return
+        if (attrs.get("State") or {}).get("Running"):
+            self._call("kill", cid, self.api.kill, cid, ok=lambda exc: _gone(exc)
+                       or getattr(exc, "status_code", None) == 409)
+            self._call("wait", cid, self.api.wait, cid, timeout=30,
+                       ok=lambda exc: _gone(exc) or isinstance(exc, requests.exceptions.RequestException))
+        layer.release(ldir)
 
     def stat(self, cid: str, path: str) -> Optional[dict]:
         """The engine's stat of ``path`` in container ``cid`` (last component not followed), None if absent."""
@@ -387,10 +424,11 @@ class Engine:
         """Block until the container has stopped (no timeout: jobs run for days)."""
         res = self._call("wait", cid, self.api.wait, cid, timeout=None)
         # Removed right after it stopped (a cleanup): the status alone is enough.
-        state = (self._call("inspect", cid, self.api.inspect_container, cid, ok=_gone) or {}).get("State") or {}
+        attrs = self._call("inspect", cid, self.api.inspect_container, cid, ok=_gone) or {}
+        state = attrs.get("State") or {}
         err = (res.get("Error") or {}).get("Message") or state.get("Error") or None
         return ExitInfo(status=int(res.get("StatusCode", state.get("ExitCode", 125))),
-                        oom_killed=bool(state.get("OOMKilled")), error=err)
+                        oom_killed=bool(state.get("OOMKilled")), error=err, notice=self._layer_notice(attrs))
 
     def signal(self, cid: str, signum: int) -> None:
         """Send ``signum`` to the container's init (tini forwards it to the job's process group).
@@ -419,6 +457,7 @@ class Engine:
     def remove(self, cid: str) -> None:
         """Kill and remove the container; a container already gone (or being removed) is fine."""
         self._drop_attach(cid)
+        self._release_layer(cid)
         self._call("remove container", cid, self.api.remove_container, cid, force=True, v=True,
                    ok=lambda exc: _gone(exc) or (getattr(exc, "status_code", None) == 409
                                                  and "already in progress" in str(exc.explanation)))
