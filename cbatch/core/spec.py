@@ -10,6 +10,7 @@ CBATCH_DIR = "/.cbatch"
 HELPER_PATH = CBATCH_DIR + "/exec"          # the static cbatch-exec helper, bind-mounted read-only
 STDOUT_PATH = CBATCH_DIR + "/stdout"        # the job's stdout spool file, when it is a regular file
 STDERR_PATH = CBATCH_DIR + "/stderr"
+INIT_PATH = CBATCH_DIR + "/init"            # the engine's tini (docker-init), bind-mounted read-only
 
 LABEL_JOB = "cbatch.job"
 LABEL_UID = "cbatch.uid"

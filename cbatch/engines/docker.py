@@ -19,8 +19,11 @@ process, with the job's stdio — exactly ``docker run IMAGE ARGV`` semantics, p
 Identity. Nothing in the image may resolve an id: Docker and runc read the image's /etc/passwd and
 /etc/group for ``user`` and ``group_add`` (a group_add entry is matched as a NAME first, so an image group
 named ``1003`` with gid 0 becomes the job's). A job of a non-root user therefore starts as numeric ``0:0``
-with every capability dropped but SETUID/SETGID/SETPCAP (and KILL for the init), no group_add, and the
-helper sets the host's exact numbers itself (``--ids``, :func:`helper_ids_args`) before it opens anything.
+with every capability dropped but SETUID/SETGID/SETPCAP, no group_add, and the helper, as PID 1, sets the
+host's exact numbers itself (``--ids``, :func:`helper_ids_args`) before it opens anything. Only then does
+it exec the init (the engine's tini, bind-mounted at /.cbatch/init instead of Docker's ``--init``, so that no
+process in the container ever runs as root), which starts the helper again for the stdio plumbing:
+``exec --ids U:G:GS -- init -- exec --stdout ... -- CMD``.
 
 Image paths. Mount targets are checked in the created container, before it starts, through the engine's
 archive stat: a target whose path passes through a symlink in the image is refused (results cached per
@@ -42,16 +45,18 @@ import requests.exceptions
 from docker.utils import decode_json_header
 
 from cbatch.core.errors import EngineError
-from cbatch.core.spec import HELPER_PATH, LABEL_INSTANCE, STDERR_PATH, STDOUT_PATH, ContainerSpec
+from cbatch.core.spec import HELPER_PATH, INIT_PATH, LABEL_INSTANCE, STDERR_PATH, STDOUT_PATH, ContainerSpec
 from cbatch.engines import layer
 
 API_VERSION = "1.41"       # Debian 12's dockerd 20.10; newer engines still speak it. Pinned so that
                            # constructing an Engine never talks to the engine (no version probe).
 _HINT_DOWN = "is dockerd running? see cbatch check --node"
 STDIN_LINE_MAX = 60 * 1024  # cbatch-exec writes the line into a pipe before exec: it must fit the buffer
-# What the container's root keeps until the helper drops to the job's ids: set*id, emptying the bounding
-# set, and (for tini, which stays root) signalling the job's processes. Nothing else.
+# What the container's root keeps until the helper drops to the job's ids: set*id and emptying the
+# bounding set. Nothing else; nothing of it survives the drop.
 IDS_CAPS = ["SETUID", "SETGID", "SETPCAP"]
+INIT_CANDIDATES = ("/usr/bin/docker-init", "/usr/libexec/docker/docker-init", "/usr/local/bin/docker-init",
+                   "/usr/bin/tini-static")
 GO_MODE_SYMLINK = 1 << 27   # os.ModeSymlink in the engine's path stat
 UNPRIV_PORT_SYSCTL = "net.ipv4.ip_unprivileged_port_start"
 PRIVILEGED_PORTS = 1024
@@ -69,6 +74,14 @@ def helper_ids_args(uid: int, gid: int, groups: Iterable[int]) -> List[str]:
     if any(isinstance(n, bool) or not isinstance(n, int) or not 0 <= n < 2 ** 32 - 1 for n in nums):
         raise EngineError("identity", "not a numeric id", nums)
     return ["--ids", f"{int(uid)}:{int(gid)}:" + ",".join(str(int(g)) for g in groups)]
+
+
+def init_binary() -> str:
+    """The host path of the engine's static tini (what ``docker run --init`` would use)."""
+    for path in INIT_CANDIDATES:
+        if os.path.isfile(path):
+            return os.path.realpath(path)
+    raise EngineError("init", "not found", " ".join(INIT_CANDIDATES), "install tini (docker-init)")
 
 
 def host_unprivileged_port_start() -> int:
@@ -193,7 +206,7 @@ class Engine:
         if not argv:
             raise EngineError("container", "no command", spec.image,
                               "the spec has no argv and the image no entrypoint or cmd")
-        opts: List[str] = helper_ids_args(spec.uid, spec.gid, spec.groups) if spec.uid != 0 else []
+        opts: List[str] = []
         if stdio.stdout_path:
             opts += ["--stdout", STDOUT_PATH]
         if stdio.stderr_path:
@@ -207,7 +220,14 @@ class Engine:
             opts += ["--stdin-line", spec.stdin_line]
         if any("\0" in a for a in argv + opts):
             raise EngineError("container", "NUL byte in the command", spec.name)
-        return [HELPER_PATH] + opts + ["--"] + argv
+        command = [HELPER_PATH] + opts + ["--"] + argv
+        if spec.init:
+            # tini then signals the job's whole process group (TINI_KILL_PROCESS_GROUP), as pbs_mom does.
+            command = [INIT_PATH, "--"] + command
+        if spec.uid != 0:
+            # PID 1 is the helper, as root: it becomes the job's ids, then execs the init (or the job).
+            command = [HELPER_PATH] + helper_ids_args(spec.uid, spec.gid, spec.groups) + ["--"] + command
+        return command
 
     @staticmethod
     def _mounts(spec: ContainerSpec, stdio: Stdio, helper: str, conf: Optional[dict] = None) -> list:
@@ -216,6 +236,8 @@ class Engine:
         mounts = [bind(m.target, m.source, type="bind", read_only=m.read_only, propagation="rprivate")
                   for m in spec.mounts]
         mounts.append(bind(HELPER_PATH, helper, type="bind", read_only=True, propagation="rprivate"))
+        if spec.init:
+            mounts.append(bind(INIT_PATH, init_binary(), type="bind", read_only=True, propagation="rprivate"))
         for path, target in ((stdio.stdout_path, STDOUT_PATH), (stdio.stderr_path, STDERR_PATH)):
             if path:
                 mounts.append(bind(target, path, type="bind", read_only=False, propagation="rprivate"))
@@ -234,7 +256,7 @@ class Engine:
         drop_ids = spec.uid != 0
         caps = None
         if spec.cap_drop_all and drop_ids:
-            caps = IDS_CAPS + (["KILL"] if spec.init else [])   # tini (root) signals the job's group
+            caps = IDS_CAPS
         kw = dict(
             mounts=self._mounts(spec, stdio, helper, conf),
             network_mode=spec.network,
@@ -246,7 +268,7 @@ class Engine:
             cap_drop=["ALL"] if spec.cap_drop_all else None,
             cap_add=caps,
             security_opt=["no-new-privileges"] if spec.no_new_privileges else None,
-            init=spec.init,
+            init=False,       # cbatch's own /.cbatch/init, started after the drop (see the module doc)
             shm_size=spec.shm_bytes,
             devices=list(spec.devices) or None,
             # No Docker log: output goes to the job's files (or the attach socket), never stored twice.
@@ -282,7 +304,7 @@ class Engine:
         labels = spec.label_dict()
         labels[LABEL_INSTANCE] = instance
         env = [f"{k}={v}" for k, v in spec.env_dict().items()]
-        # tini (--init) then signals the job's whole process group, as pbs_mom signals the session.
+        # tini (/.cbatch/init) then signals the job's whole process group, as pbs_mom signals the session.
         env.append("TINI_KILL_PROCESS_GROUP=1")
         image = self._call("inspect image", spec.image, self.api.inspect_image, spec.image)
         conf = image.get("Config") or {}
@@ -529,6 +551,28 @@ class Engine:
     def remove_image(self, ref: str) -> bool:
         """Remove the image ``ref`` (not forced: an image in use stays). False when it was not there."""
         return bool(self._call("remove image", ref, lambda: self.api.remove_image(ref) or True, ok=_gone))
+
+
+def shell_note(engine: Engine, image: str, shell: str) -> Optional[str]:
+    """One line for ``cbatch check`` when ``shell`` (a user's login shell) is not in ``image``, else None.
+
+    The helper then runs the job's line with the image's /bin/sh (same words, same ``$0``); without a
+    /bin/sh either, only a script whose ``#!`` interpreter is in the image can run. Creates (never starts)
+    a throw-away container to stat the paths, and removes it.
+    """
+    cid = engine._call("create container", image, engine.api.create_container, image=image,
+                       entrypoint=["/.cbatch/none"], command=None, network_disabled=True,
+                       labels={LABEL_INSTANCE: "cbatch-check"})["Id"]
+    try:
+        if engine.stat(cid, shell) is not None:
+            return None
+        if engine.stat(cid, "/bin/sh") is not None:
+            return str(EngineError("image", "login shell not in the image", shell,
+                                   f"jobs of this user run their line with the image's /bin/sh in {image}"))
+        return str(EngineError("image", "login shell not in the image, and no /bin/sh either", shell,
+                               f"only scripts whose #! interpreter is in {image} can run"))
+    finally:
+        engine._call("remove container", cid, engine.api.remove_container, cid, force=True, ok=_gone)
 
 
 # -- attach demultiplexer ---------------------------------------------------------------------------
