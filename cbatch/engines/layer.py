@@ -38,7 +38,8 @@ def layer_dir(inspect: dict) -> Optional[str]:
     path = os.path.dirname(upper)
     parent = os.path.dirname(path)
     # Only ever a direct child of the engine's overlay2 directory.
-    if os.path.basename(parent) != "overlay2" or os.path.normpath(path) != path or "/../" in path:
+    if not path.startswith("/") or os.path.basename(parent) != "overlay2" or os.path.normpath(path) != path \
+            or "/../" in path or os.path.basename(path) in ("", ".", ".."):
         return None
     return path
 
