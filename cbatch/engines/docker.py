@@ -37,71 +37,24 @@ import signal as _signal
 import socket
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import docker
 import docker.errors
 import requests.exceptions
-from docker.utils import decode_json_header
 
 from cbatch.core.errors import EngineError
 from cbatch.core.spec import HELPER_PATH, INIT_PATH, LABEL_INSTANCE, STDERR_PATH, STDOUT_PATH, ContainerSpec
-from cbatch.engines import layer
+from cbatch.engines import imagecheck, layer
+from cbatch.engines.identity import (IDS_CAPS, UNPRIV_PORT_SYSCTL, helper_ids_args,
+                                     host_unprivileged_port_start, init_binary)
+from cbatch.engines.imagecheck import shell_note  # noqa: F401 - re-exported for cbatch check
 
 API_VERSION = "1.41"       # Debian 12's dockerd 20.10; newer engines still speak it. Pinned so that
                            # constructing an Engine never talks to the engine (no version probe).
 _HINT_DOWN = "is dockerd running? see cbatch check --node"
 STDIN_LINE_MAX = 60 * 1024  # cbatch-exec writes the line into a pipe before exec: it must fit the buffer
-# What the container's root keeps until the helper drops to the job's ids: set*id and emptying the
-# bounding set. Nothing else; nothing of it survives the drop.
-IDS_CAPS = ["SETUID", "SETGID", "SETPCAP"]
-INIT_CANDIDATES = ("/usr/bin/docker-init", "/usr/libexec/docker/docker-init", "/usr/local/bin/docker-init",
-                   "/usr/bin/tini-static")
-GO_MODE_SYMLINK = 1 << 27   # os.ModeSymlink in the engine's path stat
-UNPRIV_PORT_SYSCTL = "net.ipv4.ip_unprivileged_port_start"
-PRIVILEGED_PORTS = 1024
 VOLUME_TMPFS_BYTES = 64 * 1024 * 1024   # each image VOLUME becomes a tmpfs of at most this
-_LINK_CACHE_MAX = 20000
-
-
-def helper_ids_args(uid: int, gid: int, groups: Iterable[int]) -> List[str]:
-    """The helper options that make a process started as 0:0 become exactly ``uid:gid`` with ``groups``.
-
-    For the container's entrypoint and for ``docker exec`` alike (run the helper as user ``0:0``, then
-    ``--ids ... -- CMD``). Numbers only: nothing is looked up, in the image or anywhere.
-    """
-    nums = [uid, gid, *groups]
-    if any(isinstance(n, bool) or not isinstance(n, int) or not 0 <= n < 2 ** 32 - 1 for n in nums):
-        raise EngineError("identity", "not a numeric id", nums)
-    return ["--ids", f"{int(uid)}:{int(gid)}:" + ",".join(str(int(g)) for g in groups)]
-
-
-def init_binary() -> str:
-    """The host path of the engine's static tini (what ``docker run --init`` would use)."""
-    for path in INIT_CANDIDATES:
-        if os.path.isfile(path):
-            return os.path.realpath(path)
-    raise EngineError("init", "not found", " ".join(INIT_CANDIDATES), "install tini (docker-init)")
-
-
-def host_unprivileged_port_start() -> int:
-    """The host's ``net.ipv4.ip_unprivileged_port_start``, never below 1024 (the job keeps the host's rule)."""
-    try:
-        with open("/proc/sys/net/ipv4/ip_unprivileged_port_start") as fh:
-            return max(PRIVILEGED_PORTS, int(fh.read().strip()))
-    except (OSError, ValueError):
-        return PRIVILEGED_PORTS
-
-
-def _prefixes(target: str) -> List[str]:
-    parts = [p for p in target.split("/") if p]
-    return ["/" + "/".join(parts[:n]) for n in range(1, len(parts) + 1)]
-
-
-def _under(path: str, top: str) -> bool:
-    return path != top and path.startswith(top.rstrip("/") + "/")
-
-
 def _gone(exc: Exception) -> bool:
     """The container or image is not there (ImageNotFound is a NotFound)."""
     return isinstance(exc, docker.errors.NotFound)
@@ -380,47 +333,11 @@ class Engine:
 
     def stat(self, cid: str, path: str) -> Optional[dict]:
         """The engine's stat of ``path`` in container ``cid`` (last component not followed), None if absent."""
-        def head():
-            res = self.api.head(self.api._url("/containers/{0}/archive", cid), params={"path": path})
-            if res.status_code == 404:
-                return None
-            self.api._raise_for_status(res)
-            raw = res.headers.get("x-docker-container-path-stat")
-            if not raw:
-                raise EngineError("engine", "stat failed", path, "no path stat in the answer")
-            return decode_json_header(raw)
-        return self._call("stat path", path, head)
+        return imagecheck.stat(self, cid, path)
 
     def check_targets(self, cid: str, image_id: str, targets: Sequence[str]) -> None:
-        """Refuse (EngineError) any mount target that passes through a symlink in the image.
-
-        The engine resolves a target's symlinks inside the image before it mounts, so ``/x/passwd`` with
-        ``/x -> /etc`` would land on /etc/passwd. Every component is stat'ed in the created, not yet started
-        container, except those strictly under another mount target (host content, not the image's).
-        Answers depend only on the image, so they are cached per image id.
-        """
-        cache = self._links
-        if len(cache) > _LINK_CACHE_MAX:
-            cache.clear()
-        tops = set(targets)
-        for target in sorted(tops):
-            for prefix in _prefixes(target):
-                if any(_under(prefix, t) for t in tops):
-                    break
-                key = (image_id, prefix)
-                if key not in cache:
-                    st = self.stat(cid, prefix)
-                    cache[key] = ("absent" if st is None else
-                                  str(st.get("linkTarget") or "?") if int(st.get("mode", 0)) & GO_MODE_SYMLINK
-                                  else "")
-                found = cache[key]
-                if found == "absent":
-                    break
-                if found:
-                    raise EngineError("mount", "target passes through a symlink in the image",
-                                      f"{target} ({prefix} -> {found})",
-                                      "the image's symlinks are not followed for mounts; choose another target"
-                                      " or an image without that link")
+        """Refuse any mount target passing through a symlink in the image (:func:`imagecheck.check_targets`)."""
+        imagecheck.check_targets(self, cid, image_id, targets, self._links)
 
     def attach(self, cid: str) -> socket.socket:
         """The attach socket opened by :meth:`start` (``stdio.attach``): pass it to :func:`cbatch.daemon.streams.pump`."""
@@ -551,28 +468,6 @@ class Engine:
     def remove_image(self, ref: str) -> bool:
         """Remove the image ``ref`` (not forced: an image in use stays). False when it was not there."""
         return bool(self._call("remove image", ref, lambda: self.api.remove_image(ref) or True, ok=_gone))
-
-
-def shell_note(engine: Engine, image: str, shell: str) -> Optional[str]:
-    """One line for ``cbatch check`` when ``shell`` (a user's login shell) is not in ``image``, else None.
-
-    The helper then runs the job's line with the image's /bin/sh (same words, same ``$0``); without a
-    /bin/sh either, only a script whose ``#!`` interpreter is in the image can run. Creates (never starts)
-    a throw-away container to stat the paths, and removes it.
-    """
-    cid = engine._call("create container", image, engine.api.create_container, image=image,
-                       entrypoint=["/.cbatch/none"], command=None, network_disabled=True,
-                       labels={LABEL_INSTANCE: "cbatch-check"})["Id"]
-    try:
-        if engine.stat(cid, shell) is not None:
-            return None
-        if engine.stat(cid, "/bin/sh") is not None:
-            return str(EngineError("image", "login shell not in the image", shell,
-                                   f"jobs of this user run their line with the image's /bin/sh in {image}"))
-        return str(EngineError("image", "login shell not in the image, and no /bin/sh either", shell,
-                               f"only scripts whose #! interpreter is in {image} can run"))
-    finally:
-        engine._call("remove container", cid, engine.api.remove_container, cid, force=True, ok=_gone)
 
 
 # -- attach demultiplexer ---------------------------------------------------------------------------
