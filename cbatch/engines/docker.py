@@ -198,7 +198,12 @@ class Engine:
         # bounded tmpfs at the same target takes its place (the engine skips a VOLUME already mounted).
         taken = {m["Target"] for m in mounts}
         for vol in sorted((conf or {}).get("Volumes") or {}):
-            target = os.path.normpath("/" + str(vol))
+            target = os.path.normpath("/" + str(vol).lstrip("/"))
+            inside = [t for t in taken if target.startswith(t.rstrip("/") + "/")]
+            if inside and target not in taken:
+                # Its mount point would be created by the engine, as root, inside a host directory.
+                raise EngineError("image", "VOLUME inside a mounted host directory", target,
+                                  f"{sorted(inside)[-1]} is mounted from the host; use an image without it")
             if target not in taken:
                 mounts.append(bind(target, None, type="tmpfs", tmpfs_size=VOLUME_TMPFS_BYTES,
                                    tmpfs_mode=0o1777))

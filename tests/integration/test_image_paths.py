@@ -115,3 +115,24 @@ echo dd=$?
     assert sorted(lines[:2]) == ["/data tmpfs", "/var/lib/thing tmpfs"], lines
     assert lines[2] == "dd=1", lines                    # the 64 MiB bound: ENOSPC, not the node's disk
     assert _volumes() == before                         # no anonymous volume was ever created
+
+
+def test_image_volume_inside_a_host_mount_refused(pmom, pdaemon, carol):
+    """``VOLUME /home/cbt-carol/v``: the engine would create that directory, as root, in carol's real home.
+
+    Before the fix the job ran and /home/cbt-carol/v appeared on the host, owned by root.
+    """
+    vol = os.path.join(carol.home, "cbt-vol-%d" % os.getpid())
+    ref = hostile_image(f"hostile-homevol:{os.getpid()}", changes=[f"VOLUME {vol}"])
+    try:
+        job = pmom.submit(_job(ref, "echo ran\n"), carol.name, queue="mounts")
+        r = job.wait(120)
+        assert r.exit_status == 125 and r.stdout == b"", (r.exit_status, r.stdout, r.stderr)
+        lines = r.stderr.decode().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(
+            f"cbatch: image: VOLUME inside a mounted host directory: {vol} ({carol.home} is mounted"), lines
+        assert not os.path.lexists(vol)
+    finally:
+        if os.path.isdir(vol) and not os.path.islink(vol):
+            os.rmdir(vol)
+        remove(ref)
