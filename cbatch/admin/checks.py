@@ -18,7 +18,7 @@ from cbatch.core import config as configmod
 from cbatch.core import policy
 from cbatch.core import qsubopts
 from cbatch.core.directives import MAX_SCAN_BYTES, parse_script
-from cbatch.core.errors import ConfigError, JobError, PolicyError
+from cbatch.core.errors import CbatchError, ConfigError, JobError, PolicyError
 from cbatch.core.job import Identity, JobContext, Registration
 from cbatch.host.paths import resolve_as_user
 from cbatch.core.spec import ContainerSpec, Native
@@ -38,7 +38,7 @@ def command(args) -> int:
         if not getattr(args, "script", None):
             print_config(cfg, sys.stdout)
             return 0
-        return check_script(cfg, args.script, queue=args.queue, user=args.user, out=sys.stdout)
+        return check_script(cfg, args.script, queue=args.queue, user=args.user, out=sys.stdout, ask_engine=True)
     except BrokenPipeError:
         # `cbatch check ... | head`: the reader has what it wanted; no traceback.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -129,7 +129,8 @@ def build_job(script: str, identity: Identity, queue: Optional[str], data: bytes
     return JobContext.for_start(reg, identity, shell, script + "\n", cwd, env)
 
 
-def _describe(out: TextIO, cfg: configmod.SiteConfig, job: JobContext, directives, result) -> None:
+def _describe(out: TextIO, cfg: configmod.SiteConfig, job: JobContext, directives, result,
+              ask_engine: bool = False) -> None:
     ident = job.identity
     out.write(f"script: {job.script_path}\n")
     out.write(f"queue: {job.queue or '(none: the defaults policy; set torque.default_queue)'}\n")
@@ -145,6 +146,10 @@ def _describe(out: TextIO, cfg: configmod.SiteConfig, job: JobContext, directive
     out.write(f"container: {result.name}\n")
     out.write(f"argv: {' '.join(shlex.quote(a) for a in result.argv)}"
               + (f" with stdin {result.stdin_line!r}" if result.stdin_line is not None else "") + "\n")
+    if ask_engine and result.stdin_line is not None and not result.use_entrypoint and os.geteuid() == 0:
+        note = _shell_note(cfg, result.image, result.argv[0])   # only root may ask the engine
+        if note:
+            out.write(note + "\n")
     out.write(f"entrypoint: {'the image entrypoint' if result.use_entrypoint else 'not used'}\n")
     out.write(f"workdir: {result.workdir}\n")
     out.write("mounts:\n")
@@ -164,9 +169,20 @@ def _describe(out: TextIO, cfg: configmod.SiteConfig, job: JobContext, directive
         out.write(f"  {key}={value}  [{layer}]\n")
 
 
+def _shell_note(cfg: configmod.SiteConfig, image: str, shell: str) -> Optional[str]:
+    """The engine's one line when the login shell is missing from the image (None when fine or unknown)."""
+    try:
+        from cbatch.engines.docker import Engine, shell_note
+        return shell_note(Engine(cfg.engine.url, cfg.engine.timeout), image, shell)
+    except (ImportError, CbatchError):
+        return None
+
+
 def check_script(cfg: configmod.SiteConfig, script: str, queue: Optional[str] = None, user: Optional[str] = None,
-                 out: TextIO = sys.stdout, resolve=resolve_as_user) -> int:
-    """Print what ``script`` would run under ``cfg``; raises the one-line CbatchError when it would not."""
+                 out: TextIO = sys.stdout, resolve=resolve_as_user, ask_engine: bool = False) -> int:
+    """Print what ``script`` would run under ``cfg``; raises the one-line CbatchError when it would not.
+
+    ``ask_engine`` (root only): also say in one line when the user's login shell is not in the image."""
     if user is not None:
         identity = Identity.lookup(user)
         if os.geteuid() != 0 and identity.uid != os.geteuid():
@@ -182,5 +198,5 @@ def check_script(cfg: configmod.SiteConfig, script: str, queue: Optional[str] = 
     directives = parse_script(data)
     job = build_job(path, identity, queue, data, default_queue=cfg.torque.default_queue)
     result = policy.decide(cfg, job, directives, resolve)
-    _describe(out, cfg, job, directives, result)
+    _describe(out, cfg, job, directives, result, ask_engine)
     return 0

@@ -74,6 +74,7 @@ class Hardening:
     no_new_privileges: bool = True
     init: bool = True
     cap_drop_all: bool = True
+    layer_size: Optional[int] = 1024 ** 3    # writable layer bound (bytes); None: unbounded
 
 
 @dataclass(frozen=True)

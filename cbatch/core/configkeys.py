@@ -191,9 +191,15 @@ def user_mounts(c: Ctx, key: str, v: Any) -> Dict[str, Any]:
 def hardening(c: Ctx, key: str, v: Any) -> Dict[str, Any]:
     """The partial ``hardening`` map."""
     data = mapping(c, key, v)
-    unknown(c, key, data, ("pids_limit", "read_only_rootfs", "no_new_privileges", "init", "cap_drop_all"))
+    unknown(c, key, data, ("pids_limit", "read_only_rootfs", "no_new_privileges", "init", "cap_drop_all",
+                           "layer_size"))
     out: Dict[str, Any] = {}
     for k, x in data.items():
+        if k == "layer_size":
+            out[k] = size(c, f"{key}.{k}", x)
+            if out[k] is not None and out[k] < 1024 ** 2:
+                raise c.err(f"{key}.{k}", "too small", x, "at least 1mb, or null for no bound")
+            continue
         out[k] = integer(c, f"{key}.{k}", x, 1, nullable=True) if k == "pids_limit" else boolean(c, f"{key}.{k}", x)
     return out
 

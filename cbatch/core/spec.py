@@ -10,6 +10,7 @@ CBATCH_DIR = "/.cbatch"
 HELPER_PATH = CBATCH_DIR + "/exec"          # the static cbatch-exec helper, bind-mounted read-only
 STDOUT_PATH = CBATCH_DIR + "/stdout"        # the job's stdout spool file, when it is a regular file
 STDERR_PATH = CBATCH_DIR + "/stderr"
+INIT_PATH = CBATCH_DIR + "/init"            # the engine's tini (docker-init), bind-mounted read-only
 
 # Container paths cbatch itself provides, or that would hand the host's kernel interfaces to a job: nothing
 # may be mounted onto them or under them (facts about the container layout, so they live here).
@@ -83,6 +84,7 @@ class ContainerSpec:
     shm_bytes: Optional[int] = None
     devices: Tuple[str, ...] = field(default=())
     umask: Optional[int] = None             # the caller's umask (pbs_mom gives jobs 0077), applied by the helper
+    layer_bytes: Optional[int] = None       # bound on the writable layer (hardening.layer_size); None: unbounded
 
     def env_dict(self) -> dict:
         """The environment as a dict (later pairs win, matching how the policy layered them)."""

@@ -250,6 +250,8 @@ def _exit_event(sess: Session, result: dict) -> dict:
     message = None
     if info.error:
         message = EngineError("container", "failed", sess.cid[:12], info.error).message
+    if getattr(info, "notice", None):       # e.g. the writable layer filled up: one line at the end
+        message = info.notice
     status = info.status if 0 <= info.status < 256 else 125
     return {"event": "exit", "status": status, "oom": False, "message": message}
 

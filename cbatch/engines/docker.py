@@ -15,6 +15,19 @@ Entrypoint. The helper is always the container's entrypoint, so the stdio plumbi
 job. With ``spec.use_entrypoint`` the image's own Entrypoint (and its Cmd when ``spec.argv`` is empty) is
 read from the image and placed after the helper's ``--``: the image's entrypoint still runs, as the job's
 process, with the job's stdio — exactly ``docker run IMAGE ARGV`` semantics, plus cbatch's plumbing.
+
+Identity. Nothing in the image may resolve an id: Docker and runc read the image's /etc/passwd and
+/etc/group for ``user`` and ``group_add`` (a group_add entry is matched as a NAME first, so an image group
+named ``1003`` with gid 0 becomes the job's). A job of a non-root user therefore starts as numeric ``0:0``
+with every capability dropped but SETUID/SETGID/SETPCAP, no group_add, and the helper, as PID 1, sets the
+host's exact numbers itself (``--ids``, :func:`helper_ids_args`) before it opens anything. Only then does
+it exec the init (the engine's tini, bind-mounted at /.cbatch/init instead of Docker's ``--init``, so that no
+process in the container ever runs as root), which starts the helper again for the stdio plumbing:
+``exec --ids U:G:GS -- init -- exec --stdout ... -- CMD``.
+
+Image paths. Mount targets are checked in the created container, before it starts, through the engine's
+archive stat: a target whose path passes through a symlink in the image is refused (results cached per
+image id). The image's VOLUMEs are each covered with a bounded tmpfs so no anonymous volume is created.
 """
 
 from __future__ import annotations
@@ -24,21 +37,24 @@ import signal as _signal
 import socket
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import docker
 import docker.errors
 import requests.exceptions
 
 from cbatch.core.errors import EngineError
-from cbatch.core.spec import HELPER_PATH, LABEL_INSTANCE, STDERR_PATH, STDOUT_PATH, ContainerSpec
+from cbatch.core.spec import HELPER_PATH, INIT_PATH, LABEL_INSTANCE, STDERR_PATH, STDOUT_PATH, ContainerSpec
+from cbatch.engines import imagecheck, layer
+from cbatch.engines.identity import (IDS_CAPS, UNPRIV_PORT_SYSCTL, helper_ids_args,
+                                     host_unprivileged_port_start, init_binary)
+from cbatch.engines.imagecheck import shell_note  # noqa: F401 - re-exported for cbatch check
 
 API_VERSION = "1.41"       # Debian 12's dockerd 20.10; newer engines still speak it. Pinned so that
                            # constructing an Engine never talks to the engine (no version probe).
 _HINT_DOWN = "is dockerd running? see cbatch check --node"
 STDIN_LINE_MAX = 60 * 1024  # cbatch-exec writes the line into a pipe before exec: it must fit the buffer
-
-
+VOLUME_TMPFS_BYTES = 64 * 1024 * 1024   # each image VOLUME becomes a tmpfs of at most this
 def _gone(exc: Exception) -> bool:
     """The container or image is not there (ImageNotFound is a NotFound)."""
     return isinstance(exc, docker.errors.NotFound)
@@ -66,6 +82,7 @@ class ExitInfo:
     status: int
     oom_killed: bool = False
     error: Optional[str] = None
+    notice: Optional[str] = None     # one complete ``cbatch: ...`` line for the job's error file
 
 
 @dataclass(frozen=True)
@@ -92,6 +109,7 @@ class Engine:
         except docker.errors.DockerException as exc:
             raise EngineError("engine", "bad url", url, str(exc)) from exc
         self._attached: Dict[str, object] = {}   # cid -> the SDK's socket object (keeps it alive)
+        self._links: Dict[Tuple[str, str], str] = {}   # (image id, path) -> "" | link target | "absent"
 
     # -- errors -------------------------------------------------------------------------------------
     def _fail(self, exc: Exception, what: str, value: object = None) -> EngineError:
@@ -130,12 +148,13 @@ class Engine:
         return bool(self._call("ping", self.url, self.api.ping))
 
     # -- containers ---------------------------------------------------------------------------------
-    def _command(self, spec: ContainerSpec, stdio: Stdio) -> List[str]:
+    def _command(self, spec: ContainerSpec, stdio: Stdio, conf: Optional[dict] = None) -> List[str]:
         """The container's full command: the helper, its options, ``--``, then what it execs."""
         argv = list(spec.argv)
         if spec.use_entrypoint:
-            conf = (self._call("inspect image", spec.image, self.api.inspect_image, spec.image)
-                    .get("Config") or {})
+            if conf is None:
+                conf = (self._call("inspect image", spec.image, self.api.inspect_image, spec.image)
+                        .get("Config") or {})
             argv = list(conf.get("Entrypoint") or []) + (argv or list(conf.get("Cmd") or []))
         if not argv:
             raise EngineError("container", "no command", spec.image,
@@ -154,31 +173,69 @@ class Engine:
             opts += ["--stdin-line", spec.stdin_line]
         if any("\0" in a for a in argv + opts):
             raise EngineError("container", "NUL byte in the command", spec.name)
-        return [HELPER_PATH] + opts + ["--"] + argv
+        command = [HELPER_PATH] + opts + ["--"] + argv
+        if spec.init:
+            # tini then signals the job's whole process group (TINI_KILL_PROCESS_GROUP), as pbs_mom does.
+            command = [INIT_PATH, "--"] + command
+        if spec.uid != 0:
+            # PID 1 is the helper, as root: it becomes the job's ids, then execs the init (or the job).
+            command = [HELPER_PATH] + helper_ids_args(spec.uid, spec.gid, spec.groups) + ["--"] + command
+        return command
 
-    def _host_config(self, spec: ContainerSpec, stdio: Stdio, helper: str) -> dict:
+    @staticmethod
+    def _mounts(spec: ContainerSpec, stdio: Stdio, helper: str, conf: Optional[dict] = None) -> list:
+        """Every mount of the container: the spec's binds, cbatch's plumbing, a tmpfs per image VOLUME."""
         bind = docker.types.Mount
         mounts = [bind(m.target, m.source, type="bind", read_only=m.read_only, propagation="rprivate")
                   for m in spec.mounts]
         mounts.append(bind(HELPER_PATH, helper, type="bind", read_only=True, propagation="rprivate"))
+        if spec.init:
+            mounts.append(bind(INIT_PATH, init_binary(), type="bind", read_only=True, propagation="rprivate"))
         for path, target in ((stdio.stdout_path, STDOUT_PATH), (stdio.stderr_path, STDERR_PATH)):
             if path:
                 mounts.append(bind(target, path, type="bind", read_only=False, propagation="rprivate"))
+        # An image VOLUME would be an anonymous volume: unbounded disk, on a path nobody checked. A
+        # bounded tmpfs at the same target takes its place (the engine skips a VOLUME already mounted).
+        taken = {m["Target"] for m in mounts}
+        for vol in sorted((conf or {}).get("Volumes") or {}):
+            target = os.path.normpath("/" + str(vol).lstrip("/"))
+            inside = [t for t in taken if target.startswith(t.rstrip("/") + "/")]
+            if inside and target not in taken:
+                # Its mount point would be created by the engine, as root, inside a host directory.
+                raise EngineError("image", "VOLUME inside a mounted host directory", target,
+                                  f"{sorted(inside)[-1]} is mounted from the host; use an image without it")
+            if target not in taken:
+                mounts.append(bind(target, None, type="tmpfs", tmpfs_size=VOLUME_TMPFS_BYTES,
+                                   tmpfs_mode=0o1777))
+                taken.add(target)
+        return mounts
+
+    def _host_config(self, spec: ContainerSpec, stdio: Stdio, helper: str, conf: Optional[dict] = None) -> dict:
+        drop_ids = spec.uid != 0
+        caps = None
+        if spec.cap_drop_all and drop_ids:
+            caps = IDS_CAPS
         kw = dict(
-            mounts=mounts,
+            mounts=self._mounts(spec, stdio, helper, conf),
             network_mode=spec.network,
             read_only=spec.read_only_rootfs,
-            group_add=[str(g) for g in spec.groups] or None,
+            # Never for a non-root job: the engine would resolve each entry in the image's /etc/group.
+            group_add=None if drop_ids else ([str(g) for g in spec.groups] or None),
             cgroup_parent=spec.cgroup_parent or None,
             pids_limit=spec.pids_limit,
             cap_drop=["ALL"] if spec.cap_drop_all else None,
+            cap_add=caps,
             security_opt=["no-new-privileges"] if spec.no_new_privileges else None,
-            init=spec.init,
+            init=False,       # cbatch's own /.cbatch/init, started after the drop (see the module doc)
             shm_size=spec.shm_bytes,
             devices=list(spec.devices) or None,
             # No Docker log: output goes to the job's files (or the attach socket), never stored twice.
             log_config=docker.types.LogConfig(type="none"),
         )
+        if spec.network != "host":
+            # Docker opens every port to everyone in the container's net namespace (start = 0); batch
+            # daemons trust ports < 1024, so the job keeps the host's rule.
+            kw["sysctls"] = {UNPRIV_PORT_SYSCTL: str(host_unprivileged_port_start())}
         if spec.cpus:
             kw["nano_cpus"] = int(spec.cpus * 1e9)
         if spec.cpuset:
@@ -205,12 +262,17 @@ class Engine:
         labels = spec.label_dict()
         labels[LABEL_INSTANCE] = instance
         env = [f"{k}={v}" for k, v in spec.env_dict().items()]
-        # tini (--init) then signals the job's whole process group, as pbs_mom signals the session.
+        # tini (/.cbatch/init) then signals the job's whole process group, as pbs_mom signals the session.
         env.append("TINI_KILL_PROCESS_GROUP=1")
+        image = self._call("inspect image", spec.image, self.api.inspect_image, spec.image)
+        conf = image.get("Config") or {}
+        # Numeric 0:0 so the engine resolves no name; the helper becomes the job's ids (--ids).
+        user = "0:0" if spec.uid != 0 else f"{spec.uid}:{spec.gid}"
+        host_config = self._host_config(spec, stdio, helper, conf)
         config = dict(
-            image=spec.image, name=spec.name, entrypoint=self._command(spec, stdio), command=None,
-            user=f"{spec.uid}:{spec.gid}", working_dir=spec.workdir, environment=env, labels=labels,
-            hostname=spec.hostname, host_config=self._host_config(spec, stdio, helper),
+            image=spec.image, name=spec.name, entrypoint=self._command(spec, stdio, conf), command=None,
+            user=user, working_dir=spec.workdir, environment=env, labels=labels,
+            hostname=spec.hostname, host_config=host_config,
             # stdin_open with detach=False also sets StdinOnce: our stdin EOF closes the container's stdin.
             stdin_open=stdio.attach, tty=False, detach=not stdio.attach,
             use_config_proxy=False,     # the job's environment is the spec's, not ~/.docker/config.json's
@@ -222,19 +284,65 @@ class Engine:
         except Exception as exc:  # noqa: BLE001
             raise self._fail(exc, "create container", spec.name) from exc
         try:
+            attrs = self._call("inspect", cid, self.api.inspect_container, cid)
+            if spec.layer_bytes:
+                self._bound_layer(attrs, spec.layer_bytes)
+            # The image the container really has (a tag may have moved since the inspect above).
+            self.check_targets(cid, attrs["Image"], [m["Target"] for m in host_config.get("Mounts") or []])
             if stdio.attach:
                 self._attached[cid] = self.api.attach_socket(
                     cid, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
             self.api.start(cid)
         except Exception as exc:  # noqa: BLE001
             err = self._fail(exc, "start container", spec.name)
-            self._drop_attach(cid)
             try:
-                self.api.remove_container(cid, force=True, v=True)
+                self.remove(cid)
             except Exception:  # noqa: BLE001 - the start error is the one to report
                 pass
             raise err from exc
         return cid
+
+    @staticmethod
+    def _bound_layer(attrs: dict, size: int) -> None:
+        """Put the container's writable layer on a tmpfs of ``size`` bytes (see :mod:`cbatch.engines.layer`)."""
+        ldir = layer.layer_dir(attrs)
+        if ldir is None or not os.path.isdir(ldir):
+            # Fail closed: a queue that asked for a bound never runs unbounded.
+            raise EngineError("hardening", "cannot bound the writable layer",
+                              (attrs.get("GraphDriver") or {}).get("Name"),
+                              "needs a local overlay2 engine; or set hardening.layer_size: null")
+        layer.bound(ldir, size)
+
+    @staticmethod
+    def _layer_notice(attrs: dict) -> Optional[str]:
+        ldir = layer.layer_dir(attrs)
+        if not ldir or not layer.full(ldir):
+            return None
+        st = os.statvfs(ldir)
+        return EngineError("container", "writable layer full", f"{st.f_blocks * st.f_frsize // 2 ** 20} MiB",
+                           "writes into the image's filesystem are bounded by hardening.layer_size; put big"
+                           " files in $TMPDIR, the working directory or a mounted directory").message
+
+    def _release_layer(self, cid: str) -> None:
+        """Unmount the layer's tmpfs (after the container stopped); the engine cannot remove it otherwise."""
+        attrs = self._call("inspect", cid, self.api.inspect_container, cid, ok=_gone)
+        ldir = layer.layer_dir(attrs or {})
+        if not ldir or not layer.mounted(ldir):
+            return
+        if (attrs.get("State") or {}).get("Running"):
+            self._call("kill", cid, self.api.kill, cid, ok=lambda exc: _gone(exc)
+                       or getattr(exc, "status_code", None) == 409)
+            self._call("wait", cid, self.api.wait, cid, timeout=30,
+                       ok=lambda exc: _gone(exc) or isinstance(exc, requests.exceptions.RequestException))
+        layer.release(ldir)
+
+    def stat(self, cid: str, path: str) -> Optional[dict]:
+        """The engine's stat of ``path`` in container ``cid`` (last component not followed), None if absent."""
+        return imagecheck.stat(self, cid, path)
+
+    def check_targets(self, cid: str, image_id: str, targets: Sequence[str]) -> None:
+        """Refuse any mount target passing through a symlink in the image (:func:`imagecheck.check_targets`)."""
+        imagecheck.check_targets(self, cid, image_id, targets, self._links)
 
     def attach(self, cid: str) -> socket.socket:
         """The attach socket opened by :meth:`start` (``stdio.attach``): pass it to :func:`cbatch.daemon.streams.pump`."""
@@ -260,10 +368,11 @@ class Engine:
         """Block until the container has stopped (no timeout: jobs run for days)."""
         res = self._call("wait", cid, self.api.wait, cid, timeout=None)
         # Removed right after it stopped (a cleanup): the status alone is enough.
-        state = (self._call("inspect", cid, self.api.inspect_container, cid, ok=_gone) or {}).get("State") or {}
+        attrs = self._call("inspect", cid, self.api.inspect_container, cid, ok=_gone) or {}
+        state = attrs.get("State") or {}
         err = (res.get("Error") or {}).get("Message") or state.get("Error") or None
         return ExitInfo(status=int(res.get("StatusCode", state.get("ExitCode", 125))),
-                        oom_killed=bool(state.get("OOMKilled")), error=err)
+                        oom_killed=bool(state.get("OOMKilled")), error=err, notice=self._layer_notice(attrs))
 
     def signal(self, cid: str, signum: int) -> None:
         """Send ``signum`` to the container's init (tini forwards it to the job's process group).
@@ -292,6 +401,7 @@ class Engine:
     def remove(self, cid: str) -> None:
         """Kill and remove the container; a container already gone (or being removed) is fine."""
         self._drop_attach(cid)
+        self._release_layer(cid)
         self._call("remove container", cid, self.api.remove_container, cid, force=True, v=True,
                    ok=lambda exc: _gone(exc) or (getattr(exc, "status_code", None) == 409
                                                  and "already in progress" in str(exc.explanation)))

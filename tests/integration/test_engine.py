@@ -306,8 +306,17 @@ def test_missing_image(engine, test_images, helper, unique_instance, outputs):
 def test_missing_shell(run):
     info, out, err = run("noshell", ["/bin/bash"], stdin_line="/some/script\n")
     assert info.status == 127
-    assert err == b"cbatch: command: not found in the image: /bin/bash\n"
+    # No login shell, no /bin/sh, and /some/script is not there either: one line, 127 (issue #10).
+    assert err.startswith(b"cbatch: command: no shell in the image and the script's interpreter is missing:"
+                          b" /bin/bash") and err.count(b"\n") == 1, err
     assert out == b""
+
+
+def test_missing_command_without_stdin_line_is_still_127(run):
+    """The /bin/sh fallback is for the login shell reading its line only, never for a cbatch run command."""
+    info, out, err = run("busybox", ["/no/such/cmd"])
+    assert info.status == 127
+    assert err == b"cbatch: command: not found in the image: /no/such/cmd\n"
 
 
 def test_start_failure_leaves_nothing(engine, test_images, helper, unique_instance, outputs):

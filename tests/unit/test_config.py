@@ -169,7 +169,7 @@ def test_mom_priv_config_lines():
     ("defaults: {hardening: {pids_limit: 0}}", "cbatch: site.yaml: defaults.hardening.pids_limit: expected an integer: 0 "
                                                "(an integer >= 1 or null)"),
     ("defaults: {hardening: {seccomp: x}}", "cbatch: site.yaml: defaults.hardening.seccomp: unknown key: seccomp (known "
-     "keys: pids_limit, read_only_rootfs, no_new_privileges, init, cap_drop_all)"),
+     "keys: pids_limit, read_only_rootfs, no_new_privileges, init, cap_drop_all, layer_size)"),
     ("defaults: {hardening: {read_only_rootfs: 'no'}}", "cbatch: site.yaml: defaults.hardening.read_only_rootfs: "
                                                          "expected true or false: no (true | false)"),
     ("defaults: {pull: always}", "cbatch: site.yaml: defaults.pull: not a pull mode: always (never | missing)"),
@@ -341,3 +341,14 @@ def test_daemon_mount_dir():
     with pytest.raises(ConfigError) as exc:
         parse("daemon: {mount_dir: pins}", hostname="n")
     assert "daemon.mount_dir: not an absolute path: pins" in exc.value.message
+
+
+def test_layer_size_default_bound_and_null():
+    assert parse("defaults: {}", hostname="n").defaults.hardening.layer_size == 1024 ** 3
+    cfg = parse("defaults: {hardening: {layer_size: 32mb}}\nqueues: {free: {hardening: {layer_size: null}}}",
+                hostname="n")
+    assert cfg.defaults.hardening.layer_size == 32 * 1024 ** 2
+    assert cfg.queue("free").hardening.layer_size is None
+    assert bad("defaults: {hardening: {layer_size: 4kb}}").startswith(
+        "cbatch: site.yaml: defaults.hardening.layer_size: too small: 4kb (at least 1mb, or null for no bound)")
+    assert "not a size" in bad("defaults: {hardening: {layer_size: lots}}")
