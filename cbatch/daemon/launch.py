@@ -87,25 +87,52 @@ def start(daemon, conn, peer, msg: dict, fds) -> dict | None:
     from cbatch.core.job import Identity, JobContext
     from cbatch.host.paths import resolve_as_user
 
-    rec = peers.start_job(daemon.registry, peer.pid, peer.uid)
+    from cbatch.daemon import tasks
+
+    kind = protocol.get_str(msg, "kind", "batch")
+    if kind == "task":
+        return tasks.task(daemon, conn, peer, msg, fds)
+    if kind not in ("batch", "interactive"):
+        raise protocol.bad_field("kind", "batch | interactive | task")
+    interactive = kind == "interactive"
+    if interactive:
+        rec = tasks.interactive_job(daemon.registry, peer.pid, peer.uid)
+    else:
+        rec = peers.start_job(daemon.registry, peer.pid, peer.uid)
     reg = rec.registration
     argv, cwd, env = _request(msg, fds)
     line = protocol.get_str(msg, "line")
-    if len(argv) != 2:
+    if not interactive and len(argv) != 2:
         raise protocol.bad_field("argv", "[starter, shell]")
+    if interactive and len(argv) < 2:
+        raise protocol.bad_field("argv", "[starter, shell, args...]")
     if not daemon.registry.claim_start(reg.job_id):
         raise AccessDenied("start", "job already started", reg.job_id, "a job starts once")
     identity = Identity.lookup(reg.user)
     words = line.split()
-    if not words or words[0] != reg.script_path:
-        log.warning("job %s: stdin line does not name the registered script %s", reg.job_id, reg.script_path)
-    directives = parse_script(read_script(reg.script_path, identity.uid))
+    if interactive:
+        # No job script: pbs_mom names a .SC path in the prologue's argv that an interactive job need not
+        # have. The queue's policy alone decides.
+        try:
+            directives = parse_script(read_script(reg.script_path, identity.uid))
+        except JobError:
+            directives = parse_script(b"")
+    else:
+        if not words or words[0] != reg.script_path:
+            log.warning("job %s: stdin line does not name the registered script %s", reg.job_id,
+                        reg.script_path)
+        directives = parse_script(read_script(reg.script_path, identity.uid))
     job = JobContext.for_start(reg, identity, argv[1], line, cwd, env, _cgroup_parent(reg, peer.pid),
                                peers.umask_of(peer.pid))
     decision = policy.decide(daemon.config, job, directives, resolve_as_user)
     if isinstance(decision, Native):
-        log.info("job %s: native (%s)", reg.job_id, decision.reason)
+        log.info("job %s: %snative (%s)", reg.job_id, "interactive, " if interactive else "", decision.reason)
         return {"mode": "native", "reason": decision.reason}
+    if interactive:
+        # A container with the user's terminal needs the engine's tty mode and a pty proxy: not built yet.
+        # Refuse in one line rather than run natively what the queue says must run in a container.
+        raise JobError("interactive job", "not available in a container yet", f"queue {reg.queue}",
+                       "this queue runs jobs in an image; submit a batch job, or use a queue that runs natively")
     stdio, pump = choose_stdio(fds, attach_stdin=False, uid=peer.uid)
     return _launch(daemon, conn, peer, job, decision, stdio, pump, fds, "job")
 
@@ -168,7 +195,7 @@ def _launch(daemon, conn, peer, job, spec, stdio, pump, fds, kind: str) -> None:
         raise
     limit = spec.memory_bytes or job.resources.memory_on(daemon.config.daemon.hostname or None)
     sess = Session(cid=cid, job_id=job.job_id, batch=job.batch, kind=kind, peer_pid=peer.pid, uid=peer.uid,
-                   memory_limit=limit, pump_fds=pump, owned_fds=tuple(fds), name=spec.name)
+                   memory_limit=limit, pump_fds=pump, owned_fds=tuple(fds), name=spec.name, image=spec.image)
     try:
         daemon.registry.add_container(job.job_id, cid, sess.record())
         protocol.send(conn, {"ok": True, "event": "started", "id": cid, "job_id": job.job_id,
@@ -208,7 +235,7 @@ def attach(daemon, conn, peer, msg: dict, fds) -> None:
                            "only the original client may reattach, within the adoption window")
     sess = Session(cid=cid, job_id=job_id, batch=str(info.get("batch", "torque")), kind=str(info.get("kind")),
                    peer_pid=peer.pid, uid=peer.uid, memory_limit=info.get("memory_limit"),
-                   owned_fds=tuple(fds))
+                   owned_fds=tuple(fds), image=str(info.get("image") or ""))
     try:
         protocol.send(conn, {"ok": True, "event": "attached", "id": cid, "job_id": job_id})
     except CbatchError:

@@ -92,13 +92,14 @@ class Session:
     pump_fds: Tuple[Optional[int], Optional[int], Optional[int]] = (None, None, None)
     owned_fds: Tuple[int, ...] = ()
     name: str = ""                  # the container name (its pinned-mount staging directory), when known
+    image: str = ""                 # the image it runs (TM tasks joining it get the same CBATCH_IMAGE)
     started_at: float = field(default_factory=time.monotonic)
 
     def record(self) -> dict:
         """What the registry keeps so a restarted daemon can adopt the container."""
         from cbatch.daemon import peers
         return {"peer": self.peer_pid, "peer_start": peers.start_time(self.peer_pid), "kind": self.kind,
-                "uid": self.uid, "memory_limit": self.memory_limit, "batch": self.batch}
+                "uid": self.uid, "memory_limit": self.memory_limit, "batch": self.batch, "image": self.image}
 
 
 def supervise(daemon, conn, sess: Session) -> None:
@@ -244,13 +245,16 @@ def _exit_event(sess: Session, result: dict) -> dict:
     if info is None:
         err = result.get("error") or EngineError("container", "lost", sess.cid)
         return {"event": "exit", "status": 125, "oom": False, "message": err.message}
+    status = info.status if 0 <= info.status < 256 else 125
     if info.oom_killed:
-        return {"event": "exit", "status": 137, "oom": True,
+        # The engine flags the container when the kernel killed ANY of its processes for memory: a child the
+        # script survives (and whose loss it may handle) must not replace the script's own status. The line
+        # is reported either way; the status is the script's (137 only when the script itself was killed).
+        return {"event": "exit", "status": status, "oom": True,
                 "message": oom_message(sess.job_id, sess.memory_limit, sess.batch)}
     message = None
     if info.error:
         message = EngineError("container", "failed", sess.cid[:12], info.error).message
-    status = info.status if 0 <= info.status < 256 else 125
     return {"event": "exit", "status": status, "oom": False, "message": message}
 
 

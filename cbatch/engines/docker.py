@@ -39,6 +39,14 @@ _HINT_DOWN = "is dockerd running? see cbatch check --node"
 STDIN_LINE_MAX = 60 * 1024  # cbatch-exec writes the line into a pipe before exec: it must fit the buffer
 
 
+def helper_argv(opts: List[str], argv: List[str], what: str) -> List[str]:
+    """The helper's command line: ``/.cbatch/exec OPTS -- ARGV``. The one place both a container start and
+    an exec into a running container (TM tasks) build it, so options every command needs go here once."""
+    if any("\0" in a for a in list(argv) + list(opts)):
+        raise EngineError("container", "NUL byte in the command", what)
+    return [HELPER_PATH] + list(opts) + ["--"] + list(argv)
+
+
 def _gone(exc: Exception) -> bool:
     """The container or image is not there (ImageNotFound is a NotFound)."""
     return isinstance(exc, docker.errors.NotFound)
@@ -152,9 +160,7 @@ class Engine:
                 raise EngineError("stdin line", "too long", f"{len(spec.stdin_line.encode())} bytes",
                                   f"at most {STDIN_LINE_MAX}")
             opts += ["--stdin-line", spec.stdin_line]
-        if any("\0" in a for a in argv + opts):
-            raise EngineError("container", "NUL byte in the command", spec.name)
-        return [HELPER_PATH] + opts + ["--"] + argv
+        return helper_argv(opts, argv, spec.name)
 
     def _host_config(self, spec: ContainerSpec, stdio: Stdio, helper: str) -> dict:
         bind = docker.types.Mount
@@ -313,6 +319,30 @@ class Engine:
             except EngineError:
                 pass  # reported below as a leftover
         return self.list_ids(labels)
+
+    # -- exec into a running container (TM tasks of a container job) ------------------------------------
+    def exec_start(self, cid: str, argv: List[str], env: Dict[str, str], workdir: str, uid: int, gid: int,
+                   umask: Optional[int] = None) -> Tuple[str, socket.socket]:
+        """Start ``argv`` in the running container ``cid`` as ``uid:gid`` with exactly ``env`` and ``workdir``
+        (docker exec, no tty). Returns ``(exec id, attach socket)``: the socket carries the multiplexed
+        stdin/stdout/stderr for :func:`cbatch.daemon.streams.pump`. The command goes through the helper like
+        the container's own command (the same :func:`helper_argv`)."""
+        opts = ["--umask", "%04o" % umask] if umask is not None else []
+        cmd = helper_argv(opts, argv, cid[:12])
+        envl = [f"{k}={v}" for k, v in env.items()]
+        res = self._call("exec create", cid, self.api.exec_create, cid, cmd, stdout=True, stderr=True,
+                         stdin=True, tty=False, environment=envl, workdir=workdir or None, user=f"{uid}:{gid}")
+        eid = res["Id"]
+        sio = self._call("exec start", cid, self.api.exec_start, eid, socket=True)
+        sock = getattr(sio, "_sock", sio)
+        sock.settimeout(None)
+        return eid, sock
+
+    def exec_state(self, eid: str) -> Tuple[bool, Optional[int], int]:
+        """``(running, exit code or None, host pid)`` of an exec started by :meth:`exec_start`."""
+        res = self._call("exec inspect", eid, self.api.exec_inspect, eid)
+        code = res.get("ExitCode")
+        return bool(res.get("Running")), (int(code) if code is not None else None), int(res.get("Pid") or 0)
 
     def container_pid(self, cid: str) -> int:
         """The host pid of the container's init (0 when not running)."""
