@@ -344,6 +344,11 @@ class Engine:
         code = res.get("ExitCode")
         return bool(res.get("Running")), (int(code) if code is not None else None), int(res.get("Pid") or 0)
 
+    def status(self, cid: str) -> str:
+        """The container's state (``created``, ``running``, ``exited``, ...), or ``gone``."""
+        attrs = self._call("inspect", cid, self.api.inspect_container, cid, ok=_gone)
+        return str(((attrs or {}).get("State") or {}).get("Status") or "gone")
+
     def container_pid(self, cid: str) -> int:
         """The host pid of the container's init (0 when not running)."""
         return int(self._call("inspect", cid, self.api.inspect_container, cid)["State"]["Pid"])

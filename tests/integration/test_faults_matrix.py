@@ -65,7 +65,14 @@ def _api():
 
 
 def reach(job, moment: str, instance: str, timeout: float = 60.0) -> str:
-    """Block until ``job`` is at ``moment``; return what was observed (for the failure message)."""
+    """Block until ``job`` is at ``moment``; return what was observed (for failure messages). Fails the test
+    when the moment was never reached: a fault injected at another moment proves nothing about this one."""
+    seen = _reach(job, moment, instance, timeout)
+    assert "never" not in seen, f"{job.job_id}: {seen}: {job.peek()}"
+    return seen
+
+
+def _reach(job, moment: str, instance: str, timeout: float) -> str:
     if moment == "prologue":
         ok = wait_until(lambda: os.path.exists(job.script_path + ".inprologue"), timeout)
         return "in prologue" if ok is not None else "prologue never seen"
@@ -146,13 +153,11 @@ def test_daemon_restart_faults(fmom, fdaemon, alice, how, moment):
     fdaemon.stop(sig=how)
     fdaemon.start()
     r = job.wait(120)
+    # The daemon records a start before the engine makes the container, so once the container exists the
+    # job survives a restart at every moment: no "cut" start (before: 125, "closed the connection without a
+    # reply: start", twice in 17 suite runs).
     ok = (r.exit_status, r.stdout) == (5, FULL_OUT) and cbatch_lines(r.stderr) == []
-    cut = moment == "container" and r.exit_status == 125 and r.stdout == b""
-    assert ok or cut, f"{seen}: {r.exit_status} {r.stdout!r} {r.stderr!r}\n{fdaemon.log()[-3000:]}"
-    assert_one_line_if_cbatch_failed(r)
-    if cut:
-        # Its epilogue may have run while no daemon listened: the next registration sweeps the job away.
-        assert fmom.submit(script("true", image=None), alice.name).wait(60).exit_status == 0
+    assert ok, f"{seen}: {r.exit_status} {r.stdout!r} {r.stderr!r}\n{fdaemon.log()[-3000:]}"
     assert_clean(fdaemon, job, r)
 
 
