@@ -34,7 +34,9 @@ REATTACH_EVERY = 0.5
 # enough for a daemon restart that waits for the engine (recovery retries the engine for up to 10 min).
 REATTACH_FOR = 900.0
 # Signals a job may receive from pbs_mom/slurmd or a terminal that mean something to the job itself.
-FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCONT)
+# SIGWINCH: an interactive job's terminal was resized (the daemon resizes the container's; ignored otherwise).
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCONT,
+             signal.SIGWINCH)
 
 
 def not_reachable(path: str) -> DaemonError:

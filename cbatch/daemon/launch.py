@@ -151,10 +151,15 @@ def _decide_and_launch(daemon, conn, peer, rec, msg, fds, argv, cwd, env, line, 
         log.info("job %s: %snative (%s)", reg.job_id, "interactive, " if interactive else "", decision.reason)
         return {"mode": "native", "reason": decision.reason}
     if interactive:
-        # A container with the user's terminal needs the engine's tty mode and a pty proxy: not built yet.
-        # Refuse in one line rather than run natively what the queue says must run in a container.
-        raise JobError("interactive job", "not available in a container yet", f"queue {reg.queue}",
-                       "this queue runs jobs in an image; submit a batch job, or use a queue that runs natively")
+        # The queue's container with the job's terminal: the policy's shell (argv[0] of its decision) run
+        # interactively, plus qsub -I -x's "-c cmd"; no stdin line. The daemon proxies the pty raw.
+        if not os.isatty(fds[0]):
+            raise JobError("interactive job", "stdin is not a terminal", reg.job_id,
+                           "pbs_mom gives an interactive job its pty")
+        spec = dataclasses.replace(decision, argv=(decision.argv[0], *argv[2:]), stdin_line=None)
+        from cbatch.engines.docker import Stdio
+        return _launch(daemon, conn, peer, job, spec, Stdio(attach=True, tty=True), (None, None, None), fds,
+                       "job", tty_fd=fds[0])
     stdio, pump = choose_stdio(fds, attach_stdin=False, uid=peer.uid)
     return _launch(daemon, conn, peer, job, decision, stdio, pump, fds, "job")
 
@@ -196,7 +201,7 @@ def _progress(fd: int):
     return say
 
 
-def _launch(daemon, conn, peer, job, spec, stdio, pump, fds, kind: str) -> None:
+def _launch(daemon, conn, peer, job, spec, stdio, pump, fds, kind: str, tty_fd=None) -> None:
     env = tuple(spec.env)
     if daemon.images is not None:
         # Present, or pulled now when the queue says pull: missing; else one "not on this node" line.
@@ -212,7 +217,8 @@ def _launch(daemon, conn, peer, job, spec, stdio, pump, fds, kind: str) -> None:
     staged = dataclasses.replace(stdio, **{attr: point for (attr, _fd), point in zip(spool, pins.held)})
     limit = spec.memory_bytes or job.resources.memory_on(daemon.config.daemon.hostname or None)
     sess = Session(cid="", job_id=job.job_id, batch=job.batch, kind=kind, peer_pid=peer.pid, uid=peer.uid,
-                   memory_limit=limit, pump_fds=pump, owned_fds=tuple(fds), name=spec.name, image=spec.image)
+                   memory_limit=limit, pump_fds=pump, owned_fds=tuple(fds), name=spec.name, image=spec.image,
+                   tty_fd=tty_fd)
     # Recorded BEFORE the engine creates anything: a daemon that dies from here on leaves a record naming
     # the client and the container's labels, so its successor finds the container (however far the start
     # got) and the client can take it back (attach without an id) - no start-to-record window.

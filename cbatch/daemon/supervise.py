@@ -93,6 +93,7 @@ class Session:
     owned_fds: Tuple[int, ...] = ()
     name: str = ""                  # the container name (its pinned-mount staging directory), when known
     image: str = ""                 # the image it runs (TM tasks joining it get the same CBATCH_IMAGE)
+    tty_fd: Optional[int] = None    # interactive: the job's terminal, proxied raw (cbatch.daemon.ttyproxy)
     started_at: float = field(default_factory=time.monotonic)
 
     def record(self) -> dict:
@@ -131,7 +132,25 @@ def supervise(daemon, conn, sess: Session) -> None:
                 pass
             os.close(wake_w)
 
-    if any(fd is not None for fd in sess.pump_fds):
+    saved_tty = None
+    if sess.tty_fd is not None:
+        from cbatch.daemon import ttyproxy
+        try:
+            sock = engine.attach(sess.cid)
+        except CbatchError as exc:
+            log.error("job %s: container %s: no terminal: %s", sess.job_id, sess.cid[:12], exc)
+        else:
+            saved_tty = ttyproxy.make_raw(sess.tty_fd)
+            _resize(daemon, sess)
+
+            def tty_pumper() -> None:
+                try:
+                    ttyproxy.pump(sock, sess.tty_fd)
+                except Exception as exc:  # noqa: BLE001 - the terminal may go away at any time
+                    log.info("job %s: container %s: terminal proxy ended: %s", sess.job_id, sess.cid[:12], exc)
+            pump_thread = threading.Thread(target=tty_pumper, name=f"tty-{sess.cid[:12]}", daemon=True)
+            pump_thread.start()
+    elif any(fd is not None for fd in sess.pump_fds):
         try:
             sock = engine.attach(sess.cid)
         except CbatchError as exc:
@@ -179,6 +198,9 @@ def supervise(daemon, conn, sess: Session) -> None:
             log.warning("job %s: could not report the exit to pid %d: %s", sess.job_id, sess.peer_pid, exc)
         _remove(daemon, sess)
     finally:
+        if saved_tty is not None:
+            from cbatch.daemon import ttyproxy
+            ttyproxy.restore(sess.tty_fd, saved_tty)
         try:
             conn.close()
         except OSError:
@@ -224,6 +246,10 @@ def _handle(daemon, sess: Session, msg: dict) -> None:
     except CbatchError as exc:
         log.warning("job %s: pid %d: ignored message: %s", sess.job_id, sess.peer_pid, exc)
         return
+    if signum == signal.SIGWINCH:
+        if sess.tty_fd is not None:     # the job's terminal was resized: so is the container's
+            threading.Thread(target=_resize, args=(daemon, sess), daemon=True).start()
+        return
     if signum == signal.SIGTERM:
         grace = daemon.config.daemon.stop_grace
         log.info("job %s: SIGTERM: stopping container %s (grace %.1f s)", sess.job_id, sess.cid[:12], grace)
@@ -238,6 +264,18 @@ def _handle(daemon, sess: Session, msg: dict) -> None:
             log.error("job %s: signal %d to %s failed: %s", sess.job_id, signum, sess.cid[:12], exc)
     # In a thread: stop() takes up to the grace period, and we keep reading the connection meanwhile.
     threading.Thread(target=act, daemon=True).start()
+
+
+def _resize(daemon, sess: Session) -> None:
+    """Give the container's terminal the size of the job's terminal."""
+    from cbatch.daemon import ttyproxy
+    size = ttyproxy.window_size(sess.tty_fd)
+    if size is None:
+        return
+    try:
+        daemon.engine.resize(sess.cid, *size)
+    except CbatchError as exc:
+        log.info("job %s: container %s: resize to %s failed: %s", sess.job_id, sess.cid[:12], size, exc)
 
 
 def _exit_event(sess: Session, result: dict) -> dict:

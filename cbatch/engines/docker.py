@@ -65,6 +65,7 @@ class Stdio:
     stdout_path: Optional[str] = None
     stderr_path: Optional[str] = None
     attach: bool = False
+    tty: bool = False           # interactive jobs: the container gets a terminal; the attach stream is raw
 
 
 @dataclass(frozen=True)
@@ -218,7 +219,7 @@ class Engine:
             user=f"{spec.uid}:{spec.gid}", working_dir=spec.workdir, environment=env, labels=labels,
             hostname=spec.hostname, host_config=self._host_config(spec, stdio, helper),
             # stdin_open with detach=False also sets StdinOnce: our stdin EOF closes the container's stdin.
-            stdin_open=stdio.attach, tty=False, detach=not stdio.attach,
+            stdin_open=stdio.attach, tty=stdio.attach and stdio.tty, detach=not stdio.attach,
             use_config_proxy=False,     # the job's environment is the spec's, not ~/.docker/config.json's
         )
         try:
@@ -343,6 +344,11 @@ class Engine:
         res = self._call("exec inspect", eid, self.api.exec_inspect, eid)
         code = res.get("ExitCode")
         return bool(res.get("Running")), (int(code) if code is not None else None), int(res.get("Pid") or 0)
+
+    def resize(self, cid: str, rows: int, cols: int) -> None:
+        """Set the terminal size of a container started with ``Stdio(tty=True)``; a stopped one is fine."""
+        self._call("resize", cid, self.api.resize, cid, height=int(rows), width=int(cols),
+                   ok=lambda exc: _gone(exc) or getattr(exc, "status_code", None) == 409)
 
     def status(self, cid: str) -> str:
         """The container's state (``created``, ``running``, ``exited``, ...), or ``gone``."""

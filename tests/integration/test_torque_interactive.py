@@ -94,16 +94,63 @@ def test_interactive_command_x_runs_native(mom, daemon, alice):
     assert r.shell_status == 4, (out, r.stderr)
 
 
-def test_interactive_in_container_queue_refused_in_one_line(mom, daemon, alice):
-    """A queue that runs only containers: until the container tty is built, one clear line, never native."""
+def _sleep_100_as(uid: int) -> bool:
+    """``sleep 100`` runs as ``uid`` somewhere on the host (the container's processes are host processes)."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            st = os.stat(f"/proc/{pid}")
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                cmd = fh.read()
+        except OSError:
+            continue
+        if st.st_uid == uid and cmd == b"sleep\x00100\x00":
+            return True
+    return False
+
+
+def _set_size(fd: int, rows: int, cols: int) -> None:
+    import fcntl
+    import struct
+    import termios
+    # On the terminal side, as qsub does: the kernel sends SIGWINCH to the job's foreground process group.
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def test_interactive_job_in_the_queues_container(mom, daemon, alice):
+    """A queue that runs only containers: the interactive shell runs in the queue's image, with the job's
+    terminal: its own tty, ^C to the foreground command, resizing, the shell's exit status."""
     job = mom.submit(script("", image=None), alice.name, queue="strict", interactive=True, shell="/bin/bash")
+    tty = job.pty_master
     try:
-        out = _read_until(job.pty_master, b"\n", timeout=60)
+        _set_size(tty, 24, 80)
+        _type(tty, b"echo ready-$PBS_ENVIRONMENT-$((6*7))\n")
+        _read_until(tty, b"ready-PBS_INTERACTIVE-42")
+        _type(tty, b"id -u; test -e /.cbatch/exec && echo inside-$((1+1)); tty; stty size\n")
+        out = _read_until(tty, b"24 80")
+        assert str(alice.uid).encode() in out and b"inside-2" in out and b"/dev/pts/" in out, out
+        _set_size(tty, 33, 77)
+        # The resize travels starter (SIGWINCH) -> daemon -> engine: ask until the container sees it.
+        sizes = []
+        for n in range(100):
+            _type(tty, f"stty size; echo chk-$(({n}+1000))\n".encode())
+            sizes.append(_read_until(tty, f"chk-{n + 1000}".encode()))
+            if b"33 77" in sizes[-1]:
+                break
+        assert b"33 77" in sizes[-1], sizes[-3:]
+        _type(tty, b"sleep 100\n")
+        assert wait_until(lambda: _sleep_100_as(alice.uid), 30) is not None, "sleep never started"
+        _type(tty, b"\x03")
+        _type(tty, b"echo after-sleep-$?\n")
+        _read_until(tty, b"after-sleep-130")
+        assert not _sleep_100_as(alice.uid)
+        _type(tty, b"exit 7\n")
         r = job.wait(60)
     finally:
-        os.close(job.pty_master)
-    assert b"cbatch: interactive job: not available in a container yet" in out, out
-    assert r.shell_status == 125
+        os.close(tty)
+    assert r.shell_status == 7, (r.shell_status, r.stderr)
+    assert b"cbatch:" not in r.stderr
 
 
 def test_second_start_from_the_job_session_is_refused(mom, daemon, alice, tmp_path):

@@ -34,7 +34,9 @@ class FakeEngine:
         self.containers.pop(cid, None)
 
 
-def _daemon(tmp_path, engine):
+def _daemon(tmp_path, engine, monkeypatch):
+    # Mount staging is not what these tests are about (and its clean-up mounts): left out.
+    monkeypatch.setattr(recovery, "unpin_stale", lambda daemon: None)
     d = types.SimpleNamespace(engine=engine, instance="inst", registry=Registry(str(tmp_path / "state")),
                               adoptions={}, lock=threading.Lock(), sweeping=threading.Lock(),
                               config=types.SimpleNamespace(daemon=types.SimpleNamespace(mount_dir=str(tmp_path / "m"))),
@@ -66,11 +68,11 @@ def _me():
     return {"peer": os.getpid(), "peer_start": peers.start_time(os.getpid()), "kind": "job", "uid": os.getuid()}
 
 
-def test_pending_start_whose_container_runs_is_adopted(tmp_path):
+def test_pending_start_whose_container_runs_is_adopted(tmp_path, monkeypatch):
     """The daemon died between the engine's start and recording the id: the container is found by its
     labels and waits for its client, who reattaches without knowing the id."""
     eng = FakeEngine({"c1": (_labels("1.vm", os.getpid()), "running")})
-    d = _daemon(tmp_path, eng)
+    d = _daemon(tmp_path, eng, monkeypatch)
     _register(d)
     d.registry.add_container("1.vm", recovery.pending_key("cbatch-1.vm"), _me())
     recovery.recover(d)
@@ -81,11 +83,11 @@ def test_pending_start_whose_container_runs_is_adopted(tmp_path):
     assert d.registry.get("1.vm").started
 
 
-def test_pending_start_never_started_is_removed_and_released(tmp_path):
+def test_pending_start_never_started_is_removed_and_released(tmp_path, monkeypatch):
     """Created but never started: no user code ran; it is removed and the start released (the starter asks
     again) - before, the job's starter exited 125 "closed the connection without a reply"."""
     eng = FakeEngine({"c2": (_labels("1.vm", os.getpid()), "created")})
-    d = _daemon(tmp_path, eng)
+    d = _daemon(tmp_path, eng, monkeypatch)
     _register(d)
     d.registry.add_container("1.vm", recovery.pending_key("cbatch-1.vm"), _me())
     recovery.recover(d)
@@ -96,9 +98,9 @@ def test_pending_start_never_started_is_removed_and_released(tmp_path):
     assert d.registry.claim_start("1.vm")          # the starter's second start is allowed
 
 
-def test_claim_without_container_releases_the_start(tmp_path):
+def test_claim_without_container_releases_the_start(tmp_path, monkeypatch):
     eng = FakeEngine({})
-    d = _daemon(tmp_path, eng)
+    d = _daemon(tmp_path, eng, monkeypatch)
     _register(d)
     d.registry.add_container("1.vm", recovery.pending_key("start"), _me())
     recovery.recover(d)
@@ -110,7 +112,7 @@ def test_recovery_waits_for_the_engine(tmp_path, monkeypatch):
     monkeypatch.setattr(recovery, "ENGINE_RETRY_EVERY", 0.01)
     eng = FakeEngine({"c3": (_labels("1.vm", os.getpid()), "running")})
     eng.fail_lists = 3
-    d = _daemon(tmp_path, eng)
+    d = _daemon(tmp_path, eng, monkeypatch)
     _register(d)
     d.registry.add_container("1.vm", "c3", _me())
     recovery.recover(d)
