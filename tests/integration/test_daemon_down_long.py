@@ -27,7 +27,7 @@ def test_job_survives_a_daemon_down_longer_than_15s(daemon_factory, mom_factory,
     d.stop(sig=signal.SIGTERM)
     assert job_containers(d.instance, job.job_id), "SIGTERM must leave the container running"
     time.sleep(OLD_REATTACH_FOR + 3)        # past the old give-up point; the moment is checked next
-    assert not job.done(), "the starter gave up while its container still ran"
+    assert not job.done, "the starter gave up while its container still ran"
     d.start()
     r = job.wait(120)
     assert (r.exit_status, r.stdout) == (5, b"ready\nbye\n"), (r.exit_status, r.stdout, r.stderr)
