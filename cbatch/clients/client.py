@@ -206,8 +206,11 @@ class _Session:
                 os.close(fd)
             try:
                 reply = _reply(msg)
-            except CbatchError:
+            except CbatchError as exc:
                 sock.close()
+                if exc.problem == "not ready":      # the daemon is still recovering (engine not back)
+                    time.sleep(REATTACH_EVERY)
+                    continue
                 return "refused"
             self.sock = sock
             self.started = dict(started or {}, **{k: reply[k] for k in ("id", "job_id") if k in reply})

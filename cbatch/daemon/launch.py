@@ -19,12 +19,13 @@ from cbatch import protocol
 from cbatch.daemon import peers
 from cbatch.daemon import pinning
 from cbatch.daemon import recovery
-from cbatch.core.errors import AccessDenied, CbatchError, JobError
+from cbatch.core.errors import AccessDenied, CbatchError, DaemonError, JobError
 from cbatch.core.spec import Native
 from cbatch.daemon.supervise import Session, choose_stdio, supervise
 
 log = logging.getLogger("cbatchd")
 MAX_SCRIPT = 1 << 20
+ATTACH_WAIT = 60.0     # an attach waits this long for start-up recovery (an engine that is slow to return)
 CLAIM = recovery.pending_key("start")    # registry key: a start claimed, not yet answered or recorded
 LABEL_PEER = "cbatch.peer"          # the client's pid (for admins; the registry keeps the authoritative copy)
 # Run containers are named ...-run-<n>; seeding from the clock keeps names unique across daemon restarts.
@@ -260,6 +261,10 @@ def attach(daemon, conn, peer, msg: dict, fds) -> None:
     """A client whose connection dropped (daemon restart) takes its container back."""
     job_id = protocol.get_str(msg, "job_id", None)
     cid = protocol.get_str(msg, "id", None)
+    recovered = getattr(daemon, "recovered", None)
+    if recovered is not None and not recovered.wait(ATTACH_WAIT):
+        # Start-up recovery is still waiting for the engine: no answer yet, so the client asks again.
+        raise DaemonError("attach", "not ready", "the daemon is still waiting for the engine", "try again")
     if cid is None:
         # The client lost us before it learnt its container's id (a restart mid-start): it is known by its
         # pid, uid and start time alone; a start recorded but not yet found in the engine is looked up now.

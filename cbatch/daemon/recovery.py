@@ -98,35 +98,66 @@ def _list_present(daemon) -> set:
 
 
 def recover(daemon) -> None:
-    """Reconcile the engine with the registry (see the module docstring)."""
-    from cbatch.daemon.server import ADOPT_WAIT
+    """Reconcile the engine with the registry (see the module docstring).
+
+    Runs before the daemon listens. An engine that does not answer does not delay listening (cbatch check,
+    status and the hooks must work; starts fail with one line): the reconciliation then runs in a thread
+    that retries the engine for up to :data:`ENGINE_WAIT`, and ``attach`` requests wait for it
+    (``daemon.recovered``) instead of being refused a container that is only not adopted yet."""
+    daemon.recovered = threading.Event()
+    unpin_stale(daemon)          # needs no engine, and must happen before any launch can pin
+    try:
+        present = set(daemon.engine.list_ids({LABEL_INSTANCE: daemon.instance}))
+    except CbatchError as exc:
+        log.error("recover: cannot list containers (%s): retrying in the background for up to %.0f s", exc,
+                  ENGINE_WAIT)
+        threading.Thread(target=_reconcile_when_engine_back, args=(daemon,), name="recover",
+                         daemon=True).start()
+        return
+    _reconcile(daemon, present)
+
+
+def _reconcile_when_engine_back(daemon) -> None:
     try:
         present = _list_present(daemon)
-        _resolve_pending(daemon, present)
     except CbatchError as exc:
-        log.error("recover: cannot list containers: %s; giving up after %.0f s", exc, ENGINE_WAIT)
+        log.error("recover: cannot list containers: %s; gave up after %.0f s", exc, ENGINE_WAIT)
+        daemon.recovered.set()
         return
-    claimed = set()
-    for rec in daemon.registry.all():
-        job_id = rec.registration.job_id
-        for cid, info in list(rec.containers.items()):
-            if cid.startswith(PENDING):
-                continue
-            if cid not in present:
-                daemon.registry.drop_container(job_id, cid)
-                continue
-            claimed.add(cid)
-            if peers.alive(int(info.get("peer", 0)), info.get("peer_start")):
-                log.info("recover: job %s: container %s: waiting %.0f s for pid %s to reattach", job_id,
-                         cid[:12], ADOPT_WAIT, info.get("peer"))
-                daemon.adoptions[cid] = (job_id, info, time.monotonic() + ADOPT_WAIT)
-            else:
-                log.warning("recover: job %s: container %s: its client is gone: removing", job_id, cid[:12])
-                daemon.remove_container(job_id, cid)
-    for cid in present - claimed:
-        log.warning("recover: container %s belongs to no registered job: removing", cid[:12])
-        daemon.remove_container(None, cid)
-    unpin_stale(daemon)
+    log.info("recover: the engine answers again: reconciling")
+    _reconcile(daemon, present)
+
+
+def _reconcile(daemon, present: set) -> None:
+    from cbatch.daemon.server import ADOPT_WAIT
+    try:
+        _resolve_pending(daemon, present)
+        claimed = set()
+        for rec in daemon.registry.all():
+            job_id = rec.registration.job_id
+            for cid, info in list(rec.containers.items()):
+                if cid.startswith(PENDING):
+                    continue
+                if cid not in present:
+                    daemon.registry.drop_container(job_id, cid)
+                    continue
+                claimed.add(cid)
+                if peers.alive(int(info.get("peer", 0)), info.get("peer_start")):
+                    log.info("recover: job %s: container %s: waiting %.0f s for pid %s to reattach", job_id,
+                             cid[:12], ADOPT_WAIT, info.get("peer"))
+                    with daemon.lock:
+                        daemon.adoptions[cid] = (job_id, info, time.monotonic() + ADOPT_WAIT)
+                else:
+                    log.warning("recover: job %s: container %s: its client is gone: removing", job_id,
+                                cid[:12])
+                    daemon.remove_container(job_id, cid)
+        for cid in present - claimed:
+            log.warning("recover: container %s belongs to no registered job: removing", cid[:12])
+            daemon.remove_container(None, cid)
+    except CbatchError as exc:
+        log.error("recover: %s", exc)
+    finally:
+        daemon.recovered.set()
     forget_ended_jobs(daemon)
     if daemon.adoptions:
         threading.Thread(target=expire_adoptions, args=(daemon,), daemon=True).start()

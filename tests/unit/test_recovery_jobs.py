@@ -108,14 +108,16 @@ def test_claim_without_container_releases_the_start(tmp_path, monkeypatch):
 
 
 def test_recovery_waits_for_the_engine(tmp_path, monkeypatch):
-    """An engine that is down at start-up is retried, not skipped (its containers would lose their clients)."""
+    """An engine that is down at start-up is retried (in the background; attach waits for it), not skipped:
+    its containers would lose their clients."""
     monkeypatch.setattr(recovery, "ENGINE_RETRY_EVERY", 0.01)
     eng = FakeEngine({"c3": (_labels("1.vm", os.getpid()), "running")})
     eng.fail_lists = 3
     d = _daemon(tmp_path, eng, monkeypatch)
     _register(d)
     d.registry.add_container("1.vm", "c3", _me())
-    recovery.recover(d)
+    recovery.recover(d)                      # returns at once: the daemon listens meanwhile
+    assert d.recovered.wait(10)
     assert eng.fail_lists == 0 and "c3" in d.adoptions
 
 
