@@ -292,7 +292,7 @@ def run_session(path: str, request: dict, fds: Sequence[int] = (0, 1, 2),
                 outcome = s.reattach(s.started)
                 if outcome == "refused":
                     raise DaemonError("daemon", "lost the job's container", str(s.started.get("id"))[:12],
-                                      "cbatchd came back without it: it was removed") from None
+                                      "cbatchd came back and cannot give it back; it removes such containers") from None
                 if outcome == "unreachable":
                     raise DaemonError("daemon", "not reachable", path,
                                       f"cbatchd did not come back within {REATTACH_FOR:.0f} s; the job's "

@@ -262,6 +262,29 @@ def test_engine_down_and_back(proxied, alice, moment):
     assert client.call(d.socket, "ping")["engine"] is True
 
 
+def test_daemon_restarts_while_the_engine_is_down(proxied, alice):
+    """cbatchd restarted while the engine is unreachable: start-up recovery keeps trying the engine (in the
+    background; the reattaching starter waits) instead of skipping, and the job keeps its status and output.
+    Before: recovery gave up at once, the starter's attach was refused and the job ended 125."""
+    proxy, d, m = proxied
+    job = m.submit(script("echo ready; sleep 8; echo bye; exit 5"), alice.name)
+    assert job.wait_output(b"ready\n", timeout=60), job.peek()
+    proxy.down()
+    try:
+        d.stop(sig=signal.SIGTERM)
+        before = len(d.log())
+        d.start()
+        # The moment: the new daemon's recovery found no engine (proved by its own log line).
+        assert wait_until(lambda: "recover: cannot list containers" in d.log()[before:], 30) is not None, \
+            d.log()[before:]
+    finally:
+        proxy.up()
+    r = job.wait(120)
+    assert (r.exit_status, r.stdout, cbatch_lines(r.stderr)) == (5, FULL_OUT, []), \
+        f"{r.exit_status} {r.stdout!r} {r.stderr!r}\n{d.log()[-3000:]}"
+    assert_clean(d, job, r)
+
+
 # ---- the working directory ------------------------------------------------------------------------------------
 def test_workdir_removed_while_running(fmom, fdaemon, alice, workdir):
     job = fmom.submit(script("echo a > f1; echo ready; while [ -e f1 ]; do sleep 0.1; done\n"

@@ -148,8 +148,8 @@ def test_daemon_back_without_the_container(path, monkeypatch):
     threading.Thread(target=restart, daemon=True).start()
     with pytest.raises(DaemonError) as exc:
         client.run_session(path, protocol.request("start"), ())
-    assert exc.value.message == "cbatch: daemon: lost the job's container: c1abc (cbatchd came back without it: " \
-                                "it was removed)"
+    assert exc.value.message == "cbatch: daemon: lost the job's container: c1abc (cbatchd came back and " \
+                                "cannot give it back; it removes such containers)"
 
 
 def test_reattach_when_the_daemon_died_before_started(path):
