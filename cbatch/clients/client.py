@@ -27,10 +27,16 @@ ENV_SOCKET = "CBATCH_SOCKET"
 CONNECT_TIMEOUT = 10.0
 REPLY_TIMEOUT = 120.0          # one request, one reply
 START_TIMEOUT = None           # a start may pull an image first (pull: missing): the daemon answers or closes
+START_ATTEMPTS = 3             # starts cut by a daemon restart before any container ran are asked again
 REATTACH_EVERY = 0.5
-REATTACH_FOR = 15.0
+# How long a client keeps trying to reach a cbatchd that went away (restart, upgrade, crash) while its
+# container may still run. Bounded, so a node whose daemon never returns does not hold jobs forever; long
+# enough for a daemon restart that waits for the engine (recovery retries the engine for up to 10 min).
+REATTACH_FOR = 900.0
 # Signals a job may receive from pbs_mom/slurmd or a terminal that mean something to the job itself.
-FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCONT)
+# SIGWINCH: an interactive job's terminal was resized (the daemon resizes the container's; ignored otherwise).
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCONT,
+             signal.SIGWINCH)
 
 
 def not_reachable(path: str) -> DaemonError:
@@ -170,11 +176,15 @@ class _Session:
             return False
         return any(fd == self.sock.fileno() for fd, _ in events)
 
-    def reattach(self) -> bool:
-        """After losing the daemon (restart), reconnect and ask for our container again."""
+    def reattach(self, started: Optional[dict]) -> str:
+        """After losing the daemon (restart), reconnect and ask for our container again: by its id, or (a
+        start cut before the daemon told us the id: ``started`` None) as ourselves. Returns ``attached``
+        (``self.started`` is then the reply), ``refused`` (the daemon is back and has no container for us:
+        it removed it, or none was made) or ``unreachable`` (no daemon within :data:`REATTACH_FOR`)."""
         if self.sock is not None:
             self.sock.close()
             self.sock = None
+        fields = {"job_id": started.get("job_id"), "id": started.get("id")} if started else {}
         until = time.monotonic() + REATTACH_FOR
         while time.monotonic() < until:
             try:
@@ -184,24 +194,28 @@ class _Session:
                 time.sleep(REATTACH_EVERY)
                 continue
             try:
-                protocol.send(sock, protocol.request("attach", job_id=self.started.get("job_id"),
-                                                     id=self.started.get("id")), self.fds)
+                protocol.send(sock, protocol.request("attach", **fields), self.fds)
                 msg, fds = protocol.recv(sock, timeout=REPLY_TIMEOUT)
             except CbatchError:
                 # No reply: e.g. we reached the dying daemon's listen backlog and were reset. Try again.
                 sock.close()
+                self.queued.extend(self.sigs.drain())
                 time.sleep(REATTACH_EVERY)
                 continue
             for fd in fds:
                 os.close(fd)
             try:
-                _reply(msg)
-            except CbatchError:
+                reply = _reply(msg)
+            except CbatchError as exc:
                 sock.close()
-                return False    # the daemon is back but does not know our container: it is gone
+                if exc.problem == "not ready":      # the daemon is still recovering (engine not back)
+                    time.sleep(REATTACH_EVERY)
+                    continue
+                return "refused"
             self.sock = sock
-            return True
-        return False
+            self.started = dict(started or {}, **{k: reply[k] for k in ("id", "job_id") if k in reply})
+            return "attached"
+        return "unreachable"
 
 
 def _wait_for_daemon(path: str, seconds: float) -> bool:
@@ -226,7 +240,8 @@ def run_session(path: str, request: dict, fds: Sequence[int] = (0, 1, 2),
     ``{"ok": true, "mode": "native"}`` (then ``on_native(pending_signals)`` is called with the signal
     handlers restored; it is expected to exec) or ``{"event": "started"}`` followed by ``{"event": "exit"}``.
     While the container runs, SIGTERM/INT/HUP/USR1/USR2/CONT are forwarded to it. If the daemon goes away
-    (restart), we reconnect and ``attach`` for :data:`REATTACH_FOR` seconds. The exit event's message, if
+    (restart) at any moment, even before it told us the container's id, we reconnect and ``attach`` for up
+    to :data:`REATTACH_FOR` seconds; we never claim the container stopped unless the daemon says so. The exit event's message, if
     any, is printed to ``err`` (stderr). With ``reraise_term`` (the job starter), if we received SIGTERM
     ourselves (qdel) and the container is gone, we re-raise SIGTERM on ourselves so the batch system records
     "killed by SIGTERM" exactly as for a job without cbatch (Torque: exit_status 271). Without it (``cbatch
@@ -238,16 +253,25 @@ def run_session(path: str, request: dict, fds: Sequence[int] = (0, 1, 2),
     restored = False
     s = _Session(path, request, fds, sigs)
     try:
-        s.sock = connect(path)
-        protocol.send(s.sock, request, fds)
-        try:
-            first = s.next_message(START_TIMEOUT)
-        except protocol.Closed as exc:
-            # The daemon went away mid-start (a restart): wait until it is back, so its start-up sweep has
-            # removed any container it made for us before the job ends (else it outlives the job's cgroup
-            # and the epilogue finds no daemon).
-            _wait_for_daemon(path, REATTACH_FOR)
-            raise DaemonError("daemon", "closed the connection without a reply", request.get("op")) from exc
+        first = None
+        for attempt in range(START_ATTEMPTS):
+            s.sock = connect(path)
+            protocol.send(s.sock, request, fds)
+            try:
+                first = s.next_message(START_TIMEOUT)
+                break
+            except protocol.Closed as exc:
+                # The daemon went away mid-start (a restart). It recorded the start before asking the engine,
+                # so its successor adopted any container that ran for us: take it back as ourselves. If none
+                # ran, the successor released the start: ask again.
+                outcome = s.reattach(None) if _wait_for_daemon(path, REATTACH_FOR) else "unreachable"
+                if outcome == "attached":
+                    first = {"event": "started", **s.started}
+                    break
+                if outcome == "unreachable" or attempt + 1 == START_ATTEMPTS:
+                    raise DaemonError("daemon", "closed the connection without a reply", request.get("op"),
+                                      None if outcome == "refused" else
+                                      f"cbatchd did not come back within {REATTACH_FOR:.0f} s") from exc
         if first.get("mode") == "native":
             pending = s.queued + sigs.drain()
             sigs.restore()
@@ -265,8 +289,14 @@ def run_session(path: str, request: dict, fds: Sequence[int] = (0, 1, 2),
                 msg = s.next_message(None)
             except DaemonError:
                 # Closed, truncated or reset: the daemon went away before telling us the exit status.
-                if not s.reattach():
-                    raise DaemonError("daemon", "lost", path, "the job's container was stopped") from None
+                outcome = s.reattach(s.started)
+                if outcome == "refused":
+                    raise DaemonError("daemon", "lost the job's container", str(s.started.get("id"))[:12],
+                                      "cbatchd came back and cannot give it back; it removes such containers") from None
+                if outcome == "unreachable":
+                    raise DaemonError("daemon", "not reachable", path,
+                                      f"cbatchd did not come back within {REATTACH_FOR:.0f} s; the job's "
+                                      "container may still run until cbatchd returns and removes it") from None
                 continue
             if msg.get("event") == "exit":
                 break

@@ -31,6 +31,9 @@ from cbatch.core import job
 from cbatch.core.errors import CbatchError, _clean
 
 REGISTER_TIMEOUT = 30.0     # < pbs_mom's $prologalarm (300 s): a hung daemon must not get the job requeued
+UNREGISTER_RETRY = 20.0     # an epilogue waits this long for a daemon that is restarting (< $prologalarm)
+UNREGISTER_EVERY = 1.0
+_UNREACHABLE = ("not reachable", "closed the connection without a reply")
 
 
 class Who(NamedTuple):
@@ -101,20 +104,35 @@ def unregister_job(who: Who, job_id: str, socket_path: Optional[str], cgroup_par
     """Unregister ``job_id`` (the daemon removes its containers and answers what it could not), then remove
     the empty cgroup directories Docker left under ``cgroup_parent``. Logs, never raises; returns 0."""
     try:
-        reply = client.call(_socket(socket_path), "unregister", _timeout=REGISTER_TIMEOUT, job_id=job_id)
+        reply = _unregister(_socket(socket_path), job_id)
         left = reply.get("leftovers") or []
         if left:
             _log(who, f"job {job_id}: containers left after removal: {' '.join(map(str, left))}")
     except CbatchError as exc:
-        # Nothing destructive without the daemon: it owns the engine; containers it cannot see now are
-        # removed by its start-up sweep (jobs no longer registered).
-        _log(who, f"job {job_id} not unregistered: {exc.message}")
+        # Nothing destructive without the daemon: it owns the engine. What we leave, its start-up sweep
+        # removes (the job's session is gone): say so in the node's log.
+        _log(who, f"job {job_id} not unregistered: {exc.message}; left for cbatchd's start-up sweep: the job's "
+                  f"registration and any container labelled cbatch.job={job_id}")
     except Exception as exc:  # noqa: BLE001
         _log(who, f"job {job_id} not unregistered: internal error: {type(exc).__name__}: {exc}")
     # Even when the daemon could not be reached: empty directories are ours to remove either way (rmdir only).
     if cgroup_parent:
         _tidy(who, job_id, cgroup_parent)
     return 0
+
+
+def _unregister(path: str, job_id: str) -> dict:
+    """``unregister``, retried for :data:`UNREGISTER_RETRY` seconds while no daemon answers (a restart);
+    a daemon that answers with an error is not retried."""
+    import time
+    deadline = time.monotonic() + UNREGISTER_RETRY
+    while True:
+        try:
+            return client.call(path, "unregister", _timeout=REGISTER_TIMEOUT, job_id=job_id)
+        except CbatchError as exc:
+            if getattr(exc, "problem", "") not in _UNREACHABLE or time.monotonic() >= deadline:
+                raise
+        time.sleep(UNREGISTER_EVERY)
 
 
 def _tidy(who: Who, job_id: str, parent: str) -> List[str]:

@@ -3,7 +3,9 @@
 What it does, in order:
 
 1. argv must be exactly ``[starter, shell]``; the stdin line (``<script> [args]\\n``) is read up to the
-   first newline (pbs_mom writes nothing else on that pipe).
+   first newline (pbs_mom writes nothing else on that pipe). pbs_mom also starts interactive jobs (stdin a
+   terminal) and TM tasks (argv the task's command) through us: :func:`start_kind` tells them apart, the
+   daemon authorises each from /proc (:mod:`cbatch.daemon.tasks`).
 2. With ``$job_starter_run_privileged`` we start as root: drop to the owner of the script named in the line
    (never root) before anything else.
 3. Send ``start`` to cbatchd with what we saw (argv, line, cwd, environment) and our fds 0, 1, 2. The daemon
@@ -94,11 +96,54 @@ def exec_native(shell: str, line: bytes, pending) -> None:
         raise err from exc
 
 
+def start_kind(argv, fd: int = 0) -> str:
+    """What pbs_mom is starting through us, from what it handed us (the daemon checks it against /proc):
+
+    - ``interactive`` (``qsub -I``): stdin is the job's terminal and PBS_ENVIRONMENT=PBS_INTERACTIVE;
+      argv ``[starter, shell]`` or ``[starter, shell, -c, cmd]`` (``qsub -I -x``).
+    - ``batch``: argv ``[starter, shell]`` and stdin the pipe carrying the script line.
+    - ``task`` (TM spawn: pbsdsh, mpiexec): anything else - argv is the task's own command, stdin
+      /dev/null or a TM socket.
+    """
+    import stat
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        st = None
+    if st is not None and os.isatty(fd) and os.environ.get("PBS_ENVIRONMENT") == "PBS_INTERACTIVE":
+        return "interactive"
+    if len(argv) == 2 and argv[1].startswith("/") and st is not None and stat.S_ISFIFO(st.st_mode):
+        return "batch"
+    return "task"
+
+
+def exec_argv(argv, pending, login: bool) -> None:
+    """Become ``argv`` (an interactive shell or a TM task) natively, as pbs_mom would have without us."""
+    if signal.SIGTERM in pending:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+    prog = argv[0]
+    # pbs_mom runs an interactive shell as a login shell ("-bash") when it has no job starter.
+    arg0 = "-" + os.path.basename(prog) if login else prog
+    try:
+        if "/" in prog:
+            os.execv(prog, [arg0] + list(argv[1:]))
+        os.execvp(prog, [arg0] + list(argv[1:]))      # pbs_mom's TM spawn uses execvp
+    except OSError as exc:
+        code = EXIT_NOT_FOUND if isinstance(exc, FileNotFoundError) else EXIT_CANNOT_INVOKE
+        err = JobError("job starter", "cannot run", f"{prog}: {exc.strerror}")
+        err.exit_code = code
+        raise err from exc
+
+
 def run(socket_path: str, argv) -> int:
     """The starter's work; returns the exit status (raises CbatchError)."""
-    if len(argv) != 2 or not argv[1].startswith("/"):
-        raise JobError("job starter", "expected exactly one argument, the absolute path of the shell",
-                       " ".join(argv[1:]) or "(none)", "configure it as $job_starter in mom_priv/config")
+    if len(argv) < 2:
+        raise JobError("job starter", "expected the shell or the command to start", "(none)",
+                       "configure it as $job_starter in mom_priv/config")
+    kind = start_kind(argv)
+    if kind != "batch":
+        return run_other(socket_path, argv, kind)
     shell = argv[1]
     raw = read_line(0)
     line = raw.decode("utf-8", "surrogateescape")
@@ -112,6 +157,27 @@ def run(socket_path: str, argv) -> int:
                            env=protocol.env_pairs(os.environ.items()))
     return client.run_session(socket_path, req, (0, 1, 2),
                               on_native=lambda pending: exec_native(shell, raw, pending), reraise_term=True)
+
+
+def run_other(socket_path: str, argv, kind: str) -> int:
+    """An interactive job or a TM task: no stdin line; the daemon decides container or native."""
+    if not argv[1]:
+        raise JobError("job starter", "empty command", "(empty)")
+    if kind == "interactive" and not argv[1].startswith("/"):
+        raise JobError("job starter", "the shell is not an absolute path", argv[1])
+    if os.geteuid() == 0:
+        raise JobError("job starter", "refusing to start an interactive job or TM task as root", argv[1],
+                       "$job_starter_run_privileged is not supported for them")
+    try:
+        cwd = os.getcwd()
+    except OSError:
+        cwd = os.environ.get("PWD", "/")
+    req = protocol.request("start", kind=kind, argv=list(argv), line="", cwd=cwd,
+                           env=protocol.env_pairs(os.environ.items()))
+    login = kind == "interactive" and len(argv) == 2
+    return client.run_session(socket_path, req, (0, 1, 2),
+                              on_native=lambda pending: exec_argv(argv[1:], pending, login),
+                              reraise_term=True)
 
 
 def main(socket_path: str = client.DEFAULT_SOCKET) -> None:

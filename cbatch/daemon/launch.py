@@ -18,12 +18,15 @@ import time
 from cbatch import protocol
 from cbatch.daemon import peers
 from cbatch.daemon import pinning
-from cbatch.core.errors import AccessDenied, CbatchError, JobError
+from cbatch.daemon import recovery
+from cbatch.core.errors import AccessDenied, CbatchError, DaemonError, JobError
 from cbatch.core.spec import Native
 from cbatch.daemon.supervise import Session, choose_stdio, supervise
 
 log = logging.getLogger("cbatchd")
 MAX_SCRIPT = 1 << 20
+ATTACH_WAIT = 60.0     # an attach waits this long for start-up recovery (an engine that is slow to return)
+CLAIM = recovery.pending_key("start")    # registry key: a start claimed, not yet answered or recorded
 LABEL_PEER = "cbatch.peer"          # the client's pid (for admins; the registry keeps the authoritative copy)
 # Run containers are named ...-run-<n>; seeding from the clock keeps names unique across daemon restarts.
 _RUN_INDEX = itertools.count(int(time.time() * 10) % 10**9)
@@ -81,31 +84,83 @@ def _request(msg: dict, fds) -> tuple:
 
 
 def start(daemon, conn, peer, msg: dict, fds) -> dict | None:
-    """A job starter asks to start its job (one start per job)."""
+    """A job starter asks to start its job (one start per job), or pbs_mom starts an interactive job or a
+    TM task through the starter (:mod:`cbatch.daemon.tasks`)."""
+    from cbatch.daemon import tasks
+
+    kind = protocol.get_str(msg, "kind", "batch")
+    if kind == "task":
+        return tasks.task(daemon, conn, peer, msg, fds)
+    if kind not in ("batch", "interactive"):
+        raise protocol.bad_field("kind", "batch | interactive | task")
+    interactive = kind == "interactive"
+    if interactive:
+        rec = tasks.interactive_job(daemon.registry, peer.pid, peer.uid)
+    else:
+        rec = peers.start_job(daemon.registry, peer.pid, peer.uid)
+    reg = rec.registration
+    argv, cwd, env = _request(msg, fds)
+    line = protocol.get_str(msg, "line")
+    if not interactive and len(argv) != 2:
+        raise protocol.bad_field("argv", "[starter, shell]")
+    if interactive and len(argv) < 2:
+        raise protocol.bad_field("argv", "[starter, shell, args...]")
+    if not daemon.registry.claim_start(reg.job_id):
+        raise AccessDenied("start", "job already started", reg.job_id, "a job starts once")
+    # Until the start is answered (native) or its container recorded (_launch), a restarted daemon finds
+    # this entry and releases the start, so the starter may ask again (recovery._resolve_pending).
+    daemon.registry.add_container(reg.job_id, CLAIM, {"peer": peer.pid, "peer_start": peers.start_time(peer.pid),
+                                                      "kind": "job", "uid": peer.uid, "batch": reg.batch})
+    try:
+        reply = _decide_and_launch(daemon, conn, peer, rec, msg, fds, argv, cwd, env, line, interactive)
+        if reply is not None:
+            # Native: answered before the claim entry goes, so no restart can fall between the two.
+            protocol.send(conn, {"ok": True, **reply})
+            for fd in fds:
+                os.close(fd)
+            conn.close()
+        return None
+    finally:
+        daemon.registry.drop_container(reg.job_id, CLAIM)
+
+
+def _decide_and_launch(daemon, conn, peer, rec, msg, fds, argv, cwd, env, line, interactive):
     from cbatch.core import policy
     from cbatch.core.directives import parse_script
     from cbatch.core.job import Identity, JobContext
     from cbatch.host.paths import resolve_as_user
 
-    rec = peers.start_job(daemon.registry, peer.pid, peer.uid)
     reg = rec.registration
-    argv, cwd, env = _request(msg, fds)
-    line = protocol.get_str(msg, "line")
-    if len(argv) != 2:
-        raise protocol.bad_field("argv", "[starter, shell]")
-    if not daemon.registry.claim_start(reg.job_id):
-        raise AccessDenied("start", "job already started", reg.job_id, "a job starts once")
     identity = Identity.lookup(reg.user)
     words = line.split()
-    if not words or words[0] != reg.script_path:
-        log.warning("job %s: stdin line does not name the registered script %s", reg.job_id, reg.script_path)
-    directives = parse_script(read_script(reg.script_path, identity.uid))
+    if interactive:
+        # No job script: pbs_mom names a .SC path in the prologue's argv that an interactive job need not
+        # have. The queue's policy alone decides.
+        try:
+            directives = parse_script(read_script(reg.script_path, identity.uid))
+        except JobError:
+            directives = parse_script(b"")
+    else:
+        if not words or words[0] != reg.script_path:
+            log.warning("job %s: stdin line does not name the registered script %s", reg.job_id,
+                        reg.script_path)
+        directives = parse_script(read_script(reg.script_path, identity.uid))
     job = JobContext.for_start(reg, identity, argv[1], line, cwd, env, _cgroup_parent(reg, peer.pid),
                                peers.umask_of(peer.pid))
     decision = policy.decide(daemon.config, job, directives, resolve_as_user, _tags_of(daemon))
     if isinstance(decision, Native):
-        log.info("job %s: native (%s)", reg.job_id, decision.reason)
+        log.info("job %s: %snative (%s)", reg.job_id, "interactive, " if interactive else "", decision.reason)
         return {"mode": "native", "reason": decision.reason}
+    if interactive:
+        # The queue's container with the job's terminal: the policy's shell (argv[0] of its decision) run
+        # interactively, plus qsub -I -x's "-c cmd"; no stdin line. The daemon proxies the pty raw.
+        if not os.isatty(fds[0]):
+            raise JobError("interactive job", "stdin is not a terminal", reg.job_id,
+                           "pbs_mom gives an interactive job its pty")
+        spec = dataclasses.replace(decision, argv=(decision.argv[0], *argv[2:]), stdin_line=None)
+        from cbatch.engines.docker import Stdio
+        return _launch(daemon, conn, peer, job, spec, Stdio(attach=True, tty=True), (None, None, None), fds,
+                       "job", tty_fd=fds[0])
     stdio, pump = choose_stdio(fds, attach_stdin=False, uid=peer.uid)
     return _launch(daemon, conn, peer, job, decision, stdio, pump, fds, "job")
 
@@ -153,7 +208,7 @@ def _tags_of(daemon):
     return daemon.images.tags_of if daemon.images is not None else None
 
 
-def _launch(daemon, conn, peer, job, spec, stdio, pump, fds, kind: str) -> None:
+def _launch(daemon, conn, peer, job, spec, stdio, pump, fds, kind: str, tty_fd=None) -> None:
     env = tuple(spec.env)
     if daemon.images is not None:
         # Present, or pulled now when the queue says pull: missing; else one "not on this node" line.
@@ -167,16 +222,26 @@ def _launch(daemon, conn, peer, job, spec, stdio, pump, fds, kind: str) -> None:
     pinned, pins = pinning.pin(spec, job.identity, daemon.mount_root, daemon.config.queue(job.queue).mounts,
                                [fd for _attr, fd in spool])
     staged = dataclasses.replace(stdio, **{attr: point for (attr, _fd), point in zip(spool, pins.held)})
+    limit = spec.memory_bytes or job.resources.memory_on(daemon.config.daemon.hostname or None)
+    sess = Session(cid="", job_id=job.job_id, batch=job.batch, kind=kind, peer_pid=peer.pid, uid=peer.uid,
+                   memory_limit=limit, pump_fds=pump, owned_fds=tuple(fds), name=spec.name, image=spec.image,
+                   tty_fd=tty_fd)
+    # Recorded BEFORE the engine creates anything: a daemon that dies from here on leaves a record naming
+    # the client and the container's labels, so its successor finds the container (however far the start
+    # got) and the client can take it back (attach without an id) - no start-to-record window.
+    pending = recovery.pending_key(spec.name)
+    daemon.registry.add_container(job.job_id, pending, sess.record())
+    daemon.registry.drop_container(job.job_id, CLAIM)       # the pending start now stands for it
     try:
         cid = daemon.engine.start(pinned, staged, daemon.instance, daemon.config.daemon.helper)
     except BaseException:
         pinning.release(daemon.mount_root, spec.name)
+        daemon.registry.drop_container(job.job_id, pending)
         raise
-    limit = spec.memory_bytes or job.resources.memory_on(daemon.config.daemon.hostname or None)
-    sess = Session(cid=cid, job_id=job.job_id, batch=job.batch, kind=kind, peer_pid=peer.pid, uid=peer.uid,
-                   memory_limit=limit, pump_fds=pump, owned_fds=tuple(fds), name=spec.name)
+    sess.cid = cid
     try:
         daemon.registry.add_container(job.job_id, cid, sess.record())
+        daemon.registry.drop_container(job.job_id, pending)
         protocol.send(conn, {"ok": True, "event": "started", "id": cid, "job_id": job.job_id,
                              "name": spec.name, "image": spec.image})
     except BaseException:
@@ -185,6 +250,7 @@ def _launch(daemon, conn, peer, job, spec, stdio, pump, fds, kind: str) -> None:
         except CbatchError as exc:
             log.error("job %s: could not remove container %s: %s", job.job_id, cid[:12], exc)
         daemon.registry.drop_container(job.job_id, cid)
+        daemon.registry.drop_container(job.job_id, pending)
         raise
     finally:
         # Only once the container is recorded (the start-to-record window stays as short as it was): its own
@@ -199,10 +265,18 @@ def _launch(daemon, conn, peer, job, spec, stdio, pump, fds, kind: str) -> None:
 
 def attach(daemon, conn, peer, msg: dict, fds) -> None:
     """A client whose connection dropped (daemon restart) takes its container back."""
-    job_id = protocol.get_str(msg, "job_id")
-    cid = protocol.get_str(msg, "id")
+    job_id = protocol.get_str(msg, "job_id", None)
+    cid = protocol.get_str(msg, "id", None)
+    recovered = getattr(daemon, "recovered", None)
+    if recovered is not None and not recovered.wait(ATTACH_WAIT):
+        # Start-up recovery is still waiting for the engine: no answer yet, so the client asks again.
+        raise DaemonError("attach", "not ready", "the daemon is still waiting for the engine", "try again")
+    if cid is None:
+        # The client lost us before it learnt its container's id (a restart mid-start): it is known by its
+        # pid, uid and start time alone; a start recorded but not yet found in the engine is looked up now.
+        cid, job_id = recovery.waiting_for(daemon, peer)
     with daemon.lock:
-        entry = daemon.adoptions.get(cid)
+        entry = daemon.adoptions.get(cid) if cid else None
         ok = entry is not None and entry[0] == job_id
         info = entry[1] if ok else {}
         ok = ok and info.get("peer") == peer.pid and info.get("uid") == peer.uid \
@@ -210,11 +284,11 @@ def attach(daemon, conn, peer, msg: dict, fds) -> None:
         if ok:
             del daemon.adoptions[cid]
     if not ok:
-        raise AccessDenied("attach", "no container is waiting for this client", cid[:64],
+        raise AccessDenied("attach", "no container is waiting for this client", (cid or f"pid {peer.pid}")[:64],
                            "only the original client may reattach, within the adoption window")
     sess = Session(cid=cid, job_id=job_id, batch=str(info.get("batch", "torque")), kind=str(info.get("kind")),
                    peer_pid=peer.pid, uid=peer.uid, memory_limit=info.get("memory_limit"),
-                   owned_fds=tuple(fds))
+                   owned_fds=tuple(fds), image=str(info.get("image") or ""))
     try:
         protocol.send(conn, {"ok": True, "event": "attached", "id": cid, "job_id": job_id})
     except CbatchError:

@@ -22,38 +22,142 @@ import time
 
 from cbatch.daemon import peers
 from cbatch.core.errors import CbatchError
-from cbatch.core.spec import LABEL_INSTANCE
+from cbatch.core.spec import LABEL_INSTANCE, LABEL_JOB
 
 log = logging.getLogger("cbatchd")
+PENDING = "pending:"        # registry key of a start recorded before the engine was asked (+ container name)
+LABEL_PEER = "cbatch.peer"  # the client's pid, on every container (cbatch.daemon.launch)
+ENGINE_WAIT = 600.0         # how long start-up recovery keeps retrying an engine that does not answer
+ENGINE_RETRY_EVERY = 2.0
+
+
+def pending_key(name: str) -> str:
+    """The registry key :mod:`cbatch.daemon.launch` records a start under until the engine gave an id."""
+    return PENDING + name
+
+
+def _started_by(daemon, job_id: str, info: dict) -> list:
+    """Containers of this instance for ``job_id`` started for the client ``info`` names (by labels)."""
+    return daemon.engine.list_ids({LABEL_INSTANCE: daemon.instance, LABEL_JOB: job_id,
+                                   LABEL_PEER: str(info.get("peer"))})
+
+
+def _resolve_pending(daemon, present: set) -> None:
+    """Turn each start recorded before the engine was asked into what the engine has for it.
+
+    A container that ran (running or exited) is recorded under its id and adopted like any other. One the
+    engine created but never started ran no user code: it is removed. With nothing left, the job's start is
+    released, so its starter (refused when it reattaches) simply starts again."""
+    for rec in daemon.registry.all():
+        job_id = rec.registration.job_id
+        for key, info in list(rec.containers.items()):
+            if not key.startswith(PENDING):
+                continue
+            kept = []
+            for cid in _started_by(daemon, job_id, info):
+                if cid in rec.containers:
+                    kept.append(cid)
+                elif daemon.engine.status(cid) == "created":
+                    log.warning("recover: job %s: container %s was created but never started: removing",
+                                job_id, cid[:12])
+                    daemon.remove_container(None, cid)
+                    present.discard(cid)
+                else:
+                    daemon.registry.add_container(job_id, cid, info)
+                    present.add(cid)
+                    kept.append(cid)
+            daemon.registry.drop_container(job_id, key)
+            if not kept and info.get("kind") == "job":
+                log.warning("recover: job %s: its start was cut before the container ran: the starter may "
+                            "start it again", job_id)
+                daemon.registry.release_start(job_id)
+
+
+def waiting_for(daemon, peer) -> tuple:
+    """``(container id, job id)`` of the adopted container waiting for ``peer`` (a client reattaching
+    without an id: it lost us before it learnt the id), or ``(None, None)``."""
+    with daemon.lock:
+        for cid, (job_id, info, _deadline) in daemon.adoptions.items():
+            if info.get("peer") == peer.pid and info.get("uid") == peer.uid:
+                return cid, job_id
+    return None, None
+
+
+def _list_present(daemon) -> set:
+    """This instance's containers; retried while the engine does not answer (dockerd restarting), up to
+    :data:`ENGINE_WAIT`: skipping would leave every adopted job's client without its container."""
+    deadline = time.monotonic() + ENGINE_WAIT
+    while True:
+        try:
+            return set(daemon.engine.list_ids({LABEL_INSTANCE: daemon.instance}))
+        except CbatchError as exc:
+            if time.monotonic() >= deadline:
+                raise
+            log.error("recover: cannot list containers (%s): retrying in %.0f s", exc, ENGINE_RETRY_EVERY)
+            time.sleep(ENGINE_RETRY_EVERY)
 
 
 def recover(daemon) -> None:
-    """Reconcile the engine with the registry (see the module docstring)."""
-    from cbatch.daemon.server import ADOPT_WAIT
+    """Reconcile the engine with the registry (see the module docstring).
+
+    Runs before the daemon listens. An engine that does not answer does not delay listening (cbatch check,
+    status and the hooks must work; starts fail with one line): the reconciliation then runs in a thread
+    that retries the engine for up to :data:`ENGINE_WAIT`, and ``attach`` requests wait for it
+    (``daemon.recovered``) instead of being refused a container that is only not adopted yet."""
+    daemon.recovered = threading.Event()
+    unpin_stale(daemon)          # needs no engine, and must happen before any launch can pin
     try:
         present = set(daemon.engine.list_ids({LABEL_INSTANCE: daemon.instance}))
     except CbatchError as exc:
-        log.error("recover: cannot list containers: %s", exc)
+        log.error("recover: cannot list containers (%s): retrying in the background for up to %.0f s", exc,
+                  ENGINE_WAIT)
+        threading.Thread(target=_reconcile_when_engine_back, args=(daemon,), name="recover",
+                         daemon=True).start()
         return
-    claimed = set()
-    for rec in daemon.registry.all():
-        job_id = rec.registration.job_id
-        for cid, info in list(rec.containers.items()):
-            if cid not in present:
-                daemon.registry.drop_container(job_id, cid)
-                continue
-            claimed.add(cid)
-            if peers.alive(int(info.get("peer", 0)), info.get("peer_start")):
-                log.info("recover: job %s: container %s: waiting %.0f s for pid %s to reattach", job_id,
-                         cid[:12], ADOPT_WAIT, info.get("peer"))
-                daemon.adoptions[cid] = (job_id, info, time.monotonic() + ADOPT_WAIT)
-            else:
-                log.warning("recover: job %s: container %s: its client is gone: removing", job_id, cid[:12])
-                daemon.remove_container(job_id, cid)
-    for cid in present - claimed:
-        log.warning("recover: container %s belongs to no registered job: removing", cid[:12])
-        daemon.remove_container(None, cid)
-    unpin_stale(daemon)
+    _reconcile(daemon, present)
+
+
+def _reconcile_when_engine_back(daemon) -> None:
+    try:
+        present = _list_present(daemon)
+    except CbatchError as exc:
+        log.error("recover: cannot list containers: %s; gave up after %.0f s", exc, ENGINE_WAIT)
+        daemon.recovered.set()
+        return
+    log.info("recover: the engine answers again: reconciling")
+    _reconcile(daemon, present)
+
+
+def _reconcile(daemon, present: set) -> None:
+    from cbatch.daemon.server import ADOPT_WAIT
+    try:
+        _resolve_pending(daemon, present)
+        claimed = set()
+        for rec in daemon.registry.all():
+            job_id = rec.registration.job_id
+            for cid, info in list(rec.containers.items()):
+                if cid.startswith(PENDING):
+                    continue
+                if cid not in present:
+                    daemon.registry.drop_container(job_id, cid)
+                    continue
+                claimed.add(cid)
+                if peers.alive(int(info.get("peer", 0)), info.get("peer_start")):
+                    log.info("recover: job %s: container %s: waiting %.0f s for pid %s to reattach", job_id,
+                             cid[:12], ADOPT_WAIT, info.get("peer"))
+                    with daemon.lock:
+                        daemon.adoptions[cid] = (job_id, info, time.monotonic() + ADOPT_WAIT)
+                else:
+                    log.warning("recover: job %s: container %s: its client is gone: removing", job_id,
+                                cid[:12])
+                    daemon.remove_container(job_id, cid)
+        for cid in present - claimed:
+            log.warning("recover: container %s belongs to no registered job: removing", cid[:12])
+            daemon.remove_container(None, cid)
+    except CbatchError as exc:
+        log.error("recover: %s", exc)
+    finally:
+        daemon.recovered.set()
     forget_ended_jobs(daemon)
     if daemon.adoptions:
         threading.Thread(target=expire_adoptions, args=(daemon,), daemon=True).start()
@@ -80,13 +184,42 @@ def forget_ended_jobs(daemon) -> None:
     try:
         for rec in daemon.registry.all():
             reg = rec.registration
-            if reg.batch == "slurm" or not reg.session_id or peers.alive(int(reg.session_id), None):
+            if reg.batch == "slurm":
+                if not slurm_job_ended(reg):
+                    continue
+                log.warning("job %s: its Slurm job cgroup is gone but its epilog never unregistered it: "
+                            "unregistering", reg.job_id)
+            elif not reg.session_id or peers.alive(int(reg.session_id), None):
                 continue
-            log.warning("job %s: its session %s is gone but its epilogue never unregistered it: "
-                        "unregistering", reg.job_id, reg.session_id)
+            else:
+                log.warning("job %s: its session %s is gone but its epilogue never unregistered it: "
+                            "unregistering", reg.job_id, reg.session_id)
             daemon.op_unregister(None, None, {"job_id": reg.job_id}, [])
     finally:
         daemon.sweeping.release()
+
+
+SLURM_GRACE = 120.0     # a registration younger than this may precede its job cgroup (prolog before step)
+CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+def slurm_job_ended(reg, root: str = CGROUP_ROOT, now: float = None) -> bool:
+    """True when a Slurm job registered long enough ago has no job cgroup left on this node (v1
+    ``<ctl>/slurm[_<node>]/uid_<uid>/job_<id>``, v2 ``[...]/slurm[...]/job_<id>``): its epilog ran while
+    we were down. Unknown (no Slurm cgroup tree at all, or too young) is False: never forget a live job."""
+    import glob
+    now = time.time() if now is None else now
+    if not reg.registered_at or now - reg.registered_at < SLURM_GRACE:
+        return False
+    trees = glob.glob(f"{root}/*/slurm*") + glob.glob(f"{root}/slurm*") + \
+        glob.glob(f"{root}/system.slice/slurmstepd.scope")
+    if not trees:
+        return False
+    name = f"job_{reg.job_id}"
+    for tree in trees:
+        if glob.glob(f"{glob.escape(tree)}/{name}") or glob.glob(f"{glob.escape(tree)}/uid_*/{name}"):
+            return False
+    return True
 
 
 def expire_adoptions(daemon) -> None:

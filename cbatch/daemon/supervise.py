@@ -92,13 +92,15 @@ class Session:
     pump_fds: Tuple[Optional[int], Optional[int], Optional[int]] = (None, None, None)
     owned_fds: Tuple[int, ...] = ()
     name: str = ""                  # the container name (its pinned-mount staging directory), when known
+    image: str = ""                 # the image it runs (TM tasks joining it get the same CBATCH_IMAGE)
+    tty_fd: Optional[int] = None    # interactive: the job's terminal, proxied raw (cbatch.daemon.ttyproxy)
     started_at: float = field(default_factory=time.monotonic)
 
     def record(self) -> dict:
         """What the registry keeps so a restarted daemon can adopt the container."""
         from cbatch.daemon import peers
         return {"peer": self.peer_pid, "peer_start": peers.start_time(self.peer_pid), "kind": self.kind,
-                "uid": self.uid, "memory_limit": self.memory_limit, "batch": self.batch}
+                "uid": self.uid, "memory_limit": self.memory_limit, "batch": self.batch, "image": self.image}
 
 
 def supervise(daemon, conn, sess: Session) -> None:
@@ -130,7 +132,25 @@ def supervise(daemon, conn, sess: Session) -> None:
                 pass
             os.close(wake_w)
 
-    if any(fd is not None for fd in sess.pump_fds):
+    saved_tty = None
+    if sess.tty_fd is not None:
+        from cbatch.daemon import ttyproxy
+        try:
+            sock = engine.attach(sess.cid)
+        except CbatchError as exc:
+            log.error("job %s: container %s: no terminal: %s", sess.job_id, sess.cid[:12], exc)
+        else:
+            saved_tty = ttyproxy.make_raw(sess.tty_fd)
+            _resize(daemon, sess)
+
+            def tty_pumper() -> None:
+                try:
+                    ttyproxy.pump(sock, sess.tty_fd)
+                except Exception as exc:  # noqa: BLE001 - the terminal may go away at any time
+                    log.info("job %s: container %s: terminal proxy ended: %s", sess.job_id, sess.cid[:12], exc)
+            pump_thread = threading.Thread(target=tty_pumper, name=f"tty-{sess.cid[:12]}", daemon=True)
+            pump_thread.start()
+    elif any(fd is not None for fd in sess.pump_fds):
         try:
             sock = engine.attach(sess.cid)
         except CbatchError as exc:
@@ -178,6 +198,9 @@ def supervise(daemon, conn, sess: Session) -> None:
             log.warning("job %s: could not report the exit to pid %d: %s", sess.job_id, sess.peer_pid, exc)
         _remove(daemon, sess)
     finally:
+        if saved_tty is not None:
+            from cbatch.daemon import ttyproxy
+            ttyproxy.restore(sess.tty_fd, saved_tty)
         try:
             conn.close()
         except OSError:
@@ -223,6 +246,10 @@ def _handle(daemon, sess: Session, msg: dict) -> None:
     except CbatchError as exc:
         log.warning("job %s: pid %d: ignored message: %s", sess.job_id, sess.peer_pid, exc)
         return
+    if signum == signal.SIGWINCH:
+        if sess.tty_fd is not None:     # the job's terminal was resized: so is the container's
+            threading.Thread(target=_resize, args=(daemon, sess), daemon=True).start()
+        return
     if signum == signal.SIGTERM:
         grace = daemon.config.daemon.stop_grace
         log.info("job %s: SIGTERM: stopping container %s (grace %.1f s)", sess.job_id, sess.cid[:12], grace)
@@ -239,21 +266,36 @@ def _handle(daemon, sess: Session, msg: dict) -> None:
     threading.Thread(target=act, daemon=True).start()
 
 
+def _resize(daemon, sess: Session) -> None:
+    """Give the container's terminal the size of the job's terminal."""
+    from cbatch.daemon import ttyproxy
+    size = ttyproxy.window_size(sess.tty_fd)
+    if size is None:
+        return
+    try:
+        daemon.engine.resize(sess.cid, *size)
+    except CbatchError as exc:
+        log.info("job %s: container %s: resize to %s failed: %s", sess.job_id, sess.cid[:12], size, exc)
+
+
 def _exit_event(sess: Session, result: dict) -> dict:
     info = result.get("info")
     if info is None:
         err = result.get("error") or EngineError("container", "lost", sess.cid)
         return {"event": "exit", "status": 125, "oom": False, "message": err.message}
-    if info.oom_killed:
-        return {"event": "exit", "status": 137, "oom": True,
-                "message": oom_message(sess.job_id, sess.memory_limit, sess.batch)}
-    message = None
-    if info.error:
-        message = EngineError("container", "failed", sess.cid[:12], info.error).message
-    if getattr(info, "notice", None):       # e.g. the writable layer filled up: one line at the end
-        message = info.notice
     status = info.status if 0 <= info.status < 256 else 125
-    return {"event": "exit", "status": status, "oom": False, "message": message}
+    lines = []
+    if info.oom_killed:
+        # The engine flags the container when the kernel killed ANY of its processes for memory: a child the
+        # script survives (and whose loss it may handle) must not replace the script's own status. The line
+        # is reported either way; the status is the script's (137 only when the script itself was killed).
+        lines.append(oom_message(sess.job_id, sess.memory_limit, sess.batch))
+    if info.error:
+        lines.append(EngineError("container", "failed", sess.cid[:12], info.error).message)
+    if getattr(info, "notice", None):       # e.g. the writable layer filled up: one line at the end
+        lines.append(info.notice)
+    message = "\n".join(lines) or None
+    return {"event": "exit", "status": status, "oom": bool(info.oom_killed), "message": message}
 
 
 def _remove(daemon, sess: Session) -> None:

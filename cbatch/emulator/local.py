@@ -58,6 +58,7 @@ class Result:
     cgroup_leftovers: List[str] = field(default_factory=list)
     spool_stdout: bytes = b""
     spool_stderr: bytes = b""
+    shell_status: Optional[int] = None    # interactive: the starter's own status (the job's is the reader's 0)
 
 
 class Job:
@@ -78,6 +79,11 @@ class Job:
         self._proc: Optional[subprocess.Popen] = None
         self._kill_at: Optional[float] = None
         self._result: Optional[Result] = None
+        self.pty_master: Optional[int] = None     # interactive: the terminal side (qsub's) of the job's pty
+        self._pty_slave: Optional[int] = None
+        if plan.get("interactive"):
+            self.pty_master, self._pty_slave = os.openpty()
+        self._tasks: List[subprocess.Popen] = []
         self._thread = threading.Thread(target=self._run, name=f"mom-{job_id}", daemon=True)
         self._thread.start()
         self._spawned.wait(30)
@@ -166,20 +172,34 @@ class Job:
                     plan["resource_list"], used, plan["queue"], plan["account"], str(exit_status), plan["script"]]
             ep_status = momproc.run_hook(self.mom.epilogue, args, plan, umask=0o022)
         out, err = momproc.read(self.stdout_path), momproc.read(self.stderr_path)
+        shell = momproc.read(plan["plan_file"] + ".shell").decode() or None
         leftovers = self._cleanup(exit_status)
         return Result(self.job_id, exit_status, b"" if aborted else out, b"" if aborted else err,
                       self.mom.epilogue is not None, prologue_status=prologue, epilogue_status=ep_status,
                       requeues=requeues, aborted=aborted, walltime_killed=walltime_killed,
                       session_id=self.session_id, ended_at=ended_at, cgroup_leftovers=leftovers,
-                      spool_stdout=out, spool_stderr=err)
+                      spool_stdout=out, spool_stderr=err, shell_status=None if shell is None else int(shell))
+
+    def spawn_task(self, argv: Sequence[str], stdout: Optional[int] = None,
+                   stderr: Optional[int] = None) -> subprocess.Popen:
+        """A TM task of this running job, started as pbs_mom's start_process does (``pbsdsh -u argv``):
+        see :func:`cbatch.emulator.momtasks.spawn_task`. Killed with the job's end like pbs_mom's tasks."""
+        from cbatch.emulator import momtasks
+        if not self.started.is_set() or self._done.is_set():
+            raise CbatchError("mom", "job is not running", self.job_id)
+        with self._lock:
+            proc = momtasks.spawn_task(self.mom.python, self.plan, argv, len(self._tasks) + 2, stdout, stderr)
+            self._tasks.append(proc)
+        return proc
 
     def _start_child(self):
         """Spawn the job child; return (Popen, prologue status or None when there is no prologue)."""
         status_r, status_w = os.pipe()
         self._t0 = time.monotonic()
+        pty = () if self._pty_slave is None else (self._pty_slave,)
         proc = subprocess.Popen([self.mom.python, "-I", "-c", "from cbatch.emulator import momproc; momproc.child()",
-                                 self.plan["plan_file"], str(status_w)],
-                                stdin=subprocess.DEVNULL, pass_fds=(status_w,), start_new_session=True,
+                                 self.plan["plan_file"], str(status_w), *map(str, pty)],
+                                stdin=subprocess.DEVNULL, pass_fds=(status_w, *pty), start_new_session=True,
                                 close_fds=True)
         os.close(status_w)
         with self._lock:
@@ -224,8 +244,12 @@ class Job:
                     momproc.append(self.stderr_path,
                                    f"=>> PBS: job killed: walltime {used} exceeded limit {walltime}\n".encode())
                     momproc.signal_session(proc.pid, signal.SIGTERM)
-        # The starter is gone: everything left in its session gets SIGKILL, with no grace.
+        # The starter is gone: everything left in its session gets SIGKILL, with no grace; so do the tasks.
         momproc.kill_session(proc.pid)
+        from cbatch.emulator import momtasks
+        with self._lock:
+            tasks = list(self._tasks)
+        momtasks.kill_tasks(tasks)
         return (256 - code if code < 0 else code), killed
 
     def _cleanup(self, exit_status) -> List[str]:
@@ -237,8 +261,11 @@ class Job:
                 pass
             except OSError as exc:
                 leftovers.append(f"{path}: {exc.strerror}")
+        if self._pty_slave is not None:
+            os.close(self._pty_slave)
+            self._pty_slave = None
         for path in (self.stdout_path, self.stderr_path, self.script_path, self.plan["nodefile"],
-                     self.plan["plan_file"]):
+                     self.plan["plan_file"], self.plan["plan_file"] + ".shell"):
             try:
                 os.unlink(path)
             except FileNotFoundError:
@@ -298,11 +325,13 @@ class Mom:
                name: Optional[str] = None, args: Sequence[str] = (), cgroups=False, kill_delay: float = 2.0,
                tmpdir: bool = False, workdir: Optional[str] = None, initdir: Optional[str] = None,
                walltime_poll: Optional[float] = None, account: str = "", shell: Optional[str] = None,
-               array_index: Optional[int] = None) -> Job:
+               array_index: Optional[int] = None, interactive: bool = False,
+               interactive_cmd: Optional[str] = None) -> Job:
         """Queue and immediately start a job (the scheduler is instant). See the module docstring.
 
         ``workdir`` is PBS_O_WORKDIR (default: the user's home), ``initdir`` is ``qsub -d``, ``array_index``
-        makes it sub-job ``i`` of an array (``qsub -t``). ``cgroups`` True
+        makes it sub-job ``i`` of an array (``qsub -t``). ``interactive`` is ``qsub -I`` (``-x`` is
+        ``interactive_cmd``): the job gets a pty whose master is :attr:`Job.pty_master`. ``cgroups`` True
         (or a dict with ``cpus``/``mems``/``mem``) emulates TORQUE built with --enable-cgroups.
         """
         if self.starter is None:
@@ -328,6 +357,9 @@ class Mom:
         cwd = initdir or pw.pw_dir
         env = momproc.job_env(pw, job_id=job_id, name=name, queue=queue, host=self.host, aux=self.aux,
                               res=res, workdir=workdir, variables=variables or {}, initdir=initdir, cwd=cwd)
+        if interactive:
+            env["PBS_ENVIRONMENT"] = "PBS_INTERACTIVE"      # setup_batch_job alone adds ENVIRONMENT=BATCH
+            env.pop("ENVIRONMENT", None)
         own_tmpdir = None
         if tmpdir:      # like pbs_mom's $tmpdir: the mom's own directory replaces any -v TMPDIR
             try:
@@ -344,7 +376,8 @@ class Mom:
                 "shell": shell or pw.pw_shell or "/bin/sh", "cwd": cwd, "env": env, "hook_env": hook_env,
                 "stdin_line": " ".join([script_path, *args]) + "\n", "mem": res["mem"],
                 "walltime": res["walltime"], "privileged": self.run_privileged, "tasks": [os.path.join(d, "tasks") for d in cgroup_dirs],
-                "plan_file": os.path.join(self.jobs_dir, job_id + ".plan"), "tmpdir": own_tmpdir}
+                "plan_file": os.path.join(self.jobs_dir, job_id + ".plan"), "tmpdir": own_tmpdir,
+                "interactive": interactive, "interactive_cmd": interactive_cmd}
         momproc.write_owned(plan["plan_file"], json.dumps(plan).encode(), 0, 0, 0o600)
         return Job(self, job_id, plan, kill_delay, walltime_poll, cgroup_dirs)
 

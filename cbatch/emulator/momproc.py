@@ -311,6 +311,14 @@ def child() -> None:
     def report(**item) -> None:
         os.write(status_fd, (json.dumps(item) + "\n").encode())
 
+    pts = None
+    if plan.get("interactive"):
+        # qsub -I: the pty slave is this session leader's controlling terminal before the prologue runs.
+        from cbatch.emulator import momtasks
+        pts = fcntl.fcntl(int(sys.argv[3]), fcntl.F_DUPFD_CLOEXEC, 256)
+        os.close(int(sys.argv[3]))
+        momtasks.controlling_tty(pts)
+
     if plan["prologue"]:
         args = [plan["job_id"], plan["user"], plan["group"], plan["name"], plan["resource_list"], plan["queue"],
                 plan["account"], plan["script"]]
@@ -319,6 +327,8 @@ def child() -> None:
         report(prologue=status)
         if status != 0:
             os._exit(0)
+    if pts is not None:
+        momtasks.interactive(plan, pts, status_fd, report)
     try:
         for tasks in plan["tasks"]:
             _put(tasks, str(os.getpid()))

@@ -55,6 +55,16 @@ API_VERSION = "1.41"       # Debian 12's dockerd 20.10; newer engines still spea
 _HINT_DOWN = "is dockerd running? see cbatch check --node"
 STDIN_LINE_MAX = 60 * 1024  # cbatch-exec writes the line into a pipe before exec: it must fit the buffer
 VOLUME_TMPFS_BYTES = 64 * 1024 * 1024   # each image VOLUME becomes a tmpfs of at most this
+
+
+def helper_argv(opts: List[str], argv: List[str], what: str) -> List[str]:
+    """The helper's command line: ``/.cbatch/exec OPTS -- ARGV``. The one place both a container start and
+    an exec into a running container (TM tasks) build it, so options every command needs go here once."""
+    if any("\0" in a for a in list(argv) + list(opts)):
+        raise EngineError("container", "NUL byte in the command", what)
+    return [HELPER_PATH] + list(opts) + ["--"] + list(argv)
+
+
 def _gone(exc: Exception) -> bool:
     """The container or image is not there (ImageNotFound is a NotFound)."""
     return isinstance(exc, docker.errors.NotFound)
@@ -73,6 +83,7 @@ class Stdio:
     stdout_path: Optional[str] = None
     stderr_path: Optional[str] = None
     attach: bool = False
+    tty: bool = False           # interactive jobs: the container gets a terminal; the attach stream is raw
 
 
 @dataclass(frozen=True)
@@ -171,9 +182,7 @@ class Engine:
                 raise EngineError("stdin line", "too long", f"{len(spec.stdin_line.encode())} bytes",
                                   f"at most {STDIN_LINE_MAX}")
             opts += ["--stdin-line", spec.stdin_line]
-        if any("\0" in a for a in argv + opts):
-            raise EngineError("container", "NUL byte in the command", spec.name)
-        command = [HELPER_PATH] + opts + ["--"] + argv
+        command = helper_argv(opts, argv, spec.name)
         if spec.init:
             # tini then signals the job's whole process group (TINI_KILL_PROCESS_GROUP), as pbs_mom does.
             command = [INIT_PATH, "--"] + command
@@ -274,7 +283,7 @@ class Engine:
             user=user, working_dir=spec.workdir, environment=env, labels=labels,
             hostname=spec.hostname, host_config=host_config,
             # stdin_open with detach=False also sets StdinOnce: our stdin EOF closes the container's stdin.
-            stdin_open=stdio.attach, tty=False, detach=not stdio.attach,
+            stdin_open=stdio.attach, tty=stdio.attach and stdio.tty, detach=not stdio.attach,
             use_config_proxy=False,     # the job's environment is the spec's, not ~/.docker/config.json's
         )
         try:
@@ -423,6 +432,46 @@ class Engine:
             except EngineError:
                 pass  # reported below as a leftover
         return self.list_ids(labels)
+
+    # -- exec into a running container (TM tasks of a container job) ------------------------------------
+    def exec_start(self, cid: str, argv: List[str], env: Dict[str, str], workdir: str, uid: int, gid: int,
+                   groups: Sequence[int], umask: Optional[int] = None) -> Tuple[str, socket.socket]:
+        """Start ``argv`` in the running container ``cid`` as exactly ``uid:gid`` + ``groups`` with exactly
+        ``env`` and ``workdir`` (docker exec, no tty). Returns ``(exec id, attach socket)``: the socket carries
+        the multiplexed stdin/stdout/stderr for :func:`cbatch.daemon.streams.pump`. The command goes through
+        the helper like the container's own command (the same :func:`helper_argv`); as for the container, the
+        exec starts as ``0:0`` and the helper drops to the numeric ids (the engine would resolve a user's
+        supplementary groups from the image's own /etc/group)."""
+        opts = ["--umask", "%04o" % umask] if umask is not None else []
+        cmd = helper_argv(opts, argv, cid[:12])
+        user = f"{uid}:{gid}"
+        if uid != 0:
+            cmd = [HELPER_PATH] + helper_ids_args(uid, gid, groups) + ["--"] + cmd
+            user = "0:0"
+        envl = [f"{k}={v}" for k, v in env.items()]
+        res = self._call("exec create", cid, self.api.exec_create, cid, cmd, stdout=True, stderr=True,
+                         stdin=True, tty=False, environment=envl, workdir=workdir or None, user=user)
+        eid = res["Id"]
+        sio = self._call("exec start", cid, self.api.exec_start, eid, socket=True)
+        sock = getattr(sio, "_sock", sio)
+        sock.settimeout(None)
+        return eid, sock
+
+    def exec_state(self, eid: str) -> Tuple[bool, Optional[int], int]:
+        """``(running, exit code or None, host pid)`` of an exec started by :meth:`exec_start`."""
+        res = self._call("exec inspect", eid, self.api.exec_inspect, eid)
+        code = res.get("ExitCode")
+        return bool(res.get("Running")), (int(code) if code is not None else None), int(res.get("Pid") or 0)
+
+    def resize(self, cid: str, rows: int, cols: int) -> None:
+        """Set the terminal size of a container started with ``Stdio(tty=True)``; a stopped one is fine."""
+        self._call("resize", cid, self.api.resize, cid, height=int(rows), width=int(cols),
+                   ok=lambda exc: _gone(exc) or getattr(exc, "status_code", None) == 409)
+
+    def status(self, cid: str) -> str:
+        """The container's state (``created``, ``running``, ``exited``, ...), or ``gone``."""
+        attrs = self._call("inspect", cid, self.api.inspect_container, cid, ok=_gone)
+        return str(((attrs or {}).get("State") or {}).get("Status") or "gone")
 
     def container_pid(self, cid: str) -> int:
         """The host pid of the container's init (0 when not running)."""

@@ -6,8 +6,10 @@ import os
 import signal
 import time
 
+import docker
 import pytest
 
+from cbatch.clients import client
 from torque_helpers import container_events, job_containers, run_epilogue, script, wait_until
 
 
@@ -84,17 +86,38 @@ def test_walltime_exceeded_stops_container(mom, daemon, alice):
     assert not job_containers(daemon.instance, job.job_id)
 
 
-@pytest.mark.parametrize("delay", [0.0, 0.2, 0.5, 0.8, 1.2])
-def test_qdel_during_start_leaves_nothing(bare_mom, daemon, alice, delay):
-    """qdel while the prologue registers or the daemon creates the container: nothing may survive, even
-    without the epilogue's clean-up (the daemon alone must stop what it started)."""
-    job = bare_mom.submit(script("echo ready; sleep 120"), alice.name, kill_delay=3.0)
-    time.sleep(delay)
+def _phase(api, daemon, job) -> str:
+    """Where the job's start is, from what can be observed: ``submitted`` (not registered yet),
+    ``registered`` (no container yet), ``container`` (it exists, the script printed nothing), ``running``."""
+    if job.peek()[0]:
+        return "running"
+    if api.containers(all=True, filters={"label": [f"cbatch.instance={daemon.instance}",
+                                                   f"cbatch.job={job.job_id}"]}):
+        return "container"
+    if any(j["job_id"] == job.job_id for j in client.call(daemon.socket, "status")["jobs"]):
+        return "registered"
+    return "submitted"
+
+
+@pytest.mark.parametrize("phase", ["registered", "container", "running"])
+def test_qdel_during_start_leaves_nothing(bare_mom, daemon, alice, phase):
+    """qdel while the daemon creates the container, once it exists, once the script runs: nothing may
+    survive, even without the epilogue's clean-up (the daemon alone must stop what it started). The test
+    proves the phase the qdel hit: it was observed right before the qdel."""
+    api = docker.APIClient(base_url=os.environ.get("CBATCH_ENGINE_URL", "unix:///var/run/docker.sock"))
+    job = bare_mom.submit(script("sleep 1; echo ready; sleep 120"), alice.name, kill_delay=3.0)
+    seen = []
+
+    def at_phase() -> bool:
+        seen.append(_phase(api, daemon, job))
+        return seen[-1] == phase
+    assert wait_until(at_phase, timeout=60, interval=0.002) is not None, f"phase {phase} never seen: {seen}"
     job.qdel()
     r = job.wait(60)
-    assert r.exit_status in (271, 265), (r.exit_status, r.stdout, r.stderr)
+    assert r.exit_status in (271, 265), (phase, r.exit_status, r.stdout, r.stderr)
+    assert (r.stdout == b"") == (phase != "running"), (phase, r.stdout)
     assert wait_until(lambda: not job_containers(daemon.instance, job.job_id), timeout=5) is not None, \
-        f"container of {job.job_id} left after qdel at {delay}s"
+        f"container of {job.job_id} left after qdel in phase {phase}"
     assert run_epilogue(bare_mom, job, r.exit_status).returncode == 0
 
 

@@ -130,7 +130,47 @@ def test_lost_daemon_after_start(path, monkeypatch):
     threading.Thread(target=lambda: (d.thread.join(5), d.close()), daemon=True).start()
     with pytest.raises(DaemonError) as exc:
         client.run_session(path, protocol.request("start"), ())
-    assert exc.value.message == f"cbatch: daemon: lost: {path} (the job's container was stopped)"
+    # Never "the container was stopped": nobody said so; it may run until cbatchd returns and removes it.
+    assert exc.value.message == (f"cbatch: daemon: not reachable: {path} (cbatchd did not come back within 1 s; "
+                                 "the job's container may still run until cbatchd returns and removes it)")
+
+
+def test_daemon_back_without_the_container(path, monkeypatch):
+    monkeypatch.setattr(client, "REATTACH_FOR", 5.0)
+    first = FakeDaemon(path, lambda c, m: protocol.send(c, {"ok": True, "event": "started", "id": "c1abc",
+                                                            "job_id": "7.vm"}))
+
+    def restart():
+        first.thread.join(5)
+        first.close()
+        FakeDaemon(path, lambda c, m: protocol.send(c, {"ok": False, "error": {
+            "class": "AccessDenied", "subject": "attach", "problem": "no container is waiting for this client"}}))
+    threading.Thread(target=restart, daemon=True).start()
+    with pytest.raises(DaemonError) as exc:
+        client.run_session(path, protocol.request("start"), ())
+    assert exc.value.message == "cbatch: daemon: lost the job's container: c1abc (cbatchd came back and " \
+                                "cannot give it back; it removes such containers)"
+
+
+def test_reattach_when_the_daemon_died_before_started(path):
+    """Closed before the ``started`` event: the client attaches as itself (no id) and gets its container."""
+    first = FakeDaemon(path, lambda c, m: None)      # takes the start, dies without a word
+
+    def restart():
+        first.thread.join(5)
+        first.close()
+        time.sleep(0.3)
+
+        def attached(c, m):
+            if m["op"] == "ping":
+                protocol.send(c, {"ok": True})
+                return
+            assert m["op"] == "attach" and "id" not in m and "job_id" not in m, m
+            protocol.send(c, {"ok": True, "event": "attached", "id": "c7", "job_id": "8.vm"})
+            protocol.send(c, {"event": "exit", "status": 5, "oom": False, "message": None})
+        FakeDaemon(path, attached, attached)
+    threading.Thread(target=restart, daemon=True).start()
+    assert client.run_session(path, protocol.request("start"), ()) == 5
 
 
 def test_reattach_after_daemon_restart(path):

@@ -30,10 +30,48 @@ def test_epilogue_bad_argv_exits_0(argv, capsys):
     assert capsys.readouterr().err.startswith("cbatch epilogue: expected 11 arguments")
 
 
-def test_epilogue_daemon_down_exits_0(capsys):
+def test_epilogue_daemon_down_exits_0(capsys, monkeypatch):
+    monkeypatch.setattr(hooks, "UNREGISTER_RETRY", 0.5)
+    monkeypatch.setattr(hooks, "UNREGISTER_EVERY", 0.1)
     argv = ["1.vm", "u", "g", "n", "123", "nodes=1", "cput=0", "batch", "", "0", "/s.SC"]
     assert hooks.epilogue_main(argv, socket_path=NOWHERE) == 0
-    assert "1.vm not unregistered" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "1.vm not unregistered" in err
+    assert "left for cbatchd's start-up sweep: the job's registration and any container labelled " \
+           "cbatch.job=1.vm" in err
+
+
+def test_epilogue_waits_for_a_restarting_daemon(tmp_path, capsys, monkeypatch):
+    """The daemon is down when the epilogue starts and back a moment later: the job is unregistered."""
+    import os
+    import socket
+    import threading
+    import time
+    from cbatch import protocol
+    monkeypatch.setattr(hooks, "UNREGISTER_EVERY", 0.1)
+    path = str(tmp_path / "d.sock")
+    got = []
+
+    def daemon_comes_back():
+        time.sleep(1.0)
+        srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        srv.bind(path)
+        srv.listen(1)
+        conn, _ = srv.accept()
+        msg, fds = protocol.recv(conn, timeout=5)
+        for fd in fds:
+            os.close(fd)
+        got.append(msg)
+        protocol.send(conn, {"ok": True, "job_id": msg["job_id"], "leftovers": []})
+        conn.close()
+        srv.close()
+    t = threading.Thread(target=daemon_comes_back, daemon=True)
+    t.start()
+    argv = ["2.vm", "u", "g", "n", "123", "nodes=1", "cput=0", "batch", "", "0", "/s.SC"]
+    assert hooks.epilogue_main(argv, socket_path=path) == 0
+    t.join(5)
+    assert [m["op"] for m in got] == ["unregister"] and got[0]["job_id"] == "2.vm"
+    assert "not unregistered" not in capsys.readouterr().err
 
 
 def test_newline_in_job_id_cannot_forge_a_log_line(capsys):
