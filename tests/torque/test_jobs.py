@@ -116,8 +116,8 @@ def test_arguments_and_dollar0(torque, alice, wd):
     lines = r.stdout.decode().splitlines()
     assert r.exit_status == 0, r.stderr
     assert lines[0] == f"0={torque.home}/mom_priv/jobs/{job}.SC", lines
-    # qsub -F splits at blanks (TORQUE keeps the quotes as characters): what the real shell receives.
-    assert lines[1:] == ["n=3", "[argA]", "['b]", "[c']"], lines
+    # The -F string is appended to the stdin line the shell reads: the shell's own quoting applies.
+    assert lines[1:] == ["n=2", "[argA]", "[b c]"], lines
 
 
 def test_cbatch_image_variable_overrides(torque, carol):
@@ -133,12 +133,16 @@ def test_cbatch_image_variable_overrides(torque, carol):
         torque.cleanup(wd)
 
 
-def test_pbs_S_chooses_the_shell(torque, alice, wd):
-    job = torque.qsub(alice, "#!/bin/bash\n#PBS -S /bin/sh\necho \"shell=$(readlink /proc/$$/exe)\"\n",
-                      ["-q", "short"], wd)
+@pytest.mark.parametrize("directive,shell", [("#PBS -S /bin/sh\n", "/bin/sh"), ("", "/bin/bash")])
+def test_pbs_S_chooses_the_shell(torque, alice, wd, directive, shell):
+    """The -S shell (else the login shell) reads the stdin line and runs the script by path, so the script's
+    own shebang still applies: the script's parent is the shell."""
+    job = torque.qsub(alice, f"#!/bin/bash\n{directive}tr '\\0' ' ' < /proc/$PPID/cmdline; echo\n"
+                      "echo bash=${BASH_VERSION:+yes}\n", ["-q", "short"], wd)
     r = torque.wait(job)
     assert r.exit_status == 0, r.stderr
-    assert r.stdout.decode().strip() in ("shell=/bin/sh", "shell=/usr/bin/dash", "shell=/bin/dash"), r.stdout
+    assert r.stdout.decode().splitlines() == [f"{shell} ", "bash=yes"], r.stdout
+    assert r.attrs.get("Shell_Path_List", "") == directive[7:].strip()
 
 
 def test_twenty_concurrent_jobs(torque, cbatchd, alice, bob, wd):
