@@ -29,7 +29,7 @@ CHECK_JOB_ID = "0.check"
 def command(args) -> int:
     """Entry point for ``cbatch check`` (argparse namespace from cli.py); returns the exit status."""
     if getattr(args, "node", False):
-        from cbatch import nodecheck  # written separately; imported only for --node
+        from cbatch.admin import nodecheck  # written separately; imported only for --node
 
         return nodecheck.command(args)
     path = args.config or configmod.DEFAULT_PATH
