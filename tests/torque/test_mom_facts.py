@@ -193,3 +193,49 @@ def test_emulator_matches_the_real_mom(probed, batch_job, alice, tmp_path):
         assert set(diffs) == KNOWN_DIFFERENCES, "real mom vs emulator (real, emulator): " + repr(diffs)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_interactive_job_as_recorded(probed, alice, wd):
+    """qsub -I: the prologue and epilogue run (8 and 11 arguments); the starter gets [starter, shell] with the
+    job's pty on 0, 1 and 2 and no stdin line; it is NOT the session leader: a pbs_mom child holding the pty
+    is (pid = session_id, the prologue's parent), and the starter is its child, in its process group, which is
+    the terminal's foreground group. PBS_ENVIRONMENT=PBS_INTERACTIVE, no ENVIRONMENT, TERM from qsub."""
+    from trq import qsub_interactive
+    out, status, job = qsub_interactive(probed, alice, ["-q", "batch", "-l", "walltime=00:01:00"], b"exit 5\n", wd)
+    assert job, out
+    attrs = probed.wait_state(job, "C", 60)
+    assert attrs.get("interactive") == "True"
+    sid = int(attrs["session_id"])
+    (pro,), (st,) = probe.records(OUT, "prologue", job), probe.records(OUT, "starter", job)
+    assert wait_until(lambda: probe.records(OUT, "epilogue", job), 30)
+    (epi,) = probe.records(OUT, "epilogue", job)
+    assert len(pro["argv"]) == 9 and pro["argv"][4] == "STDIN" and len(epi["argv"]) == 12
+    assert pro["ppid"] == sid and epi["argv"][5] == str(sid)
+    assert pro["groups"] == [0] and epi["groups"] == [0]          # unlike batch jobs: root's groups only
+    assert st["argv"][1:] == [alice.shell] and st["pid"] != sid
+    assert st["ppid"] == sid and st["sid"] == sid and st["pgid"] == sid and st["tcpgrp"] == sid
+    assert st["stdin_tty"] and {st["fds"][k] for k in ("0", "1", "2")} == {st["fds"]["0"]}
+    assert st["fds"]["0"].startswith("/dev/pts/")
+    assert st["env"]["PBS_ENVIRONMENT"] == "PBS_INTERACTIVE" and "ENVIRONMENT" not in st["env"]
+    assert st["cwd"] == alice.home and st["umask"] == 0o077
+    assert _kind(epi["fds"]["1"]) == "null"                        # the epilogue's output goes nowhere
+
+
+def test_tm_task_as_recorded(probed, alice, wd):
+    """pbsdsh -u /bin/echo x from a job: the mom starts the task through $job_starter with the task's own argv,
+    stdin /dev/null, stdout/stderr the job's spool files, in a NEW session whose parent is pbs_mom itself (not
+    the job's session), cwd $HOME, no prologue; PBS_TASKNUM=2 and no USER/LOGNAME/SHELL/PBS_NP/PBS_WALLTIME."""
+    job = probed.qsub(alice, f"#!/bin/bash\n{probed.bin('pbsdsh')} -u /bin/echo x\necho rc=$?\n", [], wd)
+    r = probed.wait(job)
+    starters = probe.records(OUT, "starter", job)
+    assert len(starters) == 2 and len(probe.records(OUT, "prologue", job)) == 1, starters
+    shell, task = starters
+    assert task["argv"][1:] == ["/bin/echo", "x"]
+    assert _kind(task["fds"]["0"]) == "null" and not task["stdin_tty"]
+    assert task["fds"]["1"].endswith(f"/spool/{job}.OU") and task["fds"]["2"].endswith(f"/spool/{job}.ER")
+    assert task["pid"] == task["pgid"] == task["sid"] != int(r.attrs["session_id"])
+    assert task["ppid"] == shell["ppid"] and task["parent"] == "pbs_mom"
+    assert task["resuid"] == [alice.uid] * 3 and task["cwd"] == alice.home and task["umask"] == 0o077
+    env = task["env"]
+    assert env["PBS_JOBID"] == job and env["PBS_TASKNUM"] == "2" and env["PBS_ENVIRONMENT"] == "PBS_BATCH"
+    assert not {"USER", "LOGNAME", "SHELL", "PBS_NP", "PBS_WALLTIME"} & set(env)

@@ -210,3 +210,44 @@ class Torque:
     @staticmethod
     def cleanup(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def qsub_interactive(torque: Torque, user, args: Sequence[str], send: bytes, workdir: Path,
+                     timeout: float = 90) -> tuple:
+    """``qsub -I`` as ``user`` on a pty (Python's pty): wait for TORQUE's "ready" line, type ``send``, read
+    until qsub exits. Returns (everything qsub's terminal showed, qsub's exit status, the job id or "")."""
+    import pty
+    import re
+    import select
+    pid, fd = pty.fork()
+    if pid == 0:
+        try:
+            os.chdir(str(workdir))
+            os.execve(RUNUSER, [RUNUSER, "-u", user.name, "--", torque.bin("qsub"), "-I", *args],
+                      torque.env_for(user))
+        finally:
+            os._exit(127)
+    out, sent = b"", False
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 0.5)
+            if ready:
+                try:
+                    chunk = os.read(fd, 65536)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            if not sent and b" ready" in out:
+                time.sleep(1.0)          # let the job's shell reach its prompt
+                os.write(fd, send)
+                sent = True
+        else:
+            os.kill(pid, signal.SIGKILL)
+    finally:
+        _, status = os.waitpid(pid, 0)
+        os.close(fd)
+    m = re.search(rb"qsub: waiting for job (\S+) to start", out)
+    return out, os.waitstatus_to_exitcode(status), (m.group(1).decode() if m else "")
