@@ -44,8 +44,13 @@ def test_container_nested_in_every_torque_controller(torque_cg, cbatchd, alice, 
         parent = subprocess.run(["docker", "inspect", "-f", "{{.HostConfig.CgroupParent}}", cid],
                                 capture_output=True, text=True, check=True).stdout.strip()
         assert parent == f"/torque/{job}"
-        for c in TORQUE_CONTROLLERS:
-            assert os.path.isdir(f"{CG}/{c}/torque/{job}/{cid}"), f"{c}: container not under /torque/{job}"
+        # Every controller pbs_mom was told about (PBS_HOME/trq-cgroup-paths, written by torque-up --cgroups).
+        with open(os.path.join(t.home, "trq-cgroup-paths")) as fh:
+            controllers = dict(line.split() for line in fh if line.strip())
+        assert set(TORQUE_CONTROLLERS) <= set(controllers)
+        for c, mount in controllers.items():
+            assert os.path.isdir(f"{mount}/torque/{job}"), f"{c}: pbs_mom made no /torque/{job}"
+            assert os.path.isdir(f"{mount}/torque/{job}/{cid}"), f"{c}: container not under /torque/{job}"
         with open(f"{CG}/memory/torque/{job}/memory.limit_in_bytes") as fh:
             assert int(fh.read()) == 200 << 20
         with open(f"{CG}/cpuset/torque/{job}/cpuset.cpus") as fh, open(f"{CG}/cpuset/torque/{job}/{cid}/cpuset.cpus") as gh:
