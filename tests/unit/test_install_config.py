@@ -39,3 +39,12 @@ def test_a_job_starter_lookalike_is_not_touched(tmp_path):
     cfg.write_text("$job_starter_run_privileged false\n")
     install.write_mom_config(str(cfg), "/x")
     assert cfg.read_text() == "$job_starter_run_privileged false\n$job_starter /x/job_starter\n"
+
+
+def test_hooks_readme_shows_the_shim_install_hooks_writes():
+    """hooks/README.md's example is byte for byte what install-hooks writes (for that interpreter)."""
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[2] / "hooks" / "README.md").read_text()
+    start = text.index("#!/opt/cbatch/venv/bin/python -I\n")
+    example = text[start:text.index("```", start)]
+    assert example == install.shim_text("prologue", "/run/cbatch/cbatchd.sock", "/opt/cbatch/venv/bin/python")
