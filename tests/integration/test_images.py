@@ -331,7 +331,7 @@ def test_daemon_prepulls_and_lists(reg_daemon, registry):
 
 
 def test_daemon_sync_and_prune_need_root(reg_daemon, registry, alice):
-    code = ("import sys; from cbatch import client; from cbatch.core.errors import CbatchError\n"
+    code = ("import sys; from cbatch.clients import client; from cbatch.core.errors import CbatchError\n"
             "try:\n client.call(sys.argv[1], 'images', action=sys.argv[2])\n"
             "except CbatchError as e:\n print(e.message); sys.exit(e.exit_code)\n")
     for action in ("sync", "prune"):
