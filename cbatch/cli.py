@@ -62,8 +62,13 @@ def _parser() -> argparse.ArgumentParser:
     lo.set_defaults(route="cbatch.emulator.local:command")
 
     ih = sub.add_parser("install-hooks", help="install the pbs_mom hooks and print the mom_priv/config lines")
-    ih.add_argument("--mom-priv", default="/var/spool/torque/mom_priv")
+    ih.add_argument("--mom-priv", default=None,
+                    help="pbs_mom's mom_priv (default: $PBS_HOME/mom_priv, else /var/spool/torque/mom_priv)")
     ih.add_argument("--libexec", default="/usr/libexec/cbatch")
+    ih.add_argument("--mom-config", default=None, metavar="PATH",
+                    help="pbs_mom's config file to put the $job_starter line in (default: MOM_PRIV/config)")
+    ih.add_argument("--no-mom-config", action="store_true",
+                    help="only print the $job_starter line instead of writing it")
     ih.set_defaults(route="cbatch.admin.install:command")
 
     for name in ("prologue", "epilogue"):

@@ -17,6 +17,33 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+TORQUE_TESTS = ROOT / "tests" / "torque"
+
+
+def torque_requested(config) -> bool:
+    """The real-TORQUE tests run when a kit or an existing install is given (``CBATCH_TORQUE_KIT``,
+    ``CBATCH_TORQUE=installed``) or when tests/torque is named on the command line."""
+    if os.environ.get("CBATCH_TORQUE_KIT") or os.environ.get("CBATCH_TORQUE") == "installed":
+        return True
+    for arg in config.args:
+        path = Path(arg.split("::")[0]).resolve()
+        if path == TORQUE_TESTS or TORQUE_TESTS in path.parents:
+            return True
+    return False
+
+
+def pytest_ignore_collect(collection_path, config):
+    """Leave tests/torque out unless asked for (it needs a TORQUE build and the TORQUE ports)."""
+    if Path(collection_path) == TORQUE_TESTS and not torque_requested(config):
+        return True
+    return None
+
+
+def pytest_report_header(config):
+    if not torque_requested(config):
+        return ("tests/torque not collected: no TORQUE given "
+                "(set CBATCH_TORQUE_KIT=../shared/torque or CBATCH_TORQUE=installed)")
+    return f"tests/torque: real TORQUE ({os.environ.get('CBATCH_TORQUE_KIT') or 'existing install'})"
 ENGINE_URL = os.environ.get("CBATCH_ENGINE_URL", "unix:///var/run/docker.sock")
 
 

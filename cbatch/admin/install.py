@@ -112,8 +112,45 @@ def _refuse_foreign(path: str) -> None:
 
 
 def config_lines(libexec: str) -> List[str]:
-    """The lines the admin adds to mom_priv/config."""
+    """The lines mom_priv/config needs (install-hooks writes them: :func:`write_mom_config`)."""
     return [f"$job_starter {os.path.join(libexec, 'job_starter')}"]
+
+
+# pbs_mom reads mom_priv/config only when it starts: `momctl -r` needs a file argument and is not a restart.
+RESTART_HINT = "momctl -s; then start pbs_mom again (e.g. systemctl restart pbs_mom, or run pbs_mom)"
+
+
+def write_mom_config(path: str, libexec: str) -> bool:
+    """Make ``path`` (mom_priv/config) hold exactly one ``$job_starter`` line, ours; return True if changed.
+
+    Idempotent: running it twice leaves one line. An existing ``$job_starter`` line naming another program
+    is replaced (pbs_mom uses only one), every other line is kept byte for byte. Written atomically with
+    the file's owner and mode (root, 0644 when the file is new)."""
+    wanted = config_lines(libexec)
+    try:
+        st = os.stat(path)
+        with open(path, "rb") as fh:
+            old = fh.read(1 << 20).decode("utf-8", "surrogateescape")
+        uid, gid, mode = st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)
+    except FileNotFoundError:
+        old, uid, gid, mode = "", 0, 0, 0o644
+    except OSError as exc:
+        raise CbatchError("install-hooks", "cannot read the mom config", path, exc.strerror) from exc
+    kept, placed = [], False
+    for line in old.splitlines():
+        if line.split(None, 1)[:1] == ["$job_starter"]:
+            if not placed:
+                kept.extend(wanted)
+                placed = True
+            continue
+        kept.append(line)
+    if not placed:
+        kept.extend(wanted)
+    text = "\n".join(kept) + "\n"
+    if text == old:
+        return False
+    write_file(path, text, mode, uid, gid)
+    return True
 
 
 def hook_problems(path: str, kind: str, python: Optional[str] = None) -> List[str]:
@@ -169,13 +206,24 @@ def command(args) -> int:
         raise CbatchError("install-hooks", "must run as root", os.geteuid(),
                           "pbs_mom only accepts root-owned hooks")
     socket_path = getattr(args, "socket", None) or _socket_from_config()
+    if not args.mom_priv:
+        home = os.environ.get("PBS_HOME") or os.environ.get("TORQUE_HOME") or "/var/spool/torque"
+        args.mom_priv = os.path.join(home, "mom_priv")
     if not os.path.isdir(args.mom_priv):
         raise ConfigError(args.mom_priv, "", "mom_priv directory not found", None,
                           "pass --mom-priv /var/spool/torque/mom_priv (or your TORQUE_HOME/mom_priv)")
     paths = install(args.mom_priv, args.libexec, socket_path)
     for kind, path in paths.items():
         print(f"installed {kind}: {path}", file=sys.stderr)
-    print("# add to mom_priv/config, then restart pbs_mom (or momctl -r):")
-    for line in config_lines(args.libexec):
-        print(line)
+    mom_config = getattr(args, "mom_config", None) or os.path.join(args.mom_priv, "config")
+    if getattr(args, "no_mom_config", False):
+        print("# add to mom_priv/config, then restart pbs_mom:", RESTART_HINT)
+        for line in config_lines(args.libexec):
+            print(line)
+        return 0
+    changed = write_mom_config(mom_config, args.libexec)
+    state = "written" if changed else "already there"
+    print(f"{mom_config}: {config_lines(args.libexec)[0]} ({state})", file=sys.stderr)
+    if changed:
+        print(f"restart pbs_mom to use it: {RESTART_HINT}", file=sys.stderr)
     return 0

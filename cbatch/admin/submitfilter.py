@@ -113,7 +113,8 @@ def install(path: str, config_path: str = DEFAULT_CONFIG, default_queue: str = D
     import site
     import sysconfig
 
-    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # above cbatch/
+    # The directory holding the cbatch package (this file is cbatch/admin/submitfilter.py).
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     paths = [here]
     for p in [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *site.getsitepackages()]:
         if p not in paths and os.path.isdir(p):

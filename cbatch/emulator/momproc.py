@@ -23,7 +23,7 @@ TORQUE_CGROUPS = ("cpuacct", "cpuset", "memory", "devices")
 # Hook results the real mom treats as "requeue": a hook it refuses to run, or one it had to kill.
 HOOK_PERMISSION_ERROR = -1001
 HOOK_TIMEOUT = -1002
-LEAKED_FDS = (9, 10, 11, 14, 255)
+LEAKED_FDS = (9, 14)     # real TORQUE 6.1 (tests/torque/test_mom_facts.py): fd 9 is the stdin pipe again, 14 a pipe
 
 
 # ---- job numbers and resources ------------------------------------------------------------------------
@@ -197,11 +197,11 @@ def job_env(pw, *, job_id: str, name: str, queue: str, host: str, aux: str, res:
 
 
 def hook_env(env: Dict[str, str], host: str, res: dict) -> Dict[str, str]:
-    """The prologue's and epilogue's whole environment: these ten variables and nothing else."""
+    """The prologue's and epilogue's whole environment: these ten variables (+ TMPDIR with $tmpdir) only."""
     return {"LANG": "C.UTF-8", "PATH": "/bin:/usr/bin", "PBS_MSHOST": host, "PBS_NODEFILE": env["PBS_NODEFILE"],
             "PBS_NODENUM": "0", "PBS_NP": env["PBS_NP"], "PBS_NUM_NODES": env["PBS_NUM_NODES"],
             "PBS_NUM_PPN": env["PBS_NUM_PPN"], "PBS_O_WORKDIR": env["PBS_O_WORKDIR"],
-            "PBS_RESOURCE_NODES": res["nodes_value"]}
+            "PBS_RESOURCE_NODES": res["nodes_value"], **({"TMPDIR": env["TMPDIR"]} if "TMPDIR" in env else {})}
 
 
 # ---- hooks ------------------------------------------------------------------------------------------
@@ -218,7 +218,7 @@ def hook_acceptable(path: str) -> bool:
 def run_hook(path: str, args: List[str], plan: dict, umask: int, new_session: bool = True) -> int:
     """Run a root prologue/epilogue as pbs_mom does; return its exit status (or HOOK_* codes).
 
-    uid/gid 0, supplementary groups root + the job owner's group, cwd mom_priv, stdin /dev/null, stdout and
+    uid/gid 0, supplementary groups the job owner's (all of them, not root's), its own session, cwd mom_priv, stdin /dev/null, stdout and
     stderr appended to the job's spool files, only the hook environment.
     """
     if not hook_acceptable(path):
@@ -228,7 +228,8 @@ def run_hook(path: str, args: List[str], plan: dict, umask: int, new_session: bo
     err = os.open(plan["stderr"], os.O_WRONLY | os.O_APPEND)
     try:
         proc = subprocess.Popen([path, *args], env=plan["hook_env"], stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=err, cwd=plan["mom_priv"], umask=umask, extra_groups=[0, plan["gid"]],
+                                stderr=err, cwd=plan["mom_priv"], umask=umask,
+                                extra_groups=os.getgrouplist(plan["user"], plan["gid"]),
                                 start_new_session=new_session, close_fds=True)
     finally:
         os.close(out)
@@ -322,8 +323,9 @@ def child() -> None:
     if plan["prologue"]:
         args = [plan["job_id"], plan["user"], plan["group"], plan["name"], plan["resource_list"], plan["queue"],
                 plan["account"], plan["script"]]
-        # Same session: the prologue's parent is this process, which is about to become the starter.
-        status = run_hook(plan["prologue"], args, plan, umask=0o077, new_session=False)
+        # The prologue's parent is this process, which is about to become the starter (the real prologue is
+        # nevertheless a session leader of its own: pid = pgid = sid).
+        status = run_hook(plan["prologue"], args, plan, umask=0o077)
         report(prologue=status)
         if status != 0:
             os._exit(0)
@@ -342,7 +344,7 @@ def child() -> None:
         os.dup2(err, 2)
         for fd in (r, out, err):
             os.close(fd)
-        # The real mom leaks descriptors 9, 10, 11, 14 and 255 into the starter: leave some open here too,
+        # The real mom leaks descriptors 9 and 14 into the starter: leave some open here too,
         # so nothing in cbatch can assume a job starts with only 0, 1 and 2.
         null = os.open("/dev/null", os.O_RDONLY)
         for fd in LEAKED_FDS:
@@ -354,7 +356,7 @@ def child() -> None:
             for lim in (resource.RLIMIT_DATA, resource.RLIMIT_RSS):
                 resource.setrlimit(lim, (plan["mem"], plan["mem"]))
         resource.setrlimit(resource.RLIMIT_NOFILE, (20000, 20000))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
         if plan.get("privileged"):
             os.setgroups([0])       # $job_starter_run_privileged: root, with the user's environment
         else:

@@ -26,10 +26,18 @@ def _install(tmp_path, socket_path):
     return rc, mom_priv, libexec, out.getvalue()
 
 
+def _install_again(mom_priv, libexec, socket_path):
+    rc = install.command(argparse.Namespace(mom_priv=str(mom_priv), libexec=str(libexec), socket=socket_path))
+    return rc, mom_priv, libexec, ""
+
+
 def test_install_hooks_modes_and_interpreter(tmp_path, daemon):
     rc, mom_priv, libexec, printed = _install(tmp_path, daemon.socket)
     assert rc == 0
-    assert f"$job_starter {libexec}/job_starter" in printed.splitlines()
+    # install-hooks writes the $job_starter line into mom_priv/config itself, once (README's admin steps).
+    assert (mom_priv / "config").read_text().splitlines() == [f"$job_starter {libexec}/job_starter"]
+    rc2, _, _, _ = _install_again(mom_priv, libexec, daemon.socket)
+    assert rc2 == 0 and (mom_priv / "config").read_text().splitlines() == [f"$job_starter {libexec}/job_starter"]
     for path, mode in ((mom_priv / "prologue", 0o500), (mom_priv / "epilogue", 0o500),
                        (libexec / "job_starter", 0o755)):
         st = os.lstat(path)

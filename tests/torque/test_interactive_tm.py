@@ -1,0 +1,57 @@
+"""Interactive jobs (``qsub -I``, through a pty) and TM tasks (``pbsdsh``) on the real pbs_mom with cbatch's
+hooks: the required behaviour. How the real mom starts them is recorded in test_mom_facts.py
+(test_interactive_job_as_recorded, test_tm_task_as_recorded): for interactive jobs the starter is not the
+session leader (a pbs_mom child holding the pty is), TM tasks come as ``[starter, cmd, args...]`` in a
+session of their own whose parent is pbs_mom."""
+
+from __future__ import annotations
+
+import pytest
+
+from trq import instance_containers, qsub_interactive
+
+
+@pytest.fixture
+def wd(torque, alice):
+    path = torque.workdir(alice)
+    yield path
+    torque.cleanup(path)
+
+
+def test_interactive_native(torque, alice, wd):
+    out, status, job = qsub_interactive(torque, alice, ["-q", "batch", "-l", "walltime=00:02:00"],
+                                        b"test -e /.cbatch || echo native-$((6*7)); tty; exit 5\n", wd)
+    assert job and b"native-42" in out and b"/dev/pts/" in out, out
+    assert b"cbatch:" not in out, out
+    attrs = torque.wait_state(job, "C", 60)
+    assert attrs["exit_status"] == "5", attrs
+
+
+def test_interactive_in_container(torque, cbatchd, alice, wd):
+    out, status, job = qsub_interactive(torque, alice, ["-q", "short", "-l", "walltime=00:02:00"],
+                                        b"test -e /.cbatch && echo contained-$((6*7)); tty; exit 4\n", wd)
+    assert job and b"contained-42" in out and b"/dev/pts/" in out, out
+    assert b"cbatch:" not in out, out
+    attrs = torque.wait_state(job, "C", 60)
+    assert attrs["exit_status"] == "4", attrs
+    assert not instance_containers(cbatchd.instance, job)
+
+
+def test_pbsdsh_task_native(torque, alice, wd):
+    job = torque.qsub(alice, f"#!/bin/bash\n{torque.bin('pbsdsh')} -u /bin/echo x\necho rc=$?\n", [], wd)
+    r = torque.wait(job)
+    assert r.exit_status == 0 and r.stdout == b"x\nrc=0\n", (r.stdout, r.stderr)
+    assert b"cbatch:" not in r.stderr and b"exit status" not in r.stderr, r.stderr
+
+
+def test_pbsdsh_task_runs_in_the_jobs_container(torque, cbatchd, alice, wd):
+    """A container job's TM task runs in that job's container (it sees /.cbatch and the job's image).
+    The job calls pbsdsh by its host path: the container must be able to run it and reach the mom."""
+    job = torque.qsub(alice, f"#!/bin/bash\n{torque.bin('pbsdsh')} -u /bin/sh -c "
+                      "'test -e /.cbatch && echo task-contained; head -1 /etc/os-release'\necho rc=$?\n",
+                      ["-q", "short"], wd)
+    r = torque.wait(job)
+    assert r.exit_status == 0, (r.stdout, r.stderr)
+    assert r.stdout.decode().splitlines()[:2] == ["task-contained", 'PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"'], \
+        (r.stdout, r.stderr)
+    assert not instance_containers(cbatchd.instance, job)
