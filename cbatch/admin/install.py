@@ -36,7 +36,7 @@ _CALLS = {
 }
 _TEMPLATE = """import sys
 try:
-    from cbatch import {module}
+    from cbatch.clients import {module}
 except BaseException as exc:
     sys.stderr.write("cbatch: {kind}: cannot load cbatch: %s (cbatch check --node)\\n" % exc)
     sys.exit({status})

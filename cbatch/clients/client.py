@@ -48,7 +48,7 @@ def socket_path(explicit: Optional[str] = None, config_path: Optional[str] = Non
     if os.environ.get(ENV_SOCKET):
         return os.environ[ENV_SOCKET]
     if config_path:
-        from cbatch import config     # yaml: only for the admin commands that name a config
+        from cbatch.core import config     # yaml: only for the admin commands that name a config
         return config.load(config_path).daemon.socket
     return DEFAULT_SOCKET
 

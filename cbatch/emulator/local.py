@@ -177,7 +177,7 @@ class Job:
         """Spawn the job child; return (Popen, prologue status or None when there is no prologue)."""
         status_r, status_w = os.pipe()
         self._t0 = time.monotonic()
-        proc = subprocess.Popen([self.mom.python, "-I", "-c", "from cbatch import momproc; momproc.child()",
+        proc = subprocess.Popen([self.mom.python, "-I", "-c", "from cbatch.emulator import momproc; momproc.child()",
                                  self.plan["plan_file"], str(status_w)],
                                 stdin=subprocess.DEVNULL, pass_fds=(status_w,), start_new_session=True,
                                 close_fds=True)

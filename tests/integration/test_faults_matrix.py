@@ -47,7 +47,7 @@ def _slow_prologue_mom(mom_factory, target, **kw) -> Mom:
     """A mom whose prologue registers the job, then holds the job for a moment (marker file while it waits)."""
     m = mom_factory(target, **kw)
     # In-process (not a shell wrapper around the shim): the prologue's parent pid is the job's session id.
-    wrapper = (f"#!{install.interpreter()} -I\nimport os, sys, time\nfrom cbatch import hooks\n"
+    wrapper = (f"#!{install.interpreter()} -I\nimport os, sys, time\nfrom cbatch.clients import hooks\n"
                f"hooks.prologue_main(sys.argv[1:], {target.socket!r})\n"
                "marker = sys.argv[8] + '.inprologue'\nopen(marker, 'w').close()\ntime.sleep(1.5)\n"
                "os.unlink(marker)\nsys.exit(0)\n")

@@ -63,7 +63,7 @@ def test_script_vanished_after_registration(mom_factory, daemon, alice):
     # and this would test "unregistered job" instead.
     wrapper = (f"#!{install.interpreter()} -I\n"
                "import os, sys\n"
-               "from cbatch import hooks\n"
+               "from cbatch.clients import hooks\n"
                f"status = hooks.prologue_main(sys.argv[1:], socket_path={daemon.socket!r})\n"
                "os.unlink(sys.argv[8])\n"
                "sys.exit(status)\n")
