@@ -20,7 +20,8 @@ from cbatch.daemon import peers
 from cbatch.daemon import pinning
 from cbatch.core.errors import AccessDenied, CbatchError, JobError
 from cbatch.core.spec import Native
-from cbatch.daemon.supervise import Session, choose_stdio, supervise
+from cbatch.daemon.streams import choose_stdio, say_nowait
+from cbatch.daemon.supervise import Session, supervise
 
 log = logging.getLogger("cbatchd")
 MAX_SCRIPT = 1 << 20
@@ -138,13 +139,9 @@ def run(daemon, conn, peer, msg: dict, fds) -> dict | None:
 
 
 def _progress(fd: int):
-    """Image pull progress goes to the client's stderr (the job's .e file), one line at a time."""
-    def say(line: str) -> None:
-        try:
-            os.write(fd, (line.rstrip("\n") + "\n").encode("utf-8", "replace"))
-        except OSError:
-            pass
-    return say
+    """Image pull progress goes to the client's stderr (the job's .e file), one line at a time, never
+    blocking the request on a stderr pipe nobody reads."""
+    return lambda line: say_nowait(fd, line)
 
 
 def _launch(daemon, conn, peer, job, spec, stdio, pump, fds, kind: str) -> None:
