@@ -16,9 +16,10 @@ import stat
 import time
 
 from cbatch import protocol
-from cbatch.daemon import peers
+from cbatch.daemon import limits, peers
 from cbatch.daemon import pinning
 from cbatch.core.errors import AccessDenied, CbatchError, JobError
+from cbatch.core.resources import parse_resource_list
 from cbatch.core.spec import Native
 from cbatch.daemon.streams import choose_stdio, say_nowait
 from cbatch.daemon.supervise import Session, supervise
@@ -83,12 +84,21 @@ def _request(msg: dict, fds) -> tuple:
 
 def start(daemon, conn, peer, msg: dict, fds) -> dict | None:
     """A job starter asks to start its job (one start per job)."""
+    rec = peers.start_job(daemon.registry, peer.pid, peer.uid)
+    with _pending(daemon, peer, "start"):
+        sess = _prepare_start(daemon, conn, peer, rec, msg, fds)
+    if isinstance(sess, dict):
+        return sess
+    supervise(daemon, conn, sess)
+    return None
+
+
+def _prepare_start(daemon, conn, peer, rec, msg, fds):
     from cbatch.core import policy
     from cbatch.core.directives import parse_script
     from cbatch.core.job import Identity, JobContext
     from cbatch.host.paths import resolve_as_user
 
-    rec = peers.start_job(daemon.registry, peer.pid, peer.uid)
     reg = rec.registration
     argv, cwd, env = _request(msg, fds)
     line = protocol.get_str(msg, "line")
@@ -112,13 +122,29 @@ def start(daemon, conn, peer, msg: dict, fds) -> dict | None:
 
 
 def run(daemon, conn, peer, msg: dict, fds) -> dict | None:
-    """``cbatch run`` from inside a registered job (several at once are fine: MPI ranks)."""
+    """``cbatch run`` from inside a registered job (several at once, up to the job's limit: MPI ranks)."""
+    rec = peers.run_job(daemon.registry, peer.pid, peer.uid)
+    reg = rec.registration
+    cpus = parse_resource_list(reg.resource_list).cpus_on(daemon.config.daemon.hostname or None)
+    limit = limits.run_limit(daemon.config.daemon.max_run_containers, cpus)
+    daemon.runs.take(reg.job_id, limit, limits.run_refusal(reg.job_id, limit))
+    try:
+        with _pending(daemon, peer, "run"):
+            sess = _prepare_run(daemon, conn, peer, rec, msg, fds)
+        if isinstance(sess, dict):
+            return sess
+        supervise(daemon, conn, sess)
+        return None
+    finally:
+        daemon.runs.give(reg.job_id)
+
+
+def _prepare_run(daemon, conn, peer, rec, msg, fds):
     from cbatch.core import policy
     from cbatch.core.directives import parse_options
     from cbatch.core.job import Identity, JobContext
     from cbatch.host.paths import resolve_as_user
 
-    rec = peers.run_job(daemon.registry, peer.pid, peer.uid)
     reg = rec.registration
     argv, cwd, env = _request(msg, fds)
     options = protocol.get_str_list(msg, "options", [])
@@ -136,6 +162,12 @@ def run(daemon, conn, peer, msg: dict, fds) -> dict | None:
     # container's stdin.
     stdio, pump = choose_stdio(fds, attach_stdin=True, uid=peer.uid)
     return _launch(daemon, conn, peer, job, decision, stdio, pump, fds, "run")
+
+
+def _pending(daemon, peer, op: str):
+    """Hold one of the uid's ``daemon.max_pending_per_user`` slots while a request is prepared."""
+    limit = daemon.config.daemon.max_pending_per_user
+    return daemon.pending.holding(peer.uid, limit, limits.pending_refusal(op, peer.uid, limit))
 
 
 def _progress(fd: int):
@@ -184,8 +216,7 @@ def _launch(daemon, conn, peer, job, spec, stdio, pump, fds, kind: str) -> None:
     log.info("job %s: %s container %s (%s, image %s) for pid %d; stdout %s, stderr %s", job.job_id, kind,
              cid[:12], spec.name, spec.image, peer.pid, stdio.stdout_path or "proxied",
              stdio.stderr_path or "proxied")
-    supervise(daemon, conn, sess)
-    return None
+    return sess
 
 
 def attach(daemon, conn, peer, msg: dict, fds) -> None:

@@ -2,8 +2,8 @@
 
 ``cbatchd [--config FILE] [--foreground]``. It listens on ``daemon.socket`` (0666 in a 0755 directory) and
 learns who is asking from SO_PEERCRED only. Every connection is served in its own thread; a connection is
-bounded (1 MiB frames, 5 s to finish a frame, a cap on concurrent connections) so one bad client cannot stop
-the others. Requests:
+bounded (1 MiB frames, 5 s to finish a frame, ``daemon.idle_timeout`` to send the request, per-uid and shared
+caps on connections: :mod:`cbatch.daemon.limits`) so one bad client cannot stop the others. Requests:
 
 - ``ping`` (anyone), ``status`` (root): health and the registered jobs.
 - ``register`` / ``unregister`` (root: the prologue and epilogue): the job registry (:mod:`cbatch.daemon.registry`).
@@ -31,14 +31,14 @@ import threading
 import time
 
 from cbatch import protocol
+from cbatch.daemon import limits
 from cbatch.core.errors import AccessDenied, CbatchError, DaemonError
 from cbatch.core.spec import LABEL_INSTANCE, LABEL_JOB
 
 log = logging.getLogger("cbatchd")
 DEFAULT_CONFIG = "/etc/cbatch/cbatch.yaml"
-MAX_CONNECTIONS = 1024
-FIRST_REQUEST_TIMEOUT = 10.0   # a connection that never says anything is dropped
 ADOPT_WAIT = 10.0
+BACKLOG = 1024      # a connection flood must not make other clients' connect() fail at once
 TORQUE_KILL_DELAY = 2.0
 UNREGISTER_SETTLE = 5.0     # seconds unregister waits for containers already being removed
 ROOT_OPS = ("register", "unregister", "status")
@@ -67,12 +67,15 @@ class Daemon:
         self.engine = Engine(config.engine.url, config.engine.timeout)
         self.registry = Registry(config.daemon.state_dir)
         self.mount_root = os.path.join(config.daemon.mount_dir, self.instance)   # cbatch.daemon.pinning staging
-        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.gate = limits.ConnectionGate(config.daemon.max_connections, config.daemon.max_connections_per_user)
+        self.pending = limits.Counter()    # start/run requests being prepared, per uid
+        self.runs = limits.Counter()       # cbatch run containers, per job id
         self.adoptions: dict = {}          # cid -> (job_id, record info, deadline)
         self.lock = threading.Lock()
         self.sweeping = threading.Lock()   # one forget_ended_jobs at a time
         self.stopping = False
         self.listener = None
+        self._refusals, self._refusal_logged = 0, 0.0
         self.images = None                 # the image manager (pre-pull, job-start checks, images op)
         try:
             from cbatch.daemon.imagesync import ImageManager
@@ -129,7 +132,7 @@ class Daemon:
         finally:
             os.umask(old)
         os.chmod(path, 0o666)     # anyone may connect; SO_PEERCRED decides what they may do
-        sock.listen(128)
+        sock.listen(BACKLOG)
         self.listener = sock
         return sock
 
@@ -149,22 +152,47 @@ class Daemon:
                 log.error("accept failed: %s", exc)
                 time.sleep(0.1)
                 continue
-            if not self.slots.acquire(blocking=False):
-                log.error("too many connections (%d): refusing one", MAX_CONNECTIONS)
+            try:
+                peer = Peer(conn)
+                token = self.gate.admit(peer.uid, self._has_job)
+            except (OSError, CbatchError) as exc:
+                self._refused_connection(exc)
                 # Non-blocking: the accept loop must never wait on a client.
-                _refuse(conn, DaemonError("daemon", "busy", f"{MAX_CONNECTIONS} connections", "try again"),
+                _refuse(conn, exc if isinstance(exc, CbatchError) else DaemonError("daemon", "busy", str(exc)),
                         wait=0.0)
                 continue
-            threading.Thread(target=self._serve_one, args=(conn,), daemon=True).start()
+            try:
+                threading.Thread(target=self._serve_one, args=(conn, peer, token), daemon=True).start()
+            except RuntimeError as exc:     # no more threads: refuse this one, keep serving
+                self.gate.release(token)
+                self._refused_connection(exc)
+                _refuse(conn, DaemonError("daemon", "busy", str(exc)), wait=0.0)
 
-    def _serve_one(self, conn: socket.socket) -> None:
+    def _has_job(self, uid: int) -> bool:
+        """Is a job of ``uid`` registered here (its connections bypass the shared pool)?"""
+        from cbatch.daemon import peers
+        for rec in self.registry.all():
+            try:
+                if peers.owner_uid(rec.registration) == uid:
+                    return True
+            except CbatchError:
+                continue
+        return False
+
+    def _refused_connection(self, exc) -> None:
+        # One log line per second at most: a flood of refusals must not become a flood of log lines.
+        now = time.monotonic()
+        self._refusals += 1
+        if now - self._refusal_logged >= 1.0:
+            log.error("refusing connections: %s (%d refused)", getattr(exc, "message", exc), self._refusals)
+            self._refusal_logged, self._refusals = now, 0
+
+    def _serve_one(self, conn: socket.socket, peer: "Peer", token) -> None:
         keep = False
-        peer = None
         msg = None
         fds = []
         try:
-            peer = Peer(conn)
-            msg, fds = protocol.recv(conn, timeout=FIRST_REQUEST_TIMEOUT)
+            msg, fds = protocol.recv(conn, timeout=self.config.daemon.idle_timeout)
             op = protocol.check_version(msg)
             if op in ROOT_OPS and peer.uid != 0:
                 raise AccessDenied(op, "only root may do this", f"uid {peer.uid}")
@@ -192,7 +220,7 @@ class Daemon:
                     _close_fd(fd)
                 if conn is not None:
                     conn.close()
-            self.slots.release()
+            self.gate.release(token)
 
     # -- simple ops ---------------------------------------------------------------------------------
     def op_ping(self, conn, peer, msg, fds) -> dict:
