@@ -16,11 +16,12 @@ import stat
 import time
 
 from cbatch import protocol
-from cbatch.daemon import limits, peers
+from cbatch.daemon import audit, cleanup, limits, peers
 from cbatch.daemon import pinning
 from cbatch.core.errors import AccessDenied, CbatchError, JobError
 from cbatch.core.resources import parse_resource_list
 from cbatch.core.spec import Native
+from cbatch.host import cgroups
 from cbatch.daemon.streams import choose_stdio, say_nowait
 from cbatch.daemon.supervise import Session, supervise
 
@@ -66,10 +67,6 @@ def _cgroup_parent(reg, peer_pid: int):
     if reg.batch == "slurm":
         found = peers.slurm_job_of(peer_pid)
         return found[2] if found and found[1] == reg.job_id else None
-    try:
-        from cbatch.host import cgroups
-    except ImportError:
-        return None
     return cgroups.torque_parent(reg.job_id)
 
 
@@ -85,9 +82,14 @@ def _request(msg: dict, fds) -> tuple:
 def start(daemon, conn, peer, msg: dict, fds) -> dict | None:
     """A job starter asks to start its job (one start per job)."""
     rec = peers.start_job(daemon.registry, peer.pid, peer.uid)
-    with _pending(daemon, peer, "start"):
-        sess = _prepare_start(daemon, conn, peer, rec, msg, fds)
+    try:
+        with _pending(daemon, peer, "start"):
+            sess = _prepare_start(daemon, conn, peer, rec, msg, fds)
+    except CbatchError as exc:
+        audit.refused(rec.registration, peer.uid, "job", exc.message)
+        raise
     if isinstance(sess, dict):
+        audit.native(rec.registration, peer.uid, "job", sess["reason"])
         return sess
     supervise(daemon, conn, sess)
     return None
@@ -127,11 +129,20 @@ def run(daemon, conn, peer, msg: dict, fds) -> dict | None:
     reg = rec.registration
     cpus = parse_resource_list(reg.resource_list).cpus_on(daemon.config.daemon.hostname or None)
     limit = limits.run_limit(daemon.config.daemon.max_run_containers, cpus)
-    daemon.runs.take(reg.job_id, limit, limits.run_refusal(reg.job_id, limit))
     try:
-        with _pending(daemon, peer, "run"):
-            sess = _prepare_run(daemon, conn, peer, rec, msg, fds)
+        daemon.runs.take(reg.job_id, limit, limits.run_refusal(reg.job_id, limit))
+    except CbatchError as exc:
+        audit.refused(reg, peer.uid, "run", exc.message)
+        raise
+    try:
+        try:
+            with _pending(daemon, peer, "run"):
+                sess = _prepare_run(daemon, conn, peer, rec, msg, fds)
+        except CbatchError as exc:
+            audit.refused(reg, peer.uid, "run", exc.message)
+            raise
         if isinstance(sess, dict):
+            audit.native(reg, peer.uid, "run", sess["reason"])
             return sess
         supervise(daemon, conn, sess)
         return None
@@ -178,10 +189,9 @@ def _progress(fd: int):
 
 def _launch(daemon, conn, peer, job, spec, stdio, pump, fds, kind: str) -> None:
     env = tuple(spec.env)
-    if daemon.images is not None:
-        # Present, or pulled now when the queue says pull: missing; else one "not on this node" line.
-        info = daemon.images.ensure(spec.image, daemon.config.queue(job.queue), _progress(fds[2]))
-        env += tuple(daemon.images.job_env(spec.image, info))
+    # Present, or pulled now when the queue says pull: missing; else one "not on this node" line.
+    info = daemon.images.ensure(spec.image, daemon.config.queue(job.queue), _progress(fds[2]))
+    env += tuple(daemon.images.job_env(spec.image, info))
     spec = dataclasses.replace(spec, env=env, labels=tuple(spec.labels) + ((LABEL_PEER, str(peer.pid)),))
     # Docker mounts root-owned staging points holding the exact objects checked as the user (no path it
     # re-resolves is one the user can swap); site mounts come from the root-owned config and are not pinned.
@@ -197,7 +207,9 @@ def _launch(daemon, conn, peer, job, spec, stdio, pump, fds, kind: str) -> None:
         raise
     limit = spec.memory_bytes or job.resources.memory_on(daemon.config.daemon.hostname or None)
     sess = Session(cid=cid, job_id=job.job_id, batch=job.batch, kind=kind, peer_pid=peer.pid, uid=peer.uid,
-                   memory_limit=limit, pump_fds=pump, owned_fds=tuple(fds), name=spec.name)
+                   memory_limit=limit, pump_fds=pump, owned_fds=tuple(fds), name=spec.name, user=job.identity.user,
+                   queue=job.queue, image=spec.image, image_id=getattr(info, "id", "") or "",
+                   cgroup_parent=job.cgroup_parent)
     try:
         daemon.registry.add_container(job.job_id, cid, sess.record())
         protocol.send(conn, {"ok": True, "event": "started", "id": cid, "job_id": job.job_id,
@@ -223,24 +235,19 @@ def attach(daemon, conn, peer, msg: dict, fds) -> None:
     """A client whose connection dropped (daemon restart) takes its container back."""
     job_id = protocol.get_str(msg, "job_id")
     cid = protocol.get_str(msg, "id")
-    with daemon.lock:
-        entry = daemon.adoptions.get(cid)
-        ok = entry is not None and entry[0] == job_id
-        info = entry[1] if ok else {}
-        ok = ok and info.get("peer") == peer.pid and info.get("uid") == peer.uid \
-            and peers.alive(peer.pid, info.get("peer_start"))
-        if ok:
-            del daemon.adoptions[cid]
-    if not ok:
+    info = daemon.adoptions.take(cid, job_id, peer.pid, peer.uid)
+    if info is None:
         raise AccessDenied("attach", "no container is waiting for this client", cid[:64],
                            "only the original client may reattach, within the adoption window")
     sess = Session(cid=cid, job_id=job_id, batch=str(info.get("batch", "torque")), kind=str(info.get("kind")),
                    peer_pid=peer.pid, uid=peer.uid, memory_limit=info.get("memory_limit"),
-                   owned_fds=tuple(fds))
+                   owned_fds=tuple(fds), user=str(info.get("user", "")), queue=str(info.get("queue", "")),
+                   image=str(info.get("image", "")), image_id=str(info.get("image_id", "")),
+                   cgroup_parent=info.get("cgroup_parent"), started_wall=float(info.get("started_wall") or time.time()))
     try:
         protocol.send(conn, {"ok": True, "event": "attached", "id": cid, "job_id": job_id})
     except CbatchError:
-        daemon.remove_container(job_id, cid)
+        cleanup.remove_container(daemon, job_id, cid)
         raise
     log.info("job %s: container %s: pid %d reattached", job_id, cid[:12], peer.pid)
     supervise(daemon, conn, sess)

@@ -149,14 +149,6 @@ class Registry:
             self._save(rec)
             return True
 
-    def release_start(self, job_id: str) -> None:
-        """Undo :meth:`claim_start` when the start failed before any container existed."""
-        with self._lock:
-            rec = self._jobs.get(job_id)
-            if rec is not None and rec.started:
-                rec.started = False
-                self._save(rec)
-
     def add_container(self, job_id: str, cid: str, info: dict) -> None:
         """Remember a container we supervise (so a restarted daemon can adopt it)."""
         with self._lock:

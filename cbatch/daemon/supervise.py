@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 from cbatch import protocol
-from cbatch.daemon import streams
+from cbatch.daemon import audit, cleanup, peers, pinning, streams
 from cbatch.core.errors import CbatchError, EngineError, JobError
 
 log = logging.getLogger("cbatchd")
@@ -51,13 +51,21 @@ class Session:
     pump_fds: Tuple[Optional[int], Optional[int], Optional[int]] = (None, None, None)
     owned_fds: Tuple[int, ...] = ()
     name: str = ""                  # the container name (its pinned-mount staging directory), when known
+    # For the audit line (cbatch.daemon.audit):
+    user: str = ""
+    queue: str = ""
+    image: str = ""
+    image_id: str = ""
+    cgroup_parent: Optional[str] = None
     started_at: float = field(default_factory=time.monotonic)
+    started_wall: float = field(default_factory=time.time)   # kept across a daemon restart (the record)
 
     def record(self) -> dict:
         """What the registry keeps so a restarted daemon can adopt the container."""
-        from cbatch.daemon import peers
         return {"peer": self.peer_pid, "peer_start": peers.start_time(self.peer_pid), "kind": self.kind,
-                "uid": self.uid, "memory_limit": self.memory_limit, "batch": self.batch}
+                "uid": self.uid, "memory_limit": self.memory_limit, "batch": self.batch, "user": self.user,
+                "queue": self.queue, "image": self.image, "image_id": self.image_id,
+                "cgroup_parent": self.cgroup_parent, "started_wall": self.started_wall}
 
 
 def supervise(daemon, conn, sess: Session) -> None:
@@ -123,6 +131,7 @@ def supervise(daemon, conn, sess: Session) -> None:
                             sess.cid[:12], sess.peer_pid, exc.problem)
                 _stop_pump(sess, pump, pump_thread, 0.0)
                 _remove(daemon, sess)
+                audit.job_end(sess, None, False, time.time() - sess.started_wall, "client went away: killed")
                 return
             for fd in fds:
                 os.close(fd)
@@ -136,6 +145,8 @@ def supervise(daemon, conn, sess: Session) -> None:
         except CbatchError as exc:
             log.warning("job %s: could not report the exit to pid %d: %s", sess.job_id, sess.peer_pid, exc)
         _remove(daemon, sess)
+        audit.job_end(sess, reply["status"], reply["oom"], time.time() - sess.started_wall,
+                      reply.get("message") or "")
     finally:
         # Whatever happened above, the pump stops before any descriptor it might use is closed.
         pump_alive = _stop_pump(sess, pump, pump_thread, 0.0)
@@ -233,12 +244,6 @@ def _exit_event(sess: Session, result: dict) -> dict:
 
 
 def _remove(daemon, sess: Session) -> None:
-    if sess.name and getattr(daemon, "mount_root", None):
-        from cbatch.daemon import pinning
+    if sess.name:
         pinning.release(daemon.mount_root, sess.name)    # normally gone since the start; idempotent
-    try:
-        daemon.engine.remove(sess.cid)
-    except CbatchError as exc:
-        log.error("job %s: could not remove container %s: %s", sess.job_id, sess.cid[:12], exc)
-        return
-    daemon.registry.drop_container(sess.job_id, sess.cid)
+    cleanup.remove_container(daemon, sess.job_id, sess.cid)

@@ -12,14 +12,16 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from torque_helpers import job_containers, script
 
-CBATCH = "/opt/cbatch/venv/bin/cbatch"
+CBATCH = str(Path(sys.executable).parent / "cbatch")
 IMG = "cbatch-test/busybox:1"
 
 
