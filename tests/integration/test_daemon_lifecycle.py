@@ -143,3 +143,42 @@ def test_back_to_back_jobs_log_no_missed_epilogue_warning(daemon_factory, mom_fa
     log = d.log()
     assert "epilogue never unregistered" not in log and "no epilogue unregistered" not in log, log[-2000:]
     assert f"job {a.job_id}: unregistered\n" in log and f"job {b.job_id}: unregistered\n" in log, log[-2000:]
+
+
+def test_ctl_script_start_reload_restart_stop(helper, tmp_path_factory):
+    """scripts/cbatchd-ctl (nodes without systemd): start waits for the socket, reload is SIGHUP (the daemon
+    survives it and logs the outcome), restart and stop leave no daemon behind."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    from conftest import ENGINE_URL, RUN_BASE
+
+    run = RUN_BASE / f"ctl-{os.getpid()}"
+    run.mkdir(mode=0o755, parents=True, exist_ok=True)
+    cfg = run / "cbatch.yaml"
+    cfg.write_text(yaml.safe_dump({"engine": {"url": ENGINE_URL}, "daemon": {
+        "socket": str(run / "cbatchd.sock"), "state_dir": str(run / "state"), "instance": f"cbt-ctl-{os.getpid()}",
+        "helper": helper, "syslog": ""}}))
+    os.chmod(cfg, 0o644)
+    env = {**os.environ, "CBATCH_CONFIG": str(cfg), "CBATCH_PREFIX": str(Path(sys.executable).parents[2]),
+           "CBATCHD_PIDFILE": str(run / "cbatchd.pid"), "CBATCHD_LOG": str(run / "cbatchd.log")}
+    ctl = str(Path(__file__).parents[2] / "scripts" / "cbatchd-ctl")
+
+    def do(verb):
+        return subprocess.run([ctl, verb], env=env, capture_output=True, text=True, timeout=60)
+    try:
+        assert do("start").returncode == 0
+        first = int((run / "cbatchd.pid").read_text())
+        assert do("status").returncode == 0
+        assert do("reload").returncode == 0
+        assert wait_until(lambda: "reload: " in (run / "cbatchd.log").read_text(), 10) is not None
+        assert do("status").returncode == 0                # SIGHUP did not kill it
+        assert do("restart").returncode == 0
+        second = int((run / "cbatchd.pid").read_text())
+        assert second != first and not os.path.exists(f"/proc/{first}")
+        assert do("stop").returncode == 0
+        assert not os.path.exists(f"/proc/{second}") and do("status").returncode == 3
+    finally:
+        do("stop")
+        import shutil
+        shutil.rmtree(run, ignore_errors=True)
