@@ -178,7 +178,10 @@ def _prepare_run(daemon, conn, peer, rec, msg, fds):
 def _pending(daemon, peer, op: str):
     """Hold one of the uid's ``daemon.max_pending_per_user`` slots while a request is prepared."""
     limit = daemon.config.daemon.max_pending_per_user
-    return daemon.pending.holding(peer.uid, limit, limits.pending_refusal(op, peer.uid, limit))
+    # Waits (bounded) rather than refusing at once: 64 jobs of one user starting together on a big node are
+    # normal; the cap only keeps one user from running more image checks and pulls at once than that.
+    return daemon.pending.holding(peer.uid, limit, limits.pending_refusal(op, peer.uid, limit),
+                                  limits.PENDING_WAIT)
 
 
 def _progress(fd: int):
@@ -228,6 +231,7 @@ def _launch(daemon, conn, peer, job, spec, stdio, pump, fds, kind: str) -> None:
     log.info("job %s: %s container %s (%s, image %s) for pid %d; stdout %s, stderr %s", job.job_id, kind,
              cid[:12], spec.name, spec.image, peer.pid, stdio.stdout_path or "proxied",
              stdio.stderr_path or "proxied")
+    daemon.gate.promote(getattr(peer, "token", None))     # a session: bounded by jobs, not connection caps
     return sess
 
 
@@ -250,5 +254,6 @@ def attach(daemon, conn, peer, msg: dict, fds) -> None:
         cleanup.remove_container(daemon, job_id, cid)
         raise
     log.info("job %s: container %s: pid %d reattached", job_id, cid[:12], peer.pid)
+    daemon.gate.promote(getattr(peer, "token", None))
     supervise(daemon, conn, sess)
     return None

@@ -4,6 +4,9 @@
   with no registered job on this node, all together (``daemon.max_connections``). Root (the prologue and
   epilogue) and the users whose jobs are registered here are never counted against that shared pool: a
   user outside any job cannot keep another user's hooks, starter or ``cbatch run`` from getting through.
+  A connection that becomes a running container's session (:meth:`ConnectionGate.promote`) stops counting:
+  sessions are bounded by the jobs themselves and by the per-job ``cbatch run`` cap, and a user with many
+  jobs on a big node must not run out of connections.
 - :class:`Counter`: at most N at once per key; used for start/run requests still being prepared per uid
   (``daemon.max_pending_per_user``) and for ``cbatch run`` containers per job (``daemon.max_run_containers``,
   0 meaning max(1, the job's cpus on this node)).
@@ -14,12 +17,14 @@ Every refusal is one :class:`~cbatch.core.errors.DaemonError` line naming the li
 from __future__ import annotations
 
 import threading
+import time
 from contextlib import contextmanager
 from typing import Callable, Dict, Optional
 
 from cbatch.core.errors import DaemonError, JobError
 
 ROOT_CONNECTIONS = 4096    # root is trusted, but every limit has a bound
+PENDING_WAIT = 300.0       # a request over the per-uid preparation cap waits this long for a slot, then fails
 
 
 class ConnectionGate:
@@ -36,7 +41,7 @@ class ConnectionGate:
         with self._lock:
             self.total, self.per_user = total, per_user
 
-    def admit(self, uid: int, has_job: Callable[[int], bool]) -> tuple:
+    def admit(self, uid: int, has_job: Callable[[int], bool]) -> list:
         """A token for :meth:`release`, or DaemonError (busy). ``has_job(uid)``: is a job of uid registered."""
         with self._lock:
             mine = self._by_uid.get(uid, 0)
@@ -53,12 +58,15 @@ class ConnectionGate:
             self._by_uid[uid] = mine + 1
             if counted:
                 self._shared += 1
-            return uid, counted
+            return [uid, counted, True]
 
-    def release(self, token: tuple) -> None:
-        """Give back what :meth:`admit` took (once per token)."""
-        uid, counted = token
+    def release(self, token: list) -> None:
+        """Give back what :meth:`admit` took (idempotent per token)."""
+        uid, counted, _live = token
         with self._lock:
+            if not token[2]:
+                return
+            token[2] = False
             left = self._by_uid.get(uid, 1) - 1
             if left:
                 self._by_uid[uid] = left
@@ -66,6 +74,11 @@ class ConnectionGate:
                 self._by_uid.pop(uid, None)
             if counted:
                 self._shared -= 1
+
+    def promote(self, token: Optional[list]) -> None:
+        """The connection now carries a running container's session: it no longer counts."""
+        if token is not None:
+            self.release(token)
 
     def count(self, uid: Optional[int] = None) -> int:
         """Open connections of ``uid`` (all when None)."""
@@ -77,16 +90,20 @@ class Counter:
     """At most ``limit`` holders per key at once (thread-safe)."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
         self._held: Dict[object, int] = {}
 
-    def take(self, key, limit: int, refuse: Callable[[int], Exception]) -> None:
-        """Take one slot of ``key``, or raise ``refuse(held)`` when ``limit`` are held."""
+    def take(self, key, limit: int, refuse: Callable[[int], Exception], wait: float = 0.0) -> None:
+        """Take one slot of ``key``; when ``limit`` are held, wait up to ``wait`` seconds for one, then
+        raise ``refuse(held)``."""
+        deadline = time.monotonic() + wait
         with self._lock:
-            held = self._held.get(key, 0)
-            if held >= limit:
-                raise refuse(held)
-            self._held[key] = held + 1
+            while self._held.get(key, 0) >= limit:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise refuse(self._held.get(key, 0))
+                self._lock.wait(left)
+            self._held[key] = self._held.get(key, 0) + 1
 
     def give(self, key) -> None:
         """Give back one slot of ``key``."""
@@ -96,6 +113,7 @@ class Counter:
                 self._held[key] = left
             else:
                 self._held.pop(key, None)
+            self._lock.notify_all()
 
     def held(self, key) -> int:
         """Slots of ``key`` held now."""
@@ -103,9 +121,9 @@ class Counter:
             return self._held.get(key, 0)
 
     @contextmanager
-    def holding(self, key, limit: int, refuse: Callable[[int], Exception]):
+    def holding(self, key, limit: int, refuse: Callable[[int], Exception], wait: float = 0.0):
         """``take`` for the duration of a ``with`` block."""
-        self.take(key, limit, refuse)
+        self.take(key, limit, refuse, wait)
         try:
             yield
         finally:
@@ -113,9 +131,10 @@ class Counter:
 
 
 def pending_refusal(op: str, uid: int, limit: int) -> Callable[[int], Exception]:
-    """The refusal when uid already has ``limit`` requests being prepared."""
+    """The refusal when uid still had ``limit`` requests being prepared after :data:`PENDING_WAIT`."""
     return lambda held: DaemonError(op, "too many requests in progress", f"uid {uid}: {held}",
-                                    f"limit {limit}, key daemon.max_pending_per_user")
+                                    f"limit {limit}, key daemon.max_pending_per_user; "
+                                    f"waited {PENDING_WAIT:.0f} s")
 
 
 def run_refusal(job_id: str, limit: int) -> Callable[[int], Exception]:

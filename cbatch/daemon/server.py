@@ -63,6 +63,7 @@ class Peer:
     def __init__(self, conn: socket.socket) -> None:
         creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         self.pid, self.uid, self.gid = struct.unpack("3i", creds)
+        self.token = None     # its ConnectionGate admission (cbatch.daemon.limits)
 
     def __str__(self) -> str:
         return f"pid {self.pid} uid {self.uid}"
@@ -172,7 +173,7 @@ class Daemon:
                 continue
             try:
                 peer = Peer(conn)
-                token = self.gate.admit(peer.uid, self._has_job)
+                token = peer.token = self.gate.admit(peer.uid, self._has_job)
             except (OSError, CbatchError) as exc:
                 self._refused_connection(exc)
                 # Non-blocking: the accept loop must never wait on a client.

@@ -52,3 +52,27 @@ def test_counter_refuses_at_limit_and_gives_back():
 @pytest.mark.parametrize("configured, cpus, limit", [(0, None, 1), (0, 0, 1), (0, 8, 8), (3, 8, 3), (5, None, 5)])
 def test_run_limit(configured, cpus, limit):
     assert limits.run_limit(configured, cpus) == limit
+
+
+def test_promoted_session_connections_stop_counting():
+    gate = limits.ConnectionGate(total=100, per_user=1)
+    t = gate.admit(1000, lambda uid: True)
+    gate.promote(t)                          # it became a running container's session
+    t2 = gate.admit(1000, lambda uid: True)  # the user can still connect (cbatch run, another job)
+    gate.release(t)                          # the session's end: nothing more to give back
+    assert gate.count(1000) == 1
+    gate.release(t2)
+    gate.release(t2)                         # idempotent
+    assert gate.count() == 0
+
+
+def test_pending_waits_for_a_slot_then_refuses():
+    import threading
+    c = limits.Counter()
+    refuse = limits.pending_refusal("start", 1000, 1)
+    c.take(1000, 1, refuse)
+    threading.Timer(0.2, c.give, args=(1000,)).start()
+    c.take(1000, 1, refuse, wait=30)         # got the slot given back meanwhile
+    with pytest.raises(DaemonError) as exc:
+        c.take(1000, 1, refuse, wait=0.1)
+    assert exc.value.message.startswith("cbatch: start: too many requests in progress: uid 1000: 1 (limit 1, ")
