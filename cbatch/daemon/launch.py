@@ -18,10 +18,14 @@ import time
 from cbatch import protocol
 from cbatch.daemon import audit, cleanup, limits, peers
 from cbatch.daemon import pinning
+from cbatch.core import policy
+from cbatch.core.directives import parse_options, parse_script
 from cbatch.core.errors import AccessDenied, CbatchError, JobError
+from cbatch.core.job import Identity, JobContext
 from cbatch.core.resources import parse_resource_list
 from cbatch.core.spec import Native
 from cbatch.host import cgroups
+from cbatch.host.paths import resolve_as_user
 from cbatch.daemon.streams import choose_stdio, say_nowait
 from cbatch.daemon.supervise import Session, supervise
 
@@ -96,11 +100,6 @@ def start(daemon, conn, peer, msg: dict, fds) -> dict | None:
 
 
 def _prepare_start(daemon, conn, peer, rec, msg, fds):
-    from cbatch.core import policy
-    from cbatch.core.directives import parse_script
-    from cbatch.core.job import Identity, JobContext
-    from cbatch.host.paths import resolve_as_user
-
     reg = rec.registration
     argv, cwd, env = _request(msg, fds)
     line = protocol.get_str(msg, "line")
@@ -151,11 +150,6 @@ def run(daemon, conn, peer, msg: dict, fds) -> dict | None:
 
 
 def _prepare_run(daemon, conn, peer, rec, msg, fds):
-    from cbatch.core import policy
-    from cbatch.core.directives import parse_options
-    from cbatch.core.job import Identity, JobContext
-    from cbatch.host.paths import resolve_as_user
-
     reg = rec.registration
     argv, cwd, env = _request(msg, fds)
     options = protocol.get_str_list(msg, "options", [])
