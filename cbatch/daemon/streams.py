@@ -86,6 +86,12 @@ class Endpoint:
             self.sock = socket.socket(fileno=os.dup(fd))
             self.fd = self.sock.fileno()
         elif stat.S_ISFIFO(mode) or (stat.S_ISCHR(mode) and os.isatty(fd)):
+            # Root re-opens with exactly the access the client's own descriptor grants: a FIFO handed over
+            # write-only must never become readable through us (it may be someone else's, mode 0622).
+            accmode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+            if accmode != os.O_RDWR and accmode != (os.O_WRONLY if writing else os.O_RDONLY):
+                self.fd = -1            # not usable in this direction: discard output / no input
+                return
             flags = (os.O_WRONLY if writing else os.O_RDONLY) | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
             try:
                 # A new open file description of the same pipe/terminal: O_NONBLOCK on it is ours alone.
@@ -124,7 +130,7 @@ def _endpoint(fd: Optional[int], writing: bool, opened: list) -> Optional[Endpoi
         return None
     ep = Endpoint(fd, writing)
     opened.append(ep)
-    return ep if ep.fd >= 0 else None
+    return ep if ep.fd >= 0 else None     # None: an output discarded, or stdin at its end at once
 
 
 class Pump:
