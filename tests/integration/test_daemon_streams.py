@@ -33,8 +33,15 @@ rm -f p go; mkfifo p
 exec 7<>p                                   # a reader that never reads: the pipe fills and stays full
 $C run --image {img} sh -c 'while :; do echo ATTACKER-BYTES-ATTACKER-BYTES; done' >p &
 pid=$!
-until {py} -c 'import fcntl, struct, sys, termios
-sys.exit(struct.unpack("i", fcntl.ioctl(7, termios.FIONREAD, bytes(4)))[0] < 60000)'; do sleep 0.1; done
+{py} -c 'import fcntl, struct, termios, time
+# Full: the level stops moving while the container keeps writing (a pipe is full when its page slots are,
+# which can be well below its capacity in bytes).
+last, same = -1, 0
+while same < 4:
+    time.sleep(0.25)
+    n = struct.unpack("i", fcntl.ioctl(7, termios.FIONREAD, bytes(4)))[0]
+    same = same + 1 if n == last and n > 0 else 0
+    last = n'
 echo full
 kill -9 $pid
 wait $pid
@@ -74,7 +81,7 @@ def test_killed_client_with_full_pipe_leaves_no_thread(mom_factory, sdaemon, ali
         work = workdir_for(bob)
         attacker = mom.submit(script(ATTACKER.format(cbatch=CBATCH, img=IMG, py=PY), image=None), bob.name,
                               variables={"CBATCH_SOCKET": sdaemon.socket}, workdir=str(work), initdir=str(work))
-        assert attacker.wait_output(b"killed", timeout=60), attacker.peek()
+        assert attacker.wait_output(b"killed", timeout=60), (n, attacker.peek(), sdaemon.log()[-1500:])
         # The daemon saw the client go (the moment under test was reached) ...
         assert wait_until(lambda: sdaemon.log().count("went away") > n, 10) is not None, sdaemon.log()[-2000:]
         # ... and no thread of that session survives it, although bob's pipe is still full.
