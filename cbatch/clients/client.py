@@ -60,16 +60,28 @@ def socket_path(explicit: Optional[str] = None, config_path: Optional[str] = Non
 
 
 def connect(path: str = DEFAULT_SOCKET, timeout: float = CONNECT_TIMEOUT) -> socket.socket:
-    """Connect to cbatchd's unix socket. DaemonError "not reachable" if nobody answers."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        sock.settimeout(timeout)
-        sock.connect(path)
-        sock.settimeout(None)
-    except OSError as exc:
-        sock.close()
-        raise not_reachable(path) from exc
-    return sock
+    """Connect to cbatchd's unix socket. DaemonError "not reachable" if nobody answers.
+
+    A full listen backlog (EAGAIN: someone floods the socket with connections) is retried until ``timeout``:
+    the daemon drains its backlog quickly, and a hook or starter must not fail on a moment's flood."""
+    deadline = time.monotonic() + timeout
+    pause = 0.005
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(path)
+            sock.settimeout(None)
+            return sock
+        except BlockingIOError as exc:
+            sock.close()
+            if time.monotonic() + pause >= deadline:
+                raise not_reachable(path) from exc
+            time.sleep(pause)
+            pause = min(pause * 2, 0.1)
+        except OSError as exc:
+            sock.close()
+            raise not_reachable(path) from exc
 
 
 def _reply(msg: dict) -> dict:

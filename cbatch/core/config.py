@@ -55,6 +55,13 @@ class DaemonConfig:
     mount_dir: str = "/run/cbatch/mounts"  # root-only staging points of pinned bind mounts (cbatch.daemon.pinning)
     cpus: int = 0           # this node's CPUs and memory (bytes), measured by load(); 0 = unknown (no clamp)
     memory: int = 0
+    # Bounds one client or job cannot exceed (issue #9; documented in config/cbatch.yaml).
+    max_connections: int = 1024            # connections of users without a registered job, all together
+    max_connections_per_user: int = 64     # open connections of one non-root uid
+    max_pending_per_user: int = 8          # start/run requests of one uid not yet running their container
+    max_run_containers: int = 0            # concurrent `cbatch run` containers per job; 0: max(1, the job's cpus)
+    idle_timeout: float = 10.0             # seconds a new connection may take to send its request
+    syslog: str = "/dev/log"               # where the audit lines (and the log, unless under systemd) go; "" none
 
 
 @dataclass(frozen=True)
@@ -221,6 +228,14 @@ def image_allowed(ref: str, patterns: Tuple[str, ...]) -> bool:
     return False
 
 
+def _at_least(minimum: int):
+    return lambda c, key, v: integer(c, key, v, minimum)
+
+
+def _syslog(c: Ctx, key: str, v: Any) -> str:
+    return "" if v == "" else abspath(c, key, v)
+
+
 def parse(text: str, path: str = DEFAULT_PATH, hostname: Optional[str] = None,
           node: Tuple[int, int] = (0, 0)) -> SiteConfig:
     """Validate YAML text into a SiteConfig (no file access). ``hostname`` defaults to this host's name;
@@ -241,7 +256,9 @@ def parse(text: str, path: str = DEFAULT_PATH, hostname: Optional[str] = None,
     engine = section(c, "engine", data, EngineConfig(), {"url": url, "timeout": positive})
     daemon = section(c, "daemon", data, DaemonConfig(instance=host, hostname=host, cpus=node[0], memory=node[1]),
                      {"socket": abspath, "state_dir": abspath, "instance": instance, "stop_grace": number,
-                      "helper": abspath, "mount_dir": abspath})
+                      "helper": abspath, "mount_dir": abspath, "max_connections": _at_least(1),
+                      "max_connections_per_user": _at_least(1), "max_pending_per_user": _at_least(1),
+                      "max_run_containers": _at_least(0), "idle_timeout": positive, "syslog": _syslog})
     own_defaults = _queue_partial(c, "defaults", data.get("defaults"))
     base = _merge(_builtin(), own_defaults)
     defaults = _build_queue(c, "", base, own_defaults, "defaults")

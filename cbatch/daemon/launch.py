@@ -16,12 +16,19 @@ import stat
 import time
 
 from cbatch import protocol
-from cbatch.daemon import peers
+from cbatch.daemon import audit, cleanup, limits, peers, recovery, tasks
 from cbatch.daemon import pinning
-from cbatch.daemon import recovery
+from cbatch.core import policy
+from cbatch.core.directives import parse_options, parse_script
 from cbatch.core.errors import AccessDenied, CbatchError, DaemonError, JobError
+from cbatch.core.job import Identity, JobContext
+from cbatch.core.resources import parse_resource_list
 from cbatch.core.spec import Native
-from cbatch.daemon.supervise import Session, choose_stdio, supervise
+from cbatch.host import cgroups
+from cbatch.host.paths import resolve_as_user
+from cbatch.daemon.streams import choose_stdio, say_nowait
+from cbatch.daemon.supervise import Session, supervise
+from cbatch.engines.docker import Stdio
 
 log = logging.getLogger("cbatchd")
 MAX_SCRIPT = 1 << 20
@@ -67,10 +74,6 @@ def _cgroup_parent(reg, peer_pid: int):
     if reg.batch == "slurm":
         found = peers.slurm_job_of(peer_pid)
         return found[2] if found and found[1] == reg.job_id else None
-    try:
-        from cbatch.host import cgroups
-    except ImportError:
-        return None
     return cgroups.torque_parent(reg.job_id)
 
 
@@ -86,8 +89,6 @@ def _request(msg: dict, fds) -> tuple:
 def start(daemon, conn, peer, msg: dict, fds) -> dict | None:
     """A job starter asks to start its job (one start per job), or pbs_mom starts an interactive job or a
     TM task through the starter (:mod:`cbatch.daemon.tasks`)."""
-    from cbatch.daemon import tasks
-
     kind = protocol.get_str(msg, "kind", "batch")
     if kind == "task":
         return tasks.task(daemon, conn, peer, msg, fds)
@@ -98,6 +99,24 @@ def start(daemon, conn, peer, msg: dict, fds) -> dict | None:
         rec = tasks.interactive_job(daemon.registry, peer.pid, peer.uid)
     else:
         rec = peers.start_job(daemon.registry, peer.pid, peer.uid)
+    try:
+        with _pending(daemon, peer, "start"):
+            sess = _prepare_start(daemon, conn, peer, rec, msg, fds, interactive)
+    except CbatchError as exc:
+        audit.refused(rec.registration, peer.uid, "job", exc.message)
+        raise
+    if sess is None:
+        # Native: answered already; the connection and the fds were handed to us (a None reply keeps them).
+        for fd in fds:
+            os.close(fd)
+        conn.close()
+        return None
+    supervise(daemon, conn, sess)
+    return None
+
+
+def _prepare_start(daemon, conn, peer, rec, msg, fds, interactive: bool):
+    """Claim the job's one start, decide, and either answer "native" (None) or start its container."""
     reg = rec.registration
     argv, cwd, env = _request(msg, fds)
     line = protocol.get_str(msg, "line")
@@ -112,27 +131,30 @@ def start(daemon, conn, peer, msg: dict, fds) -> dict | None:
     daemon.registry.add_container(reg.job_id, CLAIM, {"peer": peer.pid, "peer_start": peers.start_time(peer.pid),
                                                       "kind": "job", "uid": peer.uid, "batch": reg.batch})
     try:
-        reply = _decide_and_launch(daemon, conn, peer, rec, msg, fds, argv, cwd, env, line, interactive)
-        if reply is not None:
-            # Native: answered before the claim entry goes, so no restart can fall between the two.
-            protocol.send(conn, {"ok": True, **reply})
-            for fd in fds:
-                os.close(fd)
-            conn.close()
-        return None
+        decision, job = _decide_start(daemon, peer, reg, argv, cwd, env, line, interactive)
+        if isinstance(decision, Native):
+            log.info("job %s: %snative (%s)", reg.job_id, "interactive, " if interactive else "", decision.reason)
+            audit.native(reg, peer.uid, "job", decision.reason)
+            # Answered before the claim entry goes, so no restart can fall between the two.
+            protocol.send(conn, {"ok": True, "mode": "native", "reason": decision.reason})
+            return None
+        if interactive:
+            # The queue's container with the job's terminal: the policy's shell (argv[0] of its decision) run
+            # interactively, plus qsub -I -x's "-c cmd"; no stdin line. The daemon proxies the pty raw.
+            if not os.isatty(fds[0]):
+                raise JobError("interactive job", "stdin is not a terminal", reg.job_id,
+                               "pbs_mom gives an interactive job its pty")
+            spec = dataclasses.replace(decision, argv=(decision.argv[0], *argv[2:]), stdin_line=None)
+            return _launch(daemon, conn, peer, job, spec, Stdio(attach=True, tty=True), (None, None, None), fds,
+                           "job", tty_fd=fds[0])
+        stdio, pump = choose_stdio(fds, attach_stdin=False, uid=peer.uid)
+        return _launch(daemon, conn, peer, job, decision, stdio, pump, fds, "job")
     finally:
         daemon.registry.drop_container(reg.job_id, CLAIM)
 
 
-def _decide_and_launch(daemon, conn, peer, rec, msg, fds, argv, cwd, env, line, interactive):
-    from cbatch.core import policy
-    from cbatch.core.directives import parse_script
-    from cbatch.core.job import Identity, JobContext
-    from cbatch.host.paths import resolve_as_user
-
-    reg = rec.registration
+def _decide_start(daemon, peer, reg, argv, cwd, env, line, interactive):
     identity = Identity.lookup(reg.user)
-    words = line.split()
     if interactive:
         # No job script: pbs_mom names a .SC path in the prologue's argv that an interactive job need not
         # have. The queue's policy alone decides.
@@ -141,38 +163,44 @@ def _decide_and_launch(daemon, conn, peer, rec, msg, fds, argv, cwd, env, line, 
         except JobError:
             directives = parse_script(b"")
     else:
+        words = line.split()
         if not words or words[0] != reg.script_path:
             log.warning("job %s: stdin line does not name the registered script %s", reg.job_id,
                         reg.script_path)
         directives = parse_script(read_script(reg.script_path, identity.uid))
     job = JobContext.for_start(reg, identity, argv[1], line, cwd, env, _cgroup_parent(reg, peer.pid),
                                peers.umask_of(peer.pid))
-    decision = policy.decide(daemon.config, job, directives, resolve_as_user, _tags_of(daemon))
-    if isinstance(decision, Native):
-        log.info("job %s: %snative (%s)", reg.job_id, "interactive, " if interactive else "", decision.reason)
-        return {"mode": "native", "reason": decision.reason}
-    if interactive:
-        # The queue's container with the job's terminal: the policy's shell (argv[0] of its decision) run
-        # interactively, plus qsub -I -x's "-c cmd"; no stdin line. The daemon proxies the pty raw.
-        if not os.isatty(fds[0]):
-            raise JobError("interactive job", "stdin is not a terminal", reg.job_id,
-                           "pbs_mom gives an interactive job its pty")
-        spec = dataclasses.replace(decision, argv=(decision.argv[0], *argv[2:]), stdin_line=None)
-        from cbatch.engines.docker import Stdio
-        return _launch(daemon, conn, peer, job, spec, Stdio(attach=True, tty=True), (None, None, None), fds,
-                       "job", tty_fd=fds[0])
-    stdio, pump = choose_stdio(fds, attach_stdin=False, uid=peer.uid)
-    return _launch(daemon, conn, peer, job, decision, stdio, pump, fds, "job")
+    return policy.decide(daemon.config, job, directives, resolve_as_user, _tags_of(daemon)), job
 
 
 def run(daemon, conn, peer, msg: dict, fds) -> dict | None:
-    """``cbatch run`` from inside a registered job (several at once are fine: MPI ranks)."""
-    from cbatch.core import policy
-    from cbatch.core.directives import parse_options
-    from cbatch.core.job import Identity, JobContext
-    from cbatch.host.paths import resolve_as_user
-
+    """``cbatch run`` from inside a registered job (several at once, up to the job's limit: MPI ranks)."""
     rec = peers.run_job(daemon.registry, peer.pid, peer.uid)
+    reg = rec.registration
+    cpus = parse_resource_list(reg.resource_list).cpus_on(daemon.config.daemon.hostname or None)
+    limit = limits.run_limit(daemon.config.daemon.max_run_containers, cpus)
+    try:
+        daemon.runs.take(reg.job_id, limit, limits.run_refusal(reg.job_id, limit))
+    except CbatchError as exc:
+        audit.refused(reg, peer.uid, "run", exc.message)
+        raise
+    try:
+        try:
+            with _pending(daemon, peer, "run"):
+                sess = _prepare_run(daemon, conn, peer, rec, msg, fds)
+        except CbatchError as exc:
+            audit.refused(reg, peer.uid, "run", exc.message)
+            raise
+        if isinstance(sess, dict):
+            audit.native(reg, peer.uid, "run", sess["reason"])
+            return sess
+        supervise(daemon, conn, sess)
+        return None
+    finally:
+        daemon.runs.give(reg.job_id)
+
+
+def _prepare_run(daemon, conn, peer, rec, msg, fds):
     reg = rec.registration
     argv, cwd, env = _request(msg, fds)
     options = protocol.get_str_list(msg, "options", [])
@@ -193,27 +221,31 @@ def run(daemon, conn, peer, msg: dict, fds) -> dict | None:
     return _launch(daemon, conn, peer, job, decision, stdio, pump, fds, "run")
 
 
+def _pending(daemon, peer, op: str):
+    """Hold one of the uid's ``daemon.max_pending_per_user`` slots while a request is prepared."""
+    limit = daemon.config.daemon.max_pending_per_user
+    # Waits (bounded) rather than refusing at once: 64 jobs of one user starting together on a big node are
+    # normal; the cap only keeps one user from running more image checks and pulls at once than that.
+    return daemon.pending.holding(peer.uid, limit, limits.pending_refusal(op, peer.uid, limit),
+                                  limits.PENDING_WAIT)
+
+
 def _progress(fd: int):
-    """Image pull progress goes to the client's stderr (the job's .e file), one line at a time."""
-    def say(line: str) -> None:
-        try:
-            os.write(fd, (line.rstrip("\n") + "\n").encode("utf-8", "replace"))
-        except OSError:
-            pass
-    return say
+    """Image pull progress goes to the client's stderr (the job's .e file), one line at a time, never
+    blocking the request on a stderr pipe nobody reads."""
+    return lambda line: say_nowait(fd, line)
 
 
 def _tags_of(daemon):
-    """The policy's ``tags_of`` (a digest reference is allowed as an allowed tag's image), or None."""
-    return daemon.images.tags_of if daemon.images is not None else None
+    """The policy's ``tags_of`` (a digest reference is allowed as an allowed tag's image)."""
+    return daemon.images.tags_of
 
 
-def _launch(daemon, conn, peer, job, spec, stdio, pump, fds, kind: str, tty_fd=None) -> None:
+def _launch(daemon, conn, peer, job, spec, stdio, pump, fds, kind: str, tty_fd=None) -> Session:
     env = tuple(spec.env)
-    if daemon.images is not None:
-        # Present, or pulled now when the queue says pull: missing; else one "not on this node" line.
-        info = daemon.images.ensure(spec.image, daemon.config.queue(job.queue), _progress(fds[2]))
-        env += tuple(daemon.images.job_env(spec.image, info))
+    # Present, or pulled now when the queue says pull: missing; else one "not on this node" line.
+    info = daemon.images.ensure(spec.image, daemon.config.queue(job.queue), _progress(fds[2]))
+    env += tuple(daemon.images.job_env(spec.image, info))
     spec = dataclasses.replace(spec, env=env, labels=tuple(spec.labels) + ((LABEL_PEER, str(peer.pid)),))
     # Docker mounts root-owned staging points holding the exact objects checked as the user (no path it
     # re-resolves is one the user can swap); site mounts come from the root-owned config and are not pinned.
@@ -224,8 +256,9 @@ def _launch(daemon, conn, peer, job, spec, stdio, pump, fds, kind: str, tty_fd=N
     staged = dataclasses.replace(stdio, **{attr: point for (attr, _fd), point in zip(spool, pins.held)})
     limit = spec.memory_bytes or job.resources.memory_on(daemon.config.daemon.hostname or None)
     sess = Session(cid="", job_id=job.job_id, batch=job.batch, kind=kind, peer_pid=peer.pid, uid=peer.uid,
-                   memory_limit=limit, pump_fds=pump, owned_fds=tuple(fds), name=spec.name, image=spec.image,
-                   tty_fd=tty_fd)
+                   memory_limit=limit, pump_fds=pump, owned_fds=tuple(fds), name=spec.name, tty_fd=tty_fd,
+                   user=job.identity.user, queue=job.queue, image=spec.image,
+                   image_id=getattr(info, "id", "") or "", cgroup_parent=job.cgroup_parent)
     # Recorded BEFORE the engine creates anything: a daemon that dies from here on leaves a record naming
     # the client and the container's labels, so its successor finds the container (however far the start
     # got) and the client can take it back (attach without an id) - no start-to-record window.
@@ -253,14 +286,13 @@ def _launch(daemon, conn, peer, job, spec, stdio, pump, fds, kind: str, tty_fd=N
         daemon.registry.drop_container(job.job_id, pending)
         raise
     finally:
-        # Only once the container is recorded (the start-to-record window stays as short as it was): its own
-        # mount namespace holds its mounts now.
+        # Only once the container is recorded: its own mount namespace holds its mounts now.
         pinning.release(daemon.mount_root, spec.name)
     log.info("job %s: %s container %s (%s, image %s) for pid %d; stdout %s, stderr %s", job.job_id, kind,
              cid[:12], spec.name, spec.image, peer.pid, stdio.stdout_path or "proxied",
              stdio.stderr_path or "proxied")
-    supervise(daemon, conn, sess)
-    return None
+    daemon.gate.promote(getattr(peer, "token", None))     # a session: bounded by jobs, not connection caps
+    return sess
 
 
 def attach(daemon, conn, peer, msg: dict, fds) -> None:
@@ -273,27 +305,24 @@ def attach(daemon, conn, peer, msg: dict, fds) -> None:
         raise DaemonError("attach", "not ready", "the daemon is still waiting for the engine", "try again")
     if cid is None:
         # The client lost us before it learnt its container's id (a restart mid-start): it is known by its
-        # pid, uid and start time alone; a start recorded but not yet found in the engine is looked up now.
+        # pid, uid and start time alone (take() checks all three).
         cid, job_id = recovery.waiting_for(daemon, peer)
-    with daemon.lock:
-        entry = daemon.adoptions.get(cid) if cid else None
-        ok = entry is not None and entry[0] == job_id
-        info = entry[1] if ok else {}
-        ok = ok and info.get("peer") == peer.pid and info.get("uid") == peer.uid \
-            and peers.alive(peer.pid, info.get("peer_start"))
-        if ok:
-            del daemon.adoptions[cid]
-    if not ok:
+    info = daemon.adoptions.take(cid, job_id, peer.pid, peer.uid) if cid and job_id else None
+    if info is None:
         raise AccessDenied("attach", "no container is waiting for this client", (cid or f"pid {peer.pid}")[:64],
                            "only the original client may reattach, within the adoption window")
     sess = Session(cid=cid, job_id=job_id, batch=str(info.get("batch", "torque")), kind=str(info.get("kind")),
                    peer_pid=peer.pid, uid=peer.uid, memory_limit=info.get("memory_limit"),
-                   owned_fds=tuple(fds), image=str(info.get("image") or ""))
+                   owned_fds=tuple(fds), user=str(info.get("user", "")), queue=str(info.get("queue", "")),
+                   image=str(info.get("image", "")), image_id=str(info.get("image_id", "")),
+                   cgroup_parent=info.get("cgroup_parent"),
+                   started_wall=float(info.get("started_wall") or time.time()))
     try:
         protocol.send(conn, {"ok": True, "event": "attached", "id": cid, "job_id": job_id})
     except CbatchError:
-        daemon.remove_container(job_id, cid)
+        cleanup.remove_container(daemon, job_id, cid)
         raise
     log.info("job %s: container %s: pid %d reattached", job_id, cid[:12], peer.pid)
+    daemon.gate.promote(getattr(peer, "token", None))
     supervise(daemon, conn, sess)
     return None

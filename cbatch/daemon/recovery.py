@@ -6,23 +6,27 @@ carries the labels ``cbatch.instance``, ``cbatch.job`` and ``cbatch.peer``. On s
 
 - a container of this instance that no registered job claims is removed;
 - a claimed container whose client (same pid, same start time) is still alive waits
-  :data:`cbatch.daemon.server.ADOPT_WAIT` seconds for that client to ``attach`` again, then is removed;
+  :data:`cbatch.daemon.adoptions.ADOPT_WAIT` seconds for that client to ``attach`` again, then is removed;
 - a claimed container whose client is gone is removed;
 - mount staging points left by a crash are released (:mod:`cbatch.daemon.pinning`);
-- Torque jobs whose session ended while the daemon was down are unregistered as their epilogue would have.
+- a start recorded but not yet given a container id is resolved against the engine (adopted, or released);
+- jobs that ended while the daemon was down (Torque: session gone; Slurm: job cgroup gone) are unregistered
+  as their epilogue would have (:func:`cbatch.daemon.cleanup.forget_job`).
 
-Functions take the :class:`cbatch.daemon.server.Daemon` whose state they reconcile.
+Functions take the daemon whose state they reconcile (``engine``, ``registry``, ``adoptions``, ...).
 """
 
 from __future__ import annotations
 
+import glob
 import logging
 import threading
 import time
 
-from cbatch.daemon import peers
 from cbatch.core.errors import CbatchError
 from cbatch.core.spec import LABEL_INSTANCE, LABEL_JOB
+from cbatch.daemon import cleanup, peers, pinning
+from cbatch.daemon.adoptions import ADOPT_WAIT
 
 log = logging.getLogger("cbatchd")
 PENDING = "pending:"        # registry key of a start recorded before the engine was asked (+ container name)
@@ -60,7 +64,7 @@ def _resolve_pending(daemon, present: set) -> None:
                 elif daemon.engine.status(cid) == "created":
                     log.warning("recover: job %s: container %s was created but never started: removing",
                                 job_id, cid[:12])
-                    daemon.remove_container(None, cid)
+                    cleanup.remove_container(daemon, None, cid)
                     present.discard(cid)
                 else:
                     daemon.registry.add_container(job_id, cid, info)
@@ -76,11 +80,7 @@ def _resolve_pending(daemon, present: set) -> None:
 def waiting_for(daemon, peer) -> tuple:
     """``(container id, job id)`` of the adopted container waiting for ``peer`` (a client reattaching
     without an id: it lost us before it learnt the id), or ``(None, None)``."""
-    with daemon.lock:
-        for cid, (job_id, info, _deadline) in daemon.adoptions.items():
-            if info.get("peer") == peer.pid and info.get("uid") == peer.uid:
-                return cid, job_id
-    return None, None
+    return daemon.adoptions.find(peer.pid, peer.uid)
 
 
 def _list_present(daemon) -> set:
@@ -129,7 +129,6 @@ def _reconcile_when_engine_back(daemon) -> None:
 
 
 def _reconcile(daemon, present: set) -> None:
-    from cbatch.daemon.server import ADOPT_WAIT
     try:
         _resolve_pending(daemon, present)
         claimed = set()
@@ -145,28 +144,31 @@ def _reconcile(daemon, present: set) -> None:
                 if peers.alive(int(info.get("peer", 0)), info.get("peer_start")):
                     log.info("recover: job %s: container %s: waiting %.0f s for pid %s to reattach", job_id,
                              cid[:12], ADOPT_WAIT, info.get("peer"))
-                    with daemon.lock:
-                        daemon.adoptions[cid] = (job_id, info, time.monotonic() + ADOPT_WAIT)
+                    daemon.adoptions.add(cid, job_id, info, ADOPT_WAIT)
                 else:
                     log.warning("recover: job %s: container %s: its client is gone: removing", job_id,
                                 cid[:12])
-                    daemon.remove_container(job_id, cid)
+                    cleanup.remove_container(daemon, job_id, cid)
         for cid in present - claimed:
             log.warning("recover: container %s belongs to no registered job: removing", cid[:12])
-            daemon.remove_container(None, cid)
+            cleanup.remove_container(daemon, None, cid)
     except CbatchError as exc:
         log.error("recover: %s", exc)
     finally:
         daemon.recovered.set()
-    forget_ended_jobs(daemon)
-    if daemon.adoptions:
-        threading.Thread(target=expire_adoptions, args=(daemon,), daemon=True).start()
+    forget_ended_jobs(daemon, at_startup=True)
+    if len(daemon.adoptions):
+        daemon.adoptions.watch(lambda job_id, cid: _not_reattached(daemon, job_id, cid))
+
+
+def _not_reattached(daemon, job_id: str, cid: str) -> None:
+    log.warning("job %s: container %s: its client did not reattach: removing", job_id, cid[:12])
+    cleanup.remove_container(daemon, job_id, cid)
 
 
 def unpin_stale(daemon) -> None:
     """Pins live only from a launch to its container's start, and no launch runs before we listen: any
     staging point of this instance is a crash's leftover, whatever the state of its container."""
-    from cbatch.daemon import pinning
     try:
         pinning.isolate(daemon.config.daemon.mount_dir)
         pinning.unpin_all(daemon.mount_root)
@@ -174,11 +176,16 @@ def unpin_stale(daemon) -> None:
         log.error("recover: mount staging %s: %s", daemon.config.daemon.mount_dir, exc)
 
 
-def forget_ended_jobs(daemon) -> None:
-    """A Torque job whose session (the starter's pid) is gone ended while we were down, so its epilogue
-    could not unregister it: do what that unregister would have done (containers, cgroup tidy, registry).
+def forget_ended_jobs(daemon, at_startup: bool = False) -> None:
+    """A job that ended while we were down could not unregister through its epilogue: do what that
+    unregister would have done (:func:`cbatch.daemon.cleanup.forget_job`). Torque: its session (the
+    starter's pid) is gone; Slurm: its job cgroup is gone (:func:`slurm_job_ended`).
+
     Runs at start-up and after each registration (a job ending in the restart window is still alive at
-    start-up). One sweep at a time."""
+    start-up). Only Torque jobs registered before this daemon started qualify: a job registered since has
+    its epilogue talk to us - between its starter's exit and that epilogue its session is gone too, and
+    sweeping it then (back-to-back jobs: the next registration triggers a sweep) raced the epilogue and
+    logged a misleading warning. One sweep at a time."""
     if not daemon.sweeping.acquire(blocking=False):
         return
     try:
@@ -187,14 +194,18 @@ def forget_ended_jobs(daemon) -> None:
             if reg.batch == "slurm":
                 if not slurm_job_ended(reg):
                     continue
-                log.warning("job %s: its Slurm job cgroup is gone but its epilog never unregistered it: "
-                            "unregistering", reg.job_id)
-            elif not reg.session_id or peers.alive(int(reg.session_id), None):
-                continue
+                log.warning("job %s: its Slurm job cgroup is gone and no epilog unregistered it: unregistering",
+                            reg.job_id)
             else:
-                log.warning("job %s: its session %s is gone but its epilogue never unregistered it: "
-                            "unregistering", reg.job_id, reg.session_id)
-            daemon.op_unregister(None, None, {"job_id": reg.job_id}, [])
+                if not reg.session_id or reg.registered_at >= daemon.started_at:
+                    continue
+                if peers.alive(int(reg.session_id), None):
+                    continue
+                log.warning("job %s: its session %s ended %s and no epilogue unregistered it: unregistering",
+                            reg.job_id, reg.session_id,
+                            "before cbatchd started" if at_startup else "around a restart")
+            cleanup.forget_job(daemon, reg.job_id)
+            log.info("job %s: unregistered", reg.job_id)
     finally:
         daemon.sweeping.release()
 
@@ -207,7 +218,6 @@ def slurm_job_ended(reg, root: str = CGROUP_ROOT, now: float = None) -> bool:
     """True when a Slurm job registered long enough ago has no job cgroup left on this node (v1
     ``<ctl>/slurm[_<node>]/uid_<uid>/job_<id>``, v2 ``[...]/slurm[...]/job_<id>``): its epilog ran while
     we were down. Unknown (no Slurm cgroup tree at all, or too young) is False: never forget a live job."""
-    import glob
     now = time.time() if now is None else now
     if not reg.registered_at or now - reg.registered_at < SLURM_GRACE:
         return False
@@ -220,19 +230,3 @@ def slurm_job_ended(reg, root: str = CGROUP_ROOT, now: float = None) -> bool:
         if glob.glob(f"{glob.escape(tree)}/{name}") or glob.glob(f"{glob.escape(tree)}/uid_*/{name}"):
             return False
     return True
-
-
-def expire_adoptions(daemon) -> None:
-    """Remove adopted containers whose client did not reattach in time; ends when none are pending."""
-    while True:
-        time.sleep(0.5)
-        now = time.monotonic()
-        with daemon.lock:
-            late = [(cid, job) for cid, (job, _i, deadline) in daemon.adoptions.items() if deadline < now]
-            for cid, _job in late:
-                del daemon.adoptions[cid]
-            if not daemon.adoptions and not late:
-                return
-        for cid, job_id in late:
-            log.warning("job %s: container %s: its client did not reattach: removing", job_id, cid[:12])
-            daemon.remove_container(job_id, cid)

@@ -150,7 +150,8 @@ class Registry:
             return True
 
     def release_start(self, job_id: str) -> None:
-        """Undo :meth:`claim_start` when the start failed before any container existed."""
+        """Undo :meth:`claim_start` when the start was cut before any container ran (start-up recovery of a
+        start recorded as pending: the starter may then ask again)."""
         with self._lock:
             rec = self._jobs.get(job_id)
             if rec is not None and rec.started:

@@ -2,8 +2,8 @@
 
 ``cbatchd [--config FILE] [--foreground]``. It listens on ``daemon.socket`` (0666 in a 0755 directory) and
 learns who is asking from SO_PEERCRED only. Every connection is served in its own thread; a connection is
-bounded (1 MiB frames, 5 s to finish a frame, a cap on concurrent connections) so one bad client cannot stop
-the others. Requests:
+bounded (1 MiB frames, 5 s to finish a frame, ``daemon.idle_timeout`` to send the request, per-uid and shared
+caps on connections: :mod:`cbatch.daemon.limits`) so one bad client cannot stop the others. Requests:
 
 - ``ping`` (anyone), ``status`` (root): health and the registered jobs.
 - ``register`` / ``unregister`` (root: the prologue and epilogue): the job registry (:mod:`cbatch.daemon.registry`).
@@ -12,13 +12,21 @@ the others. Requests:
 
 Restart without losing jobs: registrations and the containers we supervise are in ``daemon.state_dir``;
 on start-up containers of this instance that no registered job claims are removed, and containers whose
-client is still alive wait :data:`ADOPT_WAIT` seconds for it to ``attach`` again. Stopping the daemon never
-stops jobs' containers.
+client is still alive wait :data:`cbatch.daemon.adoptions.ADOPT_WAIT` seconds for it to ``attach`` again
+(:mod:`cbatch.daemon.recovery`). Stopping the daemon (SIGTERM) never stops jobs' containers.
+
+SIGHUP reloads the config file (:meth:`Daemon.reload`): a valid file applies to every request from then on;
+a broken one is one log line and the old config stays. Keys bound at start (socket, state_dir, instance,
+mount_dir, engine, syslog) need a restart: a reload keeps their old values and says so.
+
+Every module the daemon needs is imported when it starts: a broken install stops it at start, never
+half-way through a job (fail closed).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import logging.handlers
 import os
@@ -30,17 +38,22 @@ import sys
 import threading
 import time
 
-from cbatch import protocol
+from cbatch import __version__, protocol
+from cbatch.core import config as config_mod
 from cbatch.core.errors import AccessDenied, CbatchError, DaemonError
-from cbatch.core.spec import LABEL_INSTANCE, LABEL_JOB
+from cbatch.core.job import Registration
+from cbatch.daemon import cleanup, launch, limits, peers, recovery
+from cbatch.daemon.adoptions import Adoptions
+from cbatch.daemon.imagesync import ImageManager, handle_request
+from cbatch.daemon.registry import Registry
+from cbatch.engines.docker import Engine
 
 log = logging.getLogger("cbatchd")
 DEFAULT_CONFIG = "/etc/cbatch/cbatch.yaml"
-MAX_CONNECTIONS = 1024
-FIRST_REQUEST_TIMEOUT = 10.0   # a connection that never says anything is dropped
-ADOPT_WAIT = 10.0
+BACKLOG = 1024      # a connection flood must not make other clients' connect() fail at once
 TORQUE_KILL_DELAY = 2.0
-UNREGISTER_SETTLE = 5.0     # seconds unregister waits for containers already being removed
+# Keys a running daemon cannot change (bound sockets, state and mounts in use, the engine client, logging).
+RESTART_ONLY = ("socket", "state_dir", "instance", "mount_dir", "syslog")
 ROOT_OPS = ("register", "unregister", "status")
 
 
@@ -50,6 +63,7 @@ class Peer:
     def __init__(self, conn: socket.socket) -> None:
         creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         self.pid, self.uid, self.gid = struct.unpack("3i", creds)
+        self.token = None     # its ConnectionGate admission (cbatch.daemon.limits)
 
     def __str__(self) -> str:
         return f"pid {self.pid} uid {self.uid}"
@@ -58,48 +72,57 @@ class Peer:
 class Daemon:
     """State shared by every connection: config, engine, registry, pending adoptions."""
 
-    def __init__(self, config) -> None:
-        from cbatch.engines.docker import Engine
-        from cbatch.daemon.registry import Registry
-
+    def __init__(self, config, config_path: str = DEFAULT_CONFIG) -> None:
         self.config = config
+        self.config_path = config_path
         self.instance = config.daemon.instance or config.daemon.hostname or socket.gethostname()
         self.engine = Engine(config.engine.url, config.engine.timeout)
         self.registry = Registry(config.daemon.state_dir)
         self.mount_root = os.path.join(config.daemon.mount_dir, self.instance)   # cbatch.daemon.pinning staging
-        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
-        self.adoptions: dict = {}          # cid -> (job_id, record info, deadline)
-        self.lock = threading.Lock()
+        self.gate = limits.ConnectionGate(config.daemon.max_connections, config.daemon.max_connections_per_user)
+        self.pending = limits.Counter()    # start/run requests being prepared, per uid
+        self.runs = limits.Counter()       # cbatch run containers, per job id
+        self.adoptions = Adoptions()       # containers waiting for their client after a restart
         self.sweeping = threading.Lock()   # one forget_ended_jobs at a time
+        self.started_at = time.time()      # registrations older than this may have missed their epilogue
         self.stopping = False
         self.listener = None
-        self.images = None                 # the image manager (pre-pull, job-start checks, images op)
-        try:
-            from cbatch.daemon.imagesync import ImageManager
-            self.images = ImageManager(self.engine, config, log)
-        except ImportError as exc:         # an install without image management still runs jobs
-            log.error("image manager unavailable: %s", exc)
+        self._refusals, self._refusal_logged = 0, 0.0
+        self._reloading = threading.Lock()
+        self.images = ImageManager(self.engine, config, log)   # pre-pull, job-start checks, images op
 
-    # -- start-up (cbatch.daemon.recovery) -----------------------------------------------------------------
+    # -- start-up and reload ------------------------------------------------------------------------
     def recover(self) -> None:
         """Reconcile the engine with the registry after a (re)start: :func:`cbatch.daemon.recovery.recover`."""
-        from cbatch.daemon import recovery
         recovery.recover(self)
 
     def forget_ended_jobs(self) -> None:
         """Unregister Torque jobs whose session ended while nobody could: :func:`cbatch.daemon.recovery.forget_ended_jobs`."""
-        from cbatch.daemon import recovery
         recovery.forget_ended_jobs(self)
 
-    def remove_container(self, job_id, cid: str) -> None:
-        """Remove one container and forget it (errors are logged: the sweeps try again later)."""
-        try:
-            self.engine.remove(cid)
-        except CbatchError as exc:
-            log.error("could not remove container %s: %s", cid[:12], exc)
-            return
-        if job_id is not None:
-            self.registry.drop_container(job_id, cid)
+    def reload(self) -> bool:
+        """Read the config file again (SIGHUP). A valid one applies to requests from now on (running jobs keep
+        what they started with); a broken one leaves the old config, with one log line. True if applied."""
+        with self._reloading:
+            try:
+                new = config_mod.load(self.config_path, trusted=True)
+            except CbatchError as exc:
+                log.error("reload: keeping the old config: %s", exc.message)
+                return False
+            old = self.config
+            kept = [k for k in RESTART_ONLY if getattr(new.daemon, k) != getattr(old.daemon, k)]
+            if new.engine != old.engine:
+                kept.append("engine")
+            if kept:
+                log.warning("reload: %s need a restart: keeping their old values",
+                            ", ".join(("daemon." + k) if k != "engine" else k for k in kept))
+                new = dataclasses.replace(new, engine=old.engine, daemon=dataclasses.replace(
+                    new.daemon, **{k: getattr(old.daemon, k) for k in RESTART_ONLY}))
+            self.gate.reconfigure(new.daemon.max_connections, new.daemon.max_connections_per_user)
+            self.config = new
+            self.images.reconfigure(new)
+            log.info("reload: %s applied", self.config_path)
+            return True
 
     # -- serving ------------------------------------------------------------------------------------
     def listen(self) -> socket.socket:
@@ -129,15 +152,14 @@ class Daemon:
         finally:
             os.umask(old)
         os.chmod(path, 0o666)     # anyone may connect; SO_PEERCRED decides what they may do
-        sock.listen(128)
+        sock.listen(BACKLOG)
         self.listener = sock
         return sock
 
     def serve_forever(self) -> None:
         """Accept connections until stopped; each gets its own thread."""
         sock = self.listener or self.listen()
-        if self.images is not None:
-            self.images.start()
+        self.images.start()
         log.info("cbatchd listening on %s (instance %s, %d registered jobs)", self.config.daemon.socket,
                  self.instance, len(self.registry))
         while not self.stopping:
@@ -149,22 +171,46 @@ class Daemon:
                 log.error("accept failed: %s", exc)
                 time.sleep(0.1)
                 continue
-            if not self.slots.acquire(blocking=False):
-                log.error("too many connections (%d): refusing one", MAX_CONNECTIONS)
+            try:
+                peer = Peer(conn)
+                token = peer.token = self.gate.admit(peer.uid, self._has_job)
+            except (OSError, CbatchError) as exc:
+                self._refused_connection(exc)
                 # Non-blocking: the accept loop must never wait on a client.
-                _refuse(conn, DaemonError("daemon", "busy", f"{MAX_CONNECTIONS} connections", "try again"),
+                _refuse(conn, exc if isinstance(exc, CbatchError) else DaemonError("daemon", "busy", str(exc)),
                         wait=0.0)
                 continue
-            threading.Thread(target=self._serve_one, args=(conn,), daemon=True).start()
+            try:
+                threading.Thread(target=self._serve_one, args=(conn, peer, token), daemon=True).start()
+            except RuntimeError as exc:     # no more threads: refuse this one, keep serving
+                self.gate.release(token)
+                self._refused_connection(exc)
+                _refuse(conn, DaemonError("daemon", "busy", str(exc)), wait=0.0)
 
-    def _serve_one(self, conn: socket.socket) -> None:
+    def _has_job(self, uid: int) -> bool:
+        """Is a job of ``uid`` registered here (its connections bypass the shared pool)?"""
+        for rec in self.registry.all():
+            try:
+                if peers.owner_uid(rec.registration) == uid:
+                    return True
+            except CbatchError:
+                continue
+        return False
+
+    def _refused_connection(self, exc) -> None:
+        # One log line per second at most: a flood of refusals must not become a flood of log lines.
+        now = time.monotonic()
+        self._refusals += 1
+        if now - self._refusal_logged >= 1.0:
+            log.error("refusing connections: %s (%d refused)", getattr(exc, "message", exc), self._refusals)
+            self._refusal_logged, self._refusals = now, 0
+
+    def _serve_one(self, conn: socket.socket, peer: "Peer", token) -> None:
         keep = False
-        peer = None
         msg = None
         fds = []
         try:
-            peer = Peer(conn)
-            msg, fds = protocol.recv(conn, timeout=FIRST_REQUEST_TIMEOUT)
+            msg, fds = protocol.recv(conn, timeout=self.config.daemon.idle_timeout)
             op = protocol.check_version(msg)
             if op in ROOT_OPS and peer.uid != 0:
                 raise AccessDenied(op, "only root may do this", f"uid {peer.uid}")
@@ -192,7 +238,7 @@ class Daemon:
                     _close_fd(fd)
                 if conn is not None:
                     conn.close()
-            self.slots.release()
+            self.gate.release(token)
 
     # -- simple ops ---------------------------------------------------------------------------------
     def op_ping(self, conn, peer, msg, fds) -> dict:
@@ -200,7 +246,6 @@ class Daemon:
             engine = self.engine.ping()
         except CbatchError:
             engine = False
-        from cbatch import __version__
         return {"version": protocol.VERSION, "cbatch": __version__, "instance": self.instance,
                 "engine": bool(engine), "jobs": len(self.registry)}
 
@@ -209,22 +254,16 @@ class Daemon:
         for rec in self.registry.all():
             jobs.append({**rec.registration.to_dict(), "started": rec.started,
                          "containers": sorted(rec.containers)})
-        return {"instance": self.instance, "jobs": jobs, "adopting": sorted(self.adoptions)}
+        return {"instance": self.instance, "jobs": jobs, "adopting": self.adoptions.cids()}
 
     def op_images(self, conn, peer, msg, fds) -> dict:
-        if self.images is None:
-            raise DaemonError("images", "image management unavailable", self.instance)
-        from cbatch.daemon.imagesync import handle_request
         return handle_request(self.images, msg, peer.uid)
 
     def op_register(self, conn, peer, msg, fds) -> dict:
-        from cbatch.core.job import Registration
-
         data = msg.get("registration")
         if not isinstance(data, dict):
             raise protocol.bad_field("registration", "an object")
         reg = Registration.from_dict(data)
-        from cbatch.daemon import peers
         peers.owner_uid(reg)      # the owner must exist here (and match Slurm's uid): refuse now, logged
         replaced = self.registry.register(reg)
         # A job that ended while cbatchd was restarting left its registration (its epilogue found no daemon).
@@ -235,47 +274,9 @@ class Daemon:
 
     def op_unregister(self, conn, peer, msg, fds) -> dict:
         job_id = protocol.get_str(msg, "job_id")
-        rec = self.registry.get(job_id)
-        errors = []
-        labels = {LABEL_JOB: job_id, LABEL_INSTANCE: self.instance}
-        try:
-            leftovers = self.engine.cleanup(labels)
-            # pbs_mom runs the epilogue the moment the starter dies, while the session thread may still be
-            # removing the container ("removal already in progress"): give that a moment before reporting.
-            deadline = time.monotonic() + UNREGISTER_SETTLE
-            while leftovers and time.monotonic() < deadline:
-                time.sleep(0.2)
-                leftovers = self.engine.cleanup(labels)
-        except CbatchError as exc:
-            leftovers, errors = [], [exc.message]
-        for cid in leftovers:
-            errors.append(DaemonError(f"job {job_id}", "container left behind", cid[:12]).message)
-        from cbatch.daemon import pinning
-        from cbatch.core.policy import container_name
-        for path in pinning.unpin_all(self.mount_root, container_name(job_id)):
-            errors.append(DaemonError(f"job {job_id}", "staging mount left behind", path).message)
-        with self.lock:
-            for cid in [c for c, (j, _i, _d) in self.adoptions.items() if j == job_id]:
-                del self.adoptions[cid]
-        cgroup_left = []
-        if rec is None or rec.registration.batch != "slurm":
-            try:
-                from cbatch.host import cgroups
-                parent = cgroups.torque_parent(job_id)
-                if parent:
-                    cgroup_left = list(cgroups.tidy(parent))
-            except (ImportError, AttributeError) as exc:
-                log.error("job %s: cgroup tidy unavailable: %s", job_id, exc)
-            except (OSError, CbatchError) as exc:
-                errors.append(DaemonError(f"job {job_id}", "cgroup tidy failed", str(exc)).message)
-        for path in cgroup_left:
-            errors.append(DaemonError(f"job {job_id}", "cgroup left behind", path).message)
-        self.registry.unregister(job_id)
-        for line in errors:
-            log.error("%s", line)
-        log.info("job %s: unregistered%s", job_id, "" if rec else " (was not registered)")
-        return {"job_id": job_id, "known": rec is not None, "leftovers": leftovers,
-                "cgroup_leftovers": cgroup_left, "errors": errors}
+        reply = cleanup.forget_job(self, job_id)
+        log.info("job %s: unregistered%s", job_id, "" if reply["known"] else " (was not registered)")
+        return reply
 
 
 def _op_of(msg) -> str:
@@ -302,34 +303,28 @@ def _close_fd(fd: int) -> None:
         pass
 
 
-def _launch(name):
-    def handler(daemon, conn, peer, msg, fds):
-        from cbatch.daemon import launch
-        return getattr(launch, name)(daemon, conn, peer, msg, fds)
-    return handler
-
-
 _HANDLERS = {"ping": Daemon.op_ping, "status": Daemon.op_status, "images": Daemon.op_images,
-             "register": Daemon.op_register,
-             "unregister": Daemon.op_unregister, "start": _launch("start"), "run": _launch("run"),
-             "attach": _launch("attach")}
+             "register": Daemon.op_register, "unregister": Daemon.op_unregister,
+             "start": launch.start, "run": launch.run, "attach": launch.attach}
 
 
-def setup_logging(foreground: bool) -> None:
-    """Where the log goes: under systemd (JOURNAL_STREAM set) stderr, which is the journal; otherwise syslog
-    (/dev/log) when present, and stderr too in --foreground (tests and admins read it there)."""
+def setup_logging(foreground: bool, syslog_path: str = "/dev/log") -> None:
+    """Where the log goes: under systemd (JOURNAL_STREAM set) stderr, which is the journal (journald also
+    owns /dev/log: one handler, no duplicates); otherwise syslog at ``syslog_path`` (``daemon.syslog``) when
+    it exists, and stderr too in --foreground (tests and admins read it there). The audit lines
+    (:mod:`cbatch.daemon.audit`) go wherever the log goes."""
     root = logging.getLogger()
     root.setLevel(logging.INFO)
     handlers = []
     journal = bool(os.environ.get("JOURNAL_STREAM"))
-    if not journal and os.path.exists("/dev/log"):
+    if not journal and syslog_path and os.path.exists(syslog_path):
         try:
-            h = logging.handlers.SysLogHandler(address="/dev/log",
+            h = logging.handlers.SysLogHandler(address=syslog_path,
                                                facility=logging.handlers.SysLogHandler.LOG_DAEMON)
             h.setFormatter(logging.Formatter("cbatchd[%(process)d]: %(levelname)s %(message)s"))
             handlers.append(h)
-        except OSError:
-            pass
+        except OSError as exc:
+            print(f"cbatchd: syslog {syslog_path}: {exc}", file=sys.stderr)
     if journal or foreground or not handlers:
         fmt = "%(levelname)s %(message)s" if journal else "%(asctime)s cbatchd %(levelname)s %(message)s"
         h = logging.StreamHandler(sys.stderr)
@@ -339,13 +334,25 @@ def setup_logging(foreground: bool) -> None:
         root.addHandler(h)
 
 
+def write_pidfile(path: str) -> None:
+    """Our pid in ``path`` (root-owned 0644, replaced atomically; never through a symlink)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, f"{os.getpid()}\n".encode())
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
 def main(argv=None) -> int:
     """Entry point of ``cbatchd``."""
     p = argparse.ArgumentParser(prog="cbatchd", description="cbatch's root daemon")
     p.add_argument("--config", default=DEFAULT_CONFIG)
     p.add_argument("--foreground", action="store_true", help="do not detach (systemd, tests)")
+    p.add_argument("--pidfile", help="write the daemon's pid here once it listens (init scripts)")
     args = p.parse_args(argv)
-    from cbatch.core import config as config_mod
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)      # a reload before we are ready is not an exit
     try:
         cfg = config_mod.load(args.config, trusted=True)
     except CbatchError as exc:
@@ -353,16 +360,19 @@ def main(argv=None) -> int:
         return exc.exit_code
     if not args.foreground:
         import daemon as pydaemon     # python-daemon
-        ctx = pydaemon.DaemonContext(umask=0o022, working_directory="/")
+        ctx = pydaemon.DaemonContext(umask=0o022, working_directory="/",
+                                     signal_map={signal.SIGHUP: None, signal.SIGTERM: None})
         ctx.open()
-    setup_logging(args.foreground)
+    setup_logging(args.foreground, cfg.daemon.syslog)
     if cfg.daemon.stop_grace >= TORQUE_KILL_DELAY:
         log.warning("daemon.stop_grace %.1f s is not shorter than Torque's default kill_delay (%.0f s): qdel may "
                     "SIGKILL the starter before the container is stopped", cfg.daemon.stop_grace, TORQUE_KILL_DELAY)
     try:
-        d = Daemon(cfg)
+        d = Daemon(cfg, os.path.abspath(args.config))
         d.recover()
         d.listen()
+        if args.pidfile:
+            write_pidfile(args.pidfile)
     except (CbatchError, OSError) as exc:
         log.error("cannot start: %s", exc)
         print(getattr(exc, "message", str(exc)), file=sys.stderr)
@@ -372,14 +382,22 @@ def main(argv=None) -> int:
         # Leave every container running: a restarted daemon adopts them.
         log.info("signal %d: exiting (containers keep running)", signum)
         d.stopping = True
-        for path, remove in ((cfg.daemon.socket, os.unlink), (d.mount_root, os.rmdir)):
+        paths = [(cfg.daemon.socket, os.unlink), (d.mount_root, os.rmdir)]
+        if args.pidfile:
+            paths.append((args.pidfile, os.unlink))
+        for path, remove in paths:
             try:
                 remove(path)      # the staging dir only when empty (else the next start-up unpins it)
             except OSError:
                 pass
         os._exit(0)
+
+    def reload(_signum, _frame):
+        # Not in the handler itself: it interrupts the main thread anywhere (even inside logging's lock).
+        threading.Thread(target=d.reload, name="reload", daemon=True).start()
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, reload)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     d.serve_forever()
     return 0

@@ -5,10 +5,8 @@ becomes stop: TERM, then KILL after ``daemon.stop_grace``); when the container e
 remove the container and close. If the connection closes first, the client is gone (SIGKILLed starter) and
 the container is killed and removed at once - nobody else would stop it.
 
-Stdio choice (:func:`choose_stdio`): a stdout/stderr fd that is a regular file still named by its path is
-bind-mounted and appended to by the in-container helper, so the job's output never passes through Python;
-anything else (pipe, terminal, deleted file) is proxied through the engine's attach socket by
-:func:`cbatch.daemon.streams.pump` in a thread.
+Proxied stdio (:mod:`cbatch.daemon.streams`) runs in a pump thread that the session stops and joins before it
+closes any descriptor: no thread of a session outlives it, and no descriptor number is used after its close.
 """
 
 from __future__ import annotations
@@ -17,58 +15,19 @@ import logging
 import os
 import select
 import signal
-import stat
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 from cbatch import protocol
+from cbatch.daemon import audit, cleanup, peers, pinning, streams
 from cbatch.core.errors import CbatchError, EngineError, JobError
 
 log = logging.getLogger("cbatchd")
 ENGINE_RETRY = 60.0       # how long a session keeps waiting for an engine that went away (dockerd restart)
 PUMP_DRAIN = 2.0          # after exit, how long the proxy may take to flush the last output
-
-
-def file_path(fd: int, uid: int) -> Optional[str]:
-    """The path naming the regular file open as ``fd``, or None (pipe, tty, deleted, renamed, read-only,
-    or not owned by ``uid``).
-
-    The path comes from ``/proc/self/fd`` and must still name the same file (device and inode) - otherwise
-    the engine would bind-mount something other than what the client handed us. Only the client's own files
-    are bind-mounted: a bind mount skips the directory permissions on the way to the file, so a file
-    someone else owns is written through the proxy instead.
-    """
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != uid:
-            return None
-        import fcntl
-        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
-            return None     # not opened for writing by the client: do not hand it a writable mount
-        path = os.readlink(f"/proc/self/fd/{fd}")
-        if not path.startswith("/") or path.endswith(" (deleted)"):
-            return None
-        lst = os.lstat(path)
-    except OSError:
-        return None
-    if not stat.S_ISREG(lst.st_mode) or (lst.st_dev, lst.st_ino) != (st.st_dev, st.st_ino):
-        return None
-    return path
-
-
-def choose_stdio(fds: Sequence[int], attach_stdin: bool, uid: int):
-    """``(engine.Stdio, pump fds (stdin, stdout, stderr))`` for the client's fds 0, 1, 2 (client ``uid``)."""
-    from cbatch.engines.docker import Stdio
-
-    out = file_path(fds[1], uid) if len(fds) > 1 else None
-    err = file_path(fds[2], uid) if len(fds) > 2 else None
-    pump = (fds[0] if attach_stdin and fds else None,
-            None if out or len(fds) < 2 else fds[1],
-            None if err or len(fds) < 3 else fds[2])
-    attach = any(fd is not None for fd in pump)
-    return Stdio(stdout_path=out, stderr_path=err, attach=attach), pump
+PUMP_STOP = 10.0          # a stopped pump returns at its next poll; longer means a bug (then its fds leak)
 
 
 def oom_message(job_id: str, limit: Optional[int], batch: str) -> str:
@@ -92,15 +51,22 @@ class Session:
     pump_fds: Tuple[Optional[int], Optional[int], Optional[int]] = (None, None, None)
     owned_fds: Tuple[int, ...] = ()
     name: str = ""                  # the container name (its pinned-mount staging directory), when known
-    image: str = ""                 # the image it runs (TM tasks joining it get the same CBATCH_IMAGE)
     tty_fd: Optional[int] = None    # interactive: the job's terminal, proxied raw (cbatch.daemon.ttyproxy)
+    # For the audit line (cbatch.daemon.audit); image is also what TM tasks joining it get as CBATCH_IMAGE:
+    user: str = ""
+    queue: str = ""
+    image: str = ""
+    image_id: str = ""
+    cgroup_parent: Optional[str] = None
     started_at: float = field(default_factory=time.monotonic)
+    started_wall: float = field(default_factory=time.time)   # kept across a daemon restart (the record)
 
     def record(self) -> dict:
         """What the registry keeps so a restarted daemon can adopt the container."""
-        from cbatch.daemon import peers
         return {"peer": self.peer_pid, "peer_start": peers.start_time(self.peer_pid), "kind": self.kind,
-                "uid": self.uid, "memory_limit": self.memory_limit, "batch": self.batch, "image": self.image}
+                "uid": self.uid, "memory_limit": self.memory_limit, "batch": self.batch, "user": self.user,
+                "queue": self.queue, "image": self.image, "image_id": self.image_id,
+                "cgroup_parent": self.cgroup_parent, "started_wall": self.started_wall}
 
 
 def supervise(daemon, conn, sess: Session) -> None:
@@ -132,12 +98,13 @@ def supervise(daemon, conn, sess: Session) -> None:
                 pass
             os.close(wake_w)
 
+    pump = None
     saved_tty = None
     if sess.tty_fd is not None:
         from cbatch.daemon import ttyproxy
         try:
-            sock = engine.attach(sess.cid)
-        except CbatchError as exc:
+            pump = ttyproxy.TtyPump(engine.attach(sess.cid), sess.tty_fd)
+        except (CbatchError, OSError) as exc:
             log.error("job %s: container %s: no terminal: %s", sess.job_id, sess.cid[:12], exc)
         else:
             saved_tty = ttyproxy.make_raw(sess.tty_fd)
@@ -145,23 +112,22 @@ def supervise(daemon, conn, sess: Session) -> None:
 
             def tty_pumper() -> None:
                 try:
-                    ttyproxy.pump(sock, sess.tty_fd)
+                    pump.run()
                 except Exception as exc:  # noqa: BLE001 - the terminal may go away at any time
                     log.info("job %s: container %s: terminal proxy ended: %s", sess.job_id, sess.cid[:12], exc)
             pump_thread = threading.Thread(target=tty_pumper, name=f"tty-{sess.cid[:12]}", daemon=True)
             pump_thread.start()
     elif any(fd is not None for fd in sess.pump_fds):
         try:
-            sock = engine.attach(sess.cid)
-        except CbatchError as exc:
-            log.error("job %s: container %s: no attach socket: %s", sess.job_id, sess.cid[:12], exc)
+            pump = streams.Pump(engine.attach(sess.cid), *sess.pump_fds)
+        except (CbatchError, OSError) as exc:
+            log.error("job %s: container %s: no output proxy: %s", sess.job_id, sess.cid[:12], exc)
         else:
             def pumper() -> None:
                 try:
-                    from cbatch.daemon.streams import pump
-                    pump(sock, *sess.pump_fds)
-                except Exception as exc:  # noqa: BLE001 - the client may close its end at any time
-                    log.info("job %s: container %s: output proxy ended: %s", sess.job_id, sess.cid[:12], exc)
+                    pump.run()
+                except Exception as exc:  # noqa: BLE001 - a bug here must still end the session
+                    log.error("job %s: container %s: output proxy failed: %s", sess.job_id, sess.cid[:12], exc)
             pump_thread = threading.Thread(target=pumper, name=f"pump-{sess.cid[:12]}", daemon=True)
             pump_thread.start()
     threading.Thread(target=waiter, name=f"wait-{sess.cid[:12]}", daemon=True).start()
@@ -182,13 +148,14 @@ def supervise(daemon, conn, sess: Session) -> None:
                 # The client is gone (a SIGKILLed starter, a killed cbatch run): nobody else will stop it.
                 log.warning("job %s: container %s: client pid %d went away (%s): killing it", sess.job_id,
                             sess.cid[:12], sess.peer_pid, exc.problem)
+                _stop_pump(sess, pump, pump_thread, 0.0)
                 _remove(daemon, sess)
+                audit.job_end(sess, None, False, time.time() - sess.started_wall, "client went away: killed")
                 return
             for fd in fds:
                 os.close(fd)
             _handle(daemon, sess, msg)
-        if pump_thread is not None:
-            pump_thread.join(PUMP_DRAIN)
+        _stop_pump(sess, pump, pump_thread, PUMP_DRAIN)
         reply = _exit_event(sess, result)
         log.info("job %s: container %s exited: status %s%s", sess.job_id, sess.cid[:12], reply["status"],
                  " (out of memory)" if reply["oom"] else "")
@@ -197,7 +164,11 @@ def supervise(daemon, conn, sess: Session) -> None:
         except CbatchError as exc:
             log.warning("job %s: could not report the exit to pid %d: %s", sess.job_id, sess.peer_pid, exc)
         _remove(daemon, sess)
+        audit.job_end(sess, reply["status"], reply["oom"], time.time() - sess.started_wall,
+                      reply.get("message") or "")
     finally:
+        # Whatever happened above, the pump stops before any descriptor it might use is closed.
+        pump_alive = _stop_pump(sess, pump, pump_thread, 0.0)
         if saved_tty is not None:
             from cbatch.daemon import ttyproxy
             ttyproxy.restore(sess.tty_fd, saved_tty)
@@ -206,11 +177,28 @@ def supervise(daemon, conn, sess: Session) -> None:
         except OSError:
             pass
         os.close(wake_r)            # the waiter closes wake_w when it ends
-        for fd in sess.owned_fds:
+        for fd in () if pump_alive else sess.owned_fds:
             try:
                 os.close(fd)
             except OSError:
                 pass
+
+
+def _stop_pump(sess: Session, pump, thread, drain: float) -> bool:
+    """Let the pump flush for up to ``drain`` seconds, then stop it, join it and close its descriptors.
+    Idempotent. True if the thread is (impossibly) still running: then nothing it uses may be closed."""
+    if pump is None or thread is None:
+        return False
+    if drain:
+        thread.join(drain)
+    pump.stop()
+    thread.join(PUMP_STOP)
+    if thread.is_alive():
+        log.error("job %s: container %s: output proxy did not stop: keeping its descriptors", sess.job_id,
+                  sess.cid[:12])
+        return True
+    pump.close()
+    return False
 
 
 def _wait_through_engine_restarts(engine, sess: Session):
@@ -299,12 +287,6 @@ def _exit_event(sess: Session, result: dict) -> dict:
 
 
 def _remove(daemon, sess: Session) -> None:
-    if sess.name and getattr(daemon, "mount_root", None):
-        from cbatch.daemon import pinning
+    if sess.name:
         pinning.release(daemon.mount_root, sess.name)    # normally gone since the start; idempotent
-    try:
-        daemon.engine.remove(sess.cid)
-    except CbatchError as exc:
-        log.error("job %s: could not remove container %s: %s", sess.job_id, sess.cid[:12], exc)
-        return
-    daemon.registry.drop_container(sess.job_id, sess.cid)
+    cleanup.remove_container(daemon, sess.job_id, sess.cid)

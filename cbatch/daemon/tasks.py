@@ -149,23 +149,35 @@ def task(daemon, conn, peer, msg: dict, fds) -> Optional[dict]:
     return None
 
 
+PROXY_STOP = 5.0        # seconds to wait for a stopped proxy thread (it returns at its next poll)
+
+
 def _supervise_exec(daemon, conn, peer, job_id: str, eid: str, sock, fds) -> None:
     """Proxy the task's stdio, forward its signals, report its exit; kill it if its starter goes away."""
-    from cbatch.daemon.streams import pump
+    from cbatch.daemon.streams import Pump
 
     done = threading.Event()
     wake_r, wake_w = os.pipe2(os.O_CLOEXEC)
+    try:
+        # The pump works on its own opens of the task's descriptors, built here, stopped and joined below
+        # before anything of this session is closed (a descriptor number must never outlive its owner).
+        proxy = Pump(sock, fds[0], fds[1], fds[2])
+    except (CbatchError, OSError):
+        for fd in (wake_r, wake_w):
+            os.close(fd)
+        raise
 
     def pumper() -> None:
         try:
-            pump(sock, fds[0], fds[1], fds[2])
+            proxy.run()
         except Exception as exc:  # noqa: BLE001 - the client may close its end at any time
             log.info("job %s: exec %s: proxy ended: %s", job_id, eid[:12], exc)
         finally:
             done.set()
-            os.write(wake_w, b"x")
+            os.write(wake_w, b"x")      # wake_w is closed only after this thread has been joined
 
-    threading.Thread(target=pumper, name=f"exec-{eid[:12]}", daemon=True).start()
+    thread = threading.Thread(target=pumper, name=f"exec-{eid[:12]}", daemon=True)
+    thread.start()
     poller = select.poll()
     poller.register(conn, select.POLLIN | select.POLLHUP | select.POLLERR)
     poller.register(wake_r, select.POLLIN)
@@ -198,6 +210,12 @@ def _supervise_exec(daemon, conn, peer, job_id: str, eid: str, sock, fds) -> Non
         except CbatchError as exc:
             log.warning("job %s: could not report a task's exit to pid %d: %s", job_id, peer.pid, exc)
     finally:
+        proxy.stop()
+        thread.join(PROXY_STOP)
+        if thread.is_alive():       # cannot happen (it waits only in poll beside the stop pipe): keep its fds
+            log.error("job %s: exec %s: proxy did not stop: keeping its descriptors", job_id, eid[:12])
+            return
+        proxy.close()
         for obj in (sock, conn):
             try:
                 obj.close()

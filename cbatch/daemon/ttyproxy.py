@@ -51,53 +51,90 @@ def restore(fd: int, saved) -> None:
         pass
 
 
-def pump(sock, tty_fd: int) -> None:
-    """Copy bytes both ways between ``tty_fd`` and the container's raw attach socket until the container's
-    side closes (it exited). The terminal's end of input (a hung-up pty) closes the container's stdin."""
-    sock.setblocking(True)
-    poller = select.poll()
-    poller.register(sock, select.POLLIN | select.POLLHUP | select.POLLERR)
-    poller.register(tty_fd, select.POLLIN | select.POLLHUP | select.POLLERR)
-    while True:
-        for fd, _ev in poller.poll():
-            if fd == tty_fd:
-                try:
-                    data = os.read(tty_fd, _CHUNK)
-                except InterruptedError:
-                    continue
-                except OSError:          # EIO: every terminal-side descriptor is closed (qsub went away)
-                    data = b""
-                if not data:
-                    poller.unregister(tty_fd)
-                    _shut_write(sock)
-                    continue
-                try:
-                    sock.sendall(data)
-                except OSError:
-                    return
-            else:
-                try:
-                    data = sock.recv(_CHUNK)
-                except InterruptedError:
-                    continue
-                except OSError:
-                    data = b""
-                if not data:
-                    return
-                _write_all(tty_fd, data)
+class TtyPump:
+    """Copies bytes both ways between the job's terminal and the container's raw attach socket, with the
+    same life rules as :class:`cbatch.daemon.streams.Pump`: it works on its own non-blocking open of the
+    terminal (never on the client's descriptor number), waits only in ``poll`` beside a stop pipe, and
+    :meth:`stop` + join + :meth:`close` end it before the session closes anything. Construct it in the
+    session's thread, :meth:`run` it in another."""
 
+    def __init__(self, sock, tty_fd: int) -> None:
+        if fcntl.fcntl(tty_fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDWR:
+            # Reopen only with the access the client's own descriptor grants (root must not gain any).
+            raise OSError("the job's terminal descriptor is not open for reading and writing")
+        self.sock = sock
+        self.fd = os.open(f"/proc/self/fd/{tty_fd}", os.O_RDWR | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
+    def stop(self) -> None:
+        """Make :meth:`run` return at its next wait (safe from any thread, idempotent)."""
         try:
-            view = view[os.write(fd, view):]
-        except InterruptedError:
-            continue
-        except BlockingIOError:
-            select.select([], [fd], [])
-        except OSError:          # the terminal is gone: drop the output, keep draining the container
-            return
+            os.write(self._stop_w, b"x")
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        """Close what the pump opened. Only once the thread running :meth:`run` has returned."""
+        for fd in (self.fd, self._stop_r, self._stop_w):
+            if fd >= 0:
+                os.close(fd)
+        self.fd = self._stop_r = self._stop_w = -1
+
+    def run(self) -> None:
+        """Until the container's side closes (it exited) or :meth:`stop`. The terminal's end of input (a
+        hung-up pty) closes the container's stdin."""
+        sock, fd = self.sock, self.fd
+        sock.setblocking(True)
+        poller = select.poll()
+        poller.register(sock, select.POLLIN | select.POLLHUP | select.POLLERR)
+        poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+        poller.register(self._stop_r, select.POLLIN)
+        while True:
+            for ready, _ev in poller.poll():
+                if ready == self._stop_r:
+                    return
+                if ready == fd:
+                    try:
+                        data = os.read(fd, _CHUNK)
+                    except (InterruptedError, BlockingIOError):
+                        continue
+                    except OSError:          # EIO: every terminal-side descriptor is closed (qsub went away)
+                        data = b""
+                    if not data:
+                        poller.unregister(fd)
+                        _shut_write(sock)
+                        continue
+                    try:
+                        sock.sendall(data)
+                    except OSError:
+                        return
+                else:
+                    try:
+                        data = sock.recv(_CHUNK)
+                    except InterruptedError:
+                        continue
+                    except OSError:
+                        data = b""
+                    if not data or not self._write_all(data):
+                        return
+
+    def _write_all(self, data: bytes) -> bool:
+        """Write to the terminal; False when stopped while the terminal would not take more."""
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(self.fd, view):]
+            except InterruptedError:
+                continue
+            except BlockingIOError:
+                waiter = select.poll()
+                waiter.register(self.fd, select.POLLOUT)
+                waiter.register(self._stop_r, select.POLLIN)
+                if any(r == self._stop_r for r, _ev in waiter.poll()):
+                    return False
+            except OSError:          # the terminal is gone: drop the output, keep draining the container
+                return True
+        return True
 
 
 def _shut_write(sock) -> None:

@@ -9,7 +9,8 @@ import time
 import types
 
 from cbatch.core.job import Registration
-from cbatch.daemon import recovery
+from cbatch.daemon import cleanup, recovery
+from cbatch.daemon.adoptions import Adoptions
 from cbatch.daemon.registry import Registry
 
 
@@ -37,17 +38,13 @@ class FakeEngine:
 def _daemon(tmp_path, engine, monkeypatch):
     # Mount staging is not what these tests are about (and its clean-up mounts): left out.
     monkeypatch.setattr(recovery, "unpin_stale", lambda daemon: None)
+    # forget_job's engine sweep and cgroup tidy are cleanup's own business (tested with the daemon).
+    monkeypatch.setattr(cleanup, "forget_job", lambda daemon, job_id: daemon.registry.unregister(job_id))
     d = types.SimpleNamespace(engine=engine, instance="inst", registry=Registry(str(tmp_path / "state")),
-                              adoptions={}, lock=threading.Lock(), sweeping=threading.Lock(),
+                              adoptions=Adoptions(), lock=threading.Lock(), sweeping=threading.Lock(),
+                              started_at=time.time() + 3600,
                               config=types.SimpleNamespace(daemon=types.SimpleNamespace(mount_dir=str(tmp_path / "m"))),
                               mount_root=str(tmp_path / "m" / "inst"))
-
-    def remove_container(job_id, cid):
-        engine.remove(cid)
-        if job_id is not None:
-            d.registry.drop_container(job_id, cid)
-    d.remove_container = remove_container
-    d.op_unregister = lambda *a: d.registry.unregister(a[2]["job_id"])
     return d
 
 
@@ -77,7 +74,7 @@ def test_pending_start_whose_container_runs_is_adopted(tmp_path, monkeypatch):
     d.registry.add_container("1.vm", recovery.pending_key("cbatch-1.vm"), _me())
     recovery.recover(d)
     assert list(d.registry.get("1.vm").containers) == ["c1"]
-    assert "c1" in d.adoptions and not eng.removed
+    assert "c1" in d.adoptions.cids() and not eng.removed
     peer = types.SimpleNamespace(pid=os.getpid(), uid=os.getuid())
     assert recovery.waiting_for(d, peer) == ("c1", "1.vm")
     assert d.registry.get("1.vm").started
@@ -118,7 +115,7 @@ def test_recovery_waits_for_the_engine(tmp_path, monkeypatch):
     d.registry.add_container("1.vm", "c3", _me())
     recovery.recover(d)                      # returns at once: the daemon listens meanwhile
     assert d.recovered.wait(10)
-    assert eng.fail_lists == 0 and "c3" in d.adoptions
+    assert eng.fail_lists == 0 and "c3" in d.adoptions.cids()
 
 
 def test_slurm_job_ended(tmp_path):
