@@ -249,7 +249,7 @@ class Job:
         from cbatch.emulator import momtasks
         with self._lock:
             tasks = list(self._tasks)
-        momtasks.kill_tasks(tasks)
+        momproc.kill_tasks(tasks)
         return (256 - code if code < 0 else code), killed
 
     def _cleanup(self, exit_status) -> List[str]:

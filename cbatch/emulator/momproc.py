@@ -166,6 +166,17 @@ def kill_session(sid: int, patience: float = 3.0) -> None:
         time.sleep(0.02)
 
 
+def kill_tasks(procs) -> None:
+    """When the job ends pbs_mom kills every task's session (kill_job over the job's tasks)."""
+    for proc in procs:
+        if proc.poll() is None:
+            kill_session(proc.pid)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+
+
 def resources_used(seconds: float) -> str:
     """The epilogue's resources_used argument (the emulator measures only walltime)."""
     s = int(seconds)

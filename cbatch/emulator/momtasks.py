@@ -136,15 +136,3 @@ def task_child() -> None:
     except OSError as exc:
         os.write(2, f"PBS: {plan['starter']}: {exc.strerror}\n".encode())
         os._exit(254)
-
-
-def kill_tasks(procs: List[subprocess.Popen]) -> None:
-    """When the job ends pbs_mom kills every task's session (kill_job over the job's tasks)."""
-    from cbatch.emulator.momproc import kill_session
-    for proc in procs:
-        if proc.poll() is None:
-            kill_session(proc.pid)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
