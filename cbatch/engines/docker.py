@@ -46,7 +46,9 @@ import requests.exceptions
 from cbatch.core.errors import EngineError
 from cbatch.core.spec import HELPER_PATH, INIT_PATH, LABEL_INSTANCE, STDERR_PATH, STDOUT_PATH, ContainerSpec
 from cbatch.engines import imagecheck, layer
-from cbatch.engines.identity import (IDS_CAPS, UNPRIV_PORT_SYSCTL, helper_ids_args,
+from cbatch.engines.dockerexec import ExecOps
+from cbatch.engines.dockerimages import ImageInfo, ImageOps, _gone  # noqa: F401 - ImageInfo is part of the API
+from cbatch.engines.identity import (helper_argv, IDS_CAPS, UNPRIV_PORT_SYSCTL, helper_ids_args,
                                      host_unprivileged_port_start, init_binary)
 from cbatch.engines.imagecheck import shell_note  # noqa: F401 - re-exported for cbatch check
 
@@ -55,19 +57,6 @@ API_VERSION = "1.41"       # Debian 12's dockerd 20.10; newer engines still spea
 _HINT_DOWN = "is dockerd running? see cbatch check --node"
 STDIN_LINE_MAX = 60 * 1024  # cbatch-exec writes the line into a pipe before exec: it must fit the buffer
 VOLUME_TMPFS_BYTES = 64 * 1024 * 1024   # each image VOLUME becomes a tmpfs of at most this
-
-
-def helper_argv(opts: List[str], argv: List[str], what: str) -> List[str]:
-    """The helper's command line: ``/.cbatch/exec OPTS -- ARGV``. The one place both a container start and
-    an exec into a running container (TM tasks) build it, so options every command needs go here once."""
-    if any("\0" in a for a in list(argv) + list(opts)):
-        raise EngineError("container", "NUL byte in the command", what)
-    return [HELPER_PATH] + list(opts) + ["--"] + list(argv)
-
-
-def _gone(exc: Exception) -> bool:
-    """The container or image is not there (ImageNotFound is a NotFound)."""
-    return isinstance(exc, docker.errors.NotFound)
 
 
 @dataclass(frozen=True)
@@ -96,18 +85,7 @@ class ExitInfo:
     notice: Optional[str] = None     # one complete ``cbatch: ...`` line for the job's error file
 
 
-@dataclass(frozen=True)
-class ImageInfo:
-    """One local image: id (``sha256:...``), repo digests, size in bytes, and its tags."""
-
-    id: str
-    digests: Tuple[str, ...]
-    size: int
-    tags: Tuple[str, ...] = ()
-    created: str = ""          # the engine's RFC 3339 "Created" (build time); imagesync's prune age
-
-
-class Engine:
+class Engine(ExecOps, ImageOps):
     """A connection to one Docker engine. Cheap to build: nothing is sent until the first call."""
 
     def __init__(self, url: str = "unix:///var/run/docker.sock", timeout: float = 60):
@@ -432,96 +410,3 @@ class Engine:
             except EngineError:
                 pass  # reported below as a leftover
         return self.list_ids(labels)
-
-    # -- exec into a running container (TM tasks of a container job) ------------------------------------
-    def exec_start(self, cid: str, argv: List[str], env: Dict[str, str], workdir: str, uid: int, gid: int,
-                   groups: Sequence[int], umask: Optional[int] = None) -> Tuple[str, socket.socket]:
-        """Start ``argv`` in the running container ``cid`` as exactly ``uid:gid`` + ``groups`` with exactly
-        ``env`` and ``workdir`` (docker exec, no tty). Returns ``(exec id, attach socket)``: the socket carries
-        the multiplexed stdin/stdout/stderr for :func:`cbatch.daemon.streams.pump`. The command goes through
-        the helper like the container's own command (the same :func:`helper_argv`); as for the container, the
-        exec starts as ``0:0`` and the helper drops to the numeric ids (the engine would resolve a user's
-        supplementary groups from the image's own /etc/group)."""
-        opts = ["--umask", "%04o" % umask] if umask is not None else []
-        cmd = helper_argv(opts, argv, cid[:12])
-        user = f"{uid}:{gid}"
-        if uid != 0:
-            cmd = [HELPER_PATH] + helper_ids_args(uid, gid, groups) + ["--"] + cmd
-            user = "0:0"
-        envl = [f"{k}={v}" for k, v in env.items()]
-        res = self._call("exec create", cid, self.api.exec_create, cid, cmd, stdout=True, stderr=True,
-                         stdin=True, tty=False, environment=envl, workdir=workdir or None, user=user)
-        eid = res["Id"]
-        sio = self._call("exec start", cid, self.api.exec_start, eid, socket=True)
-        sock = getattr(sio, "_sock", sio)
-        sock.settimeout(None)
-        return eid, sock
-
-    def exec_state(self, eid: str) -> Tuple[bool, Optional[int], int]:
-        """``(running, exit code or None, host pid)`` of an exec started by :meth:`exec_start`."""
-        res = self._call("exec inspect", eid, self.api.exec_inspect, eid)
-        code = res.get("ExitCode")
-        return bool(res.get("Running")), (int(code) if code is not None else None), int(res.get("Pid") or 0)
-
-    def resize(self, cid: str, rows: int, cols: int) -> None:
-        """Set the terminal size of a container started with ``Stdio(tty=True)``; a stopped one is fine."""
-        self._call("resize", cid, self.api.resize, cid, height=int(rows), width=int(cols),
-                   ok=lambda exc: _gone(exc) or getattr(exc, "status_code", None) == 409)
-
-    def status(self, cid: str) -> str:
-        """The container's state (``created``, ``running``, ``exited``, ...), or ``gone``."""
-        attrs = self._call("inspect", cid, self.api.inspect_container, cid, ok=_gone)
-        return str(((attrs or {}).get("State") or {}).get("Status") or "gone")
-
-    def container_pid(self, cid: str) -> int:
-        """The host pid of the container's init (0 when not running)."""
-        return int(self._call("inspect", cid, self.api.inspect_container, cid)["State"]["Pid"])
-
-    # -- images -------------------------------------------------------------------------------------
-    @staticmethod
-    def _image(attrs: dict) -> ImageInfo:
-        return ImageInfo(id=attrs["Id"], digests=tuple(attrs.get("RepoDigests") or ()),
-                         size=int(attrs.get("Size") or 0), tags=tuple(attrs.get("RepoTags") or ()),
-                         created=str(attrs.get("Created") or ""))
-
-    def image_info(self, ref: str) -> Optional[ImageInfo]:
-        """The local image ``ref`` names, or None when it is not on this node."""
-        attrs = self._call("inspect image", ref, self.api.inspect_image, ref, ok=_gone)
-        return self._image(attrs) if attrs else None
-
-    image_present = image_info     # the name docs/architecture.md used first
-
-    def pull(self, ref: str, auth_config: Optional[dict] = None,
-             progress: Optional[Callable[[dict], None]] = None) -> ImageInfo:
-        """Pull ``ref`` (``name[:tag]`` or ``name@digest``); ``progress`` gets each engine event dict."""
-        repo, tag = docker.utils.parse_repository_tag(ref)
-        try:
-            for event in self.api.pull(repo, tag=tag or "latest", stream=True, decode=True,
-                                       auth_config=auth_config):
-                if "error" in event:
-                    raise EngineError("image", "pull failed", ref, str(event["error"]).strip())
-                if progress:
-                    progress(event)
-        except Exception as exc:  # noqa: BLE001
-            raise self._fail(exc, "pull", ref) from exc
-        info = self.image_info(ref)
-        if info is None:
-            raise EngineError("image", "pull failed", ref, "the engine reported success but has no image")
-        return info
-
-    def list_images(self) -> List[ImageInfo]:
-        """Every local image."""
-        return [self._image(self._call("inspect image", i["Id"], self.api.inspect_image, i["Id"]))
-                for i in self._call("list images", None, self.api.images)]
-
-    def image_ids_in_use(self) -> set:
-        """Image ids of every container on this node, running or not (imagesync never prunes those)."""
-        return {c.get("ImageID") for c in self._call("list containers", None, self.api.containers, all=True)
-                if c.get("ImageID")}
-
-    def remove_image(self, ref: str) -> bool:
-        """Remove the image ``ref`` (not forced: an image in use stays). False when it was not there."""
-        return bool(self._call("remove image", ref, lambda: self.api.remove_image(ref) or True, ok=_gone))
-
-
-# -- attach demultiplexer ---------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import os
 from typing import Iterable, List
 
 from cbatch.core.errors import EngineError
+from cbatch.core.spec import HELPER_PATH
 
 # What the container's root keeps until the helper drops to the job's ids: set*id and emptying the
 # bounding set. Nothing else; nothing of it survives the drop.
@@ -50,3 +51,11 @@ def host_unprivileged_port_start() -> int:
             return max(PRIVILEGED_PORTS, int(fh.read().strip()))
     except (OSError, ValueError):
         return PRIVILEGED_PORTS
+
+
+def helper_argv(opts: List[str], argv: List[str], what: str) -> List[str]:
+    """The helper's command line: ``/.cbatch/exec OPTS -- ARGV``. The one place both a container start and
+    an exec into a running container (TM tasks) build it, so options every command needs go here once."""
+    if any("\0" in a for a in list(argv) + list(opts)):
+        raise EngineError("container", "NUL byte in the command", what)
+    return [HELPER_PATH] + list(opts) + ["--"] + list(argv)
