@@ -5,7 +5,8 @@ cbatchd answers on its socket, the engine answers (as seen by the daemon, or dir
 down and we are root), the pbs_mom hooks and the job starter are installed with the modes pbs_mom demands
 and name an interpreter that exists, mom_priv/config points ``$job_starter`` at our starter, and the
 in-container helper is present, root-owned and statically linked (it runs inside arbitrary images, which
-may have no libc at all). Exit status 1 if anything FAILed.
+may have no libc at all). Exit status 1 if anything FAILed. One more line says what TORQUE's accounting
+covers on this node (with or without its cgroup build); that line is information, never a FAIL.
 """
 
 from __future__ import annotations
@@ -18,10 +19,15 @@ from typing import Callable, Optional, Tuple
 
 from cbatch.admin import install
 from cbatch.core.errors import CbatchError
+from cbatch.host import cgroups
 
 DEFAULT_MOM_PRIV = "/var/spool/torque/mom_priv"
 DEFAULT_STARTER = "/usr/libexec/cbatch/job_starter"
 PT_INTERP = 3
+# Only TORQUE's --enable-cgroups build has code reading PBS_HOME/trq-cgroup-paths: its name in the binary
+# tells the two builds apart (checked on both builds of this project's kit).
+CGROUP_BUILD_MARKER = b"trq-cgroup-paths"
+MAX_BINARY = 64 << 20
 
 
 def elf_is_static(path: str) -> Tuple[bool, str]:
@@ -139,7 +145,63 @@ def run_checks(config_path: str, mom_priv: str, out=sys.stdout) -> int:
         return static, path if static else f"{path}: {why} (it must run in images without libc)"
 
     rep.run("helper", check_helper)
+    rep.run("accounting", lambda: torque_accounting(mom_priv))
     return rep.failed
+
+
+def _running_mom(mom_priv: str, proc: str = "/proc") -> Optional[str]:
+    """The path of the pbs_mom binary running for ``mom_priv`` (its mom.lock pid), or None."""
+    try:
+        with open(os.path.join(mom_priv, "mom.lock"), "rb") as fh:
+            pid = int(fh.read(64).split(b"\0")[0].strip())
+        with open(os.path.join(proc, str(pid), "comm")) as fh:
+            if fh.read(64).strip() != "pbs_mom":
+                return None                 # a stale lock whose pid now belongs to something else
+        return os.readlink(os.path.join(proc, str(pid), "exe"))
+    except (OSError, ValueError):
+        return None
+
+
+def _has_marker(path: str) -> Optional[bool]:
+    """Whether the binary ``path`` contains :data:`CGROUP_BUILD_MARKER` (None if unreadable)."""
+    tail, seen = b"", 0
+    try:
+        with open(path, "rb") as fh:
+            while seen < MAX_BINARY:
+                chunk = fh.read(1 << 20)
+                if not chunk:
+                    return False
+                if CGROUP_BUILD_MARKER in tail + chunk:
+                    return True
+                tail, seen = chunk[-len(CGROUP_BUILD_MARKER):], seen + len(chunk)
+    except OSError:
+        return None
+    return False
+
+
+def torque_accounting(mom_priv: str, root: str = cgroups.CGROUP_ROOT, proc: str = "/proc") -> Tuple[bool, str]:
+    """Which TORQUE this node runs, and so what ``resources_used`` and ``cput=`` cover for container jobs.
+
+    The running pbs_mom's binary decides (only the cgroup build reads trq-cgroup-paths). With pbs_mom down,
+    what a cgroup build leaves decides: PBS_HOME/trq-cgroup-paths, or a /torque cgroup in memory or cpuset
+    (where cbatchd looks for a job's cgroup to nest its container in).
+    """
+    exe = _running_mom(mom_priv, proc)
+    built = _has_marker(exe) if exe else None
+    if built is not None:
+        how = f"running {exe} built with{'' if built else 'out'} --enable-cgroups"
+    else:
+        pbs_home = os.path.dirname(os.path.normpath(mom_priv))
+        seen = [p for p in (os.path.join(pbs_home, "trq-cgroup-paths"), os.path.join(root, "memory", "torque"),
+                            os.path.join(root, "cpuset", "torque"), os.path.join(root, "torque")) if os.path.exists(p)]
+        built = bool(seen)
+        how = ("pbs_mom not running, so guessed from " + (", ".join(seen) if seen else
+               "no trq-cgroup-paths, no /torque cgroup") + "; start it for a definite answer")
+    if built:
+        return True, (f"TORQUE cgroups: containers nest under /torque/<jobid>, so resources_used.cput/mem "
+                      f"include them and pbs_mom enforces cput= ({how})")
+    return True, (f"no TORQUE cgroups: resources_used.cput/mem do not include containers; cbatchd enforces "
+                  f"cput= on each container itself ({how}; TORQUE's --enable-cgroups build accounts them)")
 
 
 def _hook(path: str, kind: str, python: str, socket_path: str) -> Tuple[bool, str]:

@@ -70,6 +70,7 @@ class Resources:
     mem: Optional[int] = None
     pmem: Optional[int] = None
     walltime: Optional[int] = None
+    cput: Optional[int] = None          # CPU time of the whole job, seconds (Torque ``cput=``)
     gpus: Optional[int] = None
     extra: Tuple[Tuple[str, str], ...] = ()
     raw: str = ""
@@ -114,7 +115,7 @@ class Resources:
     def to_dict(self) -> dict:
         """A JSON-safe summary (used by ``cbatch check`` and logs)."""
         return {"nodes": self.node_count, "ppn": self.ppn, "ncpus": self.ncpus, "mem": self.mem,
-                "pmem": self.pmem, "walltime": self.walltime, "gpus": self.gpus, "extra": dict(self.extra)}
+                "pmem": self.pmem, "walltime": self.walltime, "cput": self.cput, "gpus": self.gpus, "extra": dict(self.extra)}
 
 
 def _error(item: str, problem: str, hint: str) -> JobError:
@@ -179,7 +180,8 @@ def parse_resource_list(text: str) -> Resources:
                 values[key] = _parse_nodes(value, item)
             elif key in ("mem", "pmem"):
                 values[key] = parse_size(value)
-            elif key == "walltime":
+            elif key in ("walltime", "cput"):
+                # Torque writes cput in walltime's format (HH:MM:SS, or plain seconds).
                 values[key] = parse_walltime(value)
             elif key in ("ncpus", "gpus"):
                 if not (value.isdigit() and value.isascii()):
@@ -188,12 +190,12 @@ def parse_resource_list(text: str) -> Resources:
             else:
                 extra.append((key, value))
         except ValueError as exc:
-            hint = {"mem": SIZE_HINT, "pmem": SIZE_HINT, "walltime": WALLTIME_HINT}.get(key,
-                                                                                      "a non-negative integer")
+            hint = {"mem": SIZE_HINT, "pmem": SIZE_HINT, "walltime": WALLTIME_HINT,
+                    "cput": WALLTIME_HINT}.get(key, "a non-negative integer")
             raise _error(item, f"malformed {key}", hint) from exc
     gpus = values.get("gpus")
     if gpus is None and "nodes" in values and any(n.gpus for n in values["nodes"]):
         gpus = max(n.gpus for n in values["nodes"])
     return Resources(nodes=values.get("nodes", ()), ncpus=values.get("ncpus"), mem=values.get("mem"),
-                     pmem=values.get("pmem"), walltime=values.get("walltime"), gpus=gpus,
+                     pmem=values.get("pmem"), walltime=values.get("walltime"), cput=values.get("cput"), gpus=gpus,
                      extra=tuple(extra), raw=text)

@@ -258,7 +258,8 @@ def _launch(daemon, conn, peer, job, spec, stdio, pump, fds, kind: str, tty_fd=N
     sess = Session(cid="", job_id=job.job_id, batch=job.batch, kind=kind, peer_pid=peer.pid, uid=peer.uid,
                    memory_limit=limit, pump_fds=pump, owned_fds=tuple(fds), name=spec.name, tty_fd=tty_fd,
                    user=job.identity.user, queue=job.queue, image=spec.image,
-                   image_id=getattr(info, "id", "") or "", cgroup_parent=job.cgroup_parent)
+                   image_id=getattr(info, "id", "") or "", cgroup_parent=job.cgroup_parent,
+                   cput_limit=job.resources.cput)
     # Recorded BEFORE the engine creates anything: a daemon that dies from here on leaves a record naming
     # the client and the container's labels, so its successor finds the container (however far the start
     # got) and the client can take it back (attach without an id) - no start-to-record window.
@@ -295,6 +296,11 @@ def _launch(daemon, conn, peer, job, spec, stdio, pump, fds, kind: str, tty_fd=N
     return sess
 
 
+def _int_or_none(value):
+    """A recorded number (the registry is root's own file; still, only an int becomes a limit)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
 def attach(daemon, conn, peer, msg: dict, fds) -> None:
     """A client whose connection dropped (daemon restart) takes its container back."""
     job_id = protocol.get_str(msg, "job_id", None)
@@ -315,7 +321,7 @@ def attach(daemon, conn, peer, msg: dict, fds) -> None:
                    peer_pid=peer.pid, uid=peer.uid, memory_limit=info.get("memory_limit"),
                    owned_fds=tuple(fds), user=str(info.get("user", "")), queue=str(info.get("queue", "")),
                    image=str(info.get("image", "")), image_id=str(info.get("image_id", "")),
-                   cgroup_parent=info.get("cgroup_parent"),
+                   cgroup_parent=info.get("cgroup_parent"), cput_limit=_int_or_none(info.get("cput_limit")),
                    started_wall=float(info.get("started_wall") or time.time()))
     try:
         protocol.send(conn, {"ok": True, "event": "attached", "id": cid, "job_id": job_id})

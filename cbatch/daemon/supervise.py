@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 from cbatch import protocol
-from cbatch.daemon import audit, cleanup, peers, pinning, streams
+from cbatch.daemon import audit, cleanup, cputwatch, peers, pinning, streams
 from cbatch.core.errors import CbatchError, EngineError, JobError
 
 log = logging.getLogger("cbatchd")
@@ -58,6 +58,7 @@ class Session:
     image: str = ""
     image_id: str = ""
     cgroup_parent: Optional[str] = None
+    cput_limit: Optional[int] = None   # seconds; enforced by cbatch.daemon.cputwatch without a TORQUE job cgroup
     started_at: float = field(default_factory=time.monotonic)
     started_wall: float = field(default_factory=time.time)   # kept across a daemon restart (the record)
 
@@ -66,7 +67,8 @@ class Session:
         return {"peer": self.peer_pid, "peer_start": peers.start_time(self.peer_pid), "kind": self.kind,
                 "uid": self.uid, "memory_limit": self.memory_limit, "batch": self.batch, "user": self.user,
                 "queue": self.queue, "image": self.image, "image_id": self.image_id,
-                "cgroup_parent": self.cgroup_parent, "started_wall": self.started_wall}
+                "cgroup_parent": self.cgroup_parent, "cput_limit": self.cput_limit,
+                "started_wall": self.started_wall}
 
 
 def supervise(daemon, conn, sess: Session) -> None:
@@ -131,6 +133,7 @@ def supervise(daemon, conn, sess: Session) -> None:
             pump_thread = threading.Thread(target=pumper, name=f"pump-{sess.cid[:12]}", daemon=True)
             pump_thread.start()
     threading.Thread(target=waiter, name=f"wait-{sess.cid[:12]}", daemon=True).start()
+    watch = cputwatch.start(daemon, sess)
 
     poller = select.poll()
     poller.register(conn, select.POLLIN | select.POLLHUP | select.POLLERR)
@@ -156,7 +159,7 @@ def supervise(daemon, conn, sess: Session) -> None:
                 os.close(fd)
             _handle(daemon, sess, msg)
         _stop_pump(sess, pump, pump_thread, PUMP_DRAIN)
-        reply = _exit_event(sess, result)
+        reply = _with_line(_exit_event(sess, result), cputwatch.stop(daemon, watch))
         log.info("job %s: container %s exited: status %s%s", sess.job_id, sess.cid[:12], reply["status"],
                  " (out of memory)" if reply["oom"] else "")
         try:
@@ -167,6 +170,7 @@ def supervise(daemon, conn, sess: Session) -> None:
         audit.job_end(sess, reply["status"], reply["oom"], time.time() - sess.started_wall,
                       reply.get("message") or "")
     finally:
+        cputwatch.stop(daemon, watch)     # no watcher outlives its session (idempotent)
         # Whatever happened above, the pump stops before any descriptor it might use is closed.
         pump_alive = _stop_pump(sess, pump, pump_thread, 0.0)
         if saved_tty is not None:
@@ -284,6 +288,13 @@ def _exit_event(sess: Session, result: dict) -> dict:
         lines.append(info.notice)
     message = "\n".join(lines) or None
     return {"event": "exit", "status": status, "oom": bool(info.oom_killed), "message": message}
+
+
+def _with_line(reply: dict, line: Optional[str]) -> dict:
+    """The exit event with ``line`` (why cbatch stopped the container) first in its message."""
+    if line:
+        reply["message"] = "\n".join(filter(None, (line, reply.get("message"))))
+    return reply
 
 
 def _remove(daemon, sess: Session) -> None:

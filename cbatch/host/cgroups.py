@@ -148,3 +148,52 @@ def tidy(parent: str, root: str = CGROUP_ROOT, keep_parent_in: Optional[Iterable
 def existing_in(top: str) -> List[str]:
     """Directories at and under ``top`` that exist (empty when ``top`` is gone)."""
     return sorted(_dirs_under(top)) if os.path.isdir(top) else []
+
+
+def cpu_usage_file(pid: int, cid: str, root: str = CGROUP_ROOT, proc: str = "/proc") -> Optional[str]:
+    """The file that counts the CPU time of container ``cid`` whose init process is ``pid``, or None.
+
+    Where the engine put the container (``/docker/<cid>``, a ``--cgroup-parent``, a systemd scope) is read
+    from /proc/<pid>/cgroup - written by the kernel, not forgeable from inside - and accepted only if the
+    path names ``cid`` (a pid reused after the container exited names another cgroup). cgroup v1's
+    ``cpuacct.usage`` (nanoseconds) is preferred; a pure v2 host has ``cpu.stat`` (``usage_usec``).
+    """
+    try:
+        with open(os.path.join(proc, str(int(pid)), "cgroup")) as fh:
+            lines = fh.read().splitlines()
+    except (OSError, ValueError):
+        return None
+    found = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3 or not {cid, f"docker-{cid}.scope"} & set(parts[2].split("/")):
+            continue
+        try:
+            rel = _safe_parent(parts[2])
+        except ValueError:
+            continue
+        ctls = parts[1].split(",")
+        if "cpuacct" in ctls:
+            for name in ("cpuacct", "cpu,cpuacct", "cpuacct,cpu"):
+                found.insert(0, os.path.join(root, name) + rel + "/cpuacct.usage")
+        elif parts[0] == "0" and not parts[1]:
+            found.append(os.path.join(root, "unified") + rel + "/cpu.stat")
+            found.append(root + rel + "/cpu.stat")
+    return next((path for path in found if os.path.isfile(path)), None)
+
+
+def read_cpu_ns(path: str) -> Optional[int]:
+    """CPU time in nanoseconds from a ``cpuacct.usage`` or ``cpu.stat`` file; None once it is gone."""
+    try:
+        with open(path) as fh:
+            text = fh.read(4096)
+    except OSError:
+        return None
+    if path.endswith("cpu.stat"):
+        for line in text.splitlines():
+            key, _sep, value = line.partition(" ")
+            if key == "usage_usec" and value.strip().isdigit():
+                return int(value) * 1000
+        return None
+    text = text.strip()
+    return int(text) if text.isdigit() else None

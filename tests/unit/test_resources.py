@@ -52,6 +52,18 @@ def test_keys_case_insensitive_and_all_known_keys():
     assert r.cpus_on() == 3            # ncpus wins over ppn
 
 
+@pytest.mark.parametrize("text,seconds", [("cput=00:00:03", 3), ("cput=3", 3), ("CPUT=1:30:00", 5400),
+                                          ("cput=100:00:00", 360000), ("cput=1:00:00:00", 86400)])
+def test_cput_is_seconds(text, seconds):
+    r = parse_resource_list(f"nodes=1,{text},walltime=00:10:00")
+    assert r.cput == seconds and r.walltime == 600
+    assert r.extra == () and r.to_dict()["cput"] == seconds
+
+
+def test_no_cput_is_none():
+    assert parse_resource_list("nodes=1,pcput=00:00:05").cput is None     # per-process cput is not cput
+
+
 def test_host_list_and_cpus_on_this_node():
     r = parse_resource_list("nodes=node1+node2:ppn=2")
     assert [n.host for n in r.nodes] == ["node1", "node2"]
@@ -95,6 +107,9 @@ def test_empty_list():
     ("mem", "cbatch: resource list: malformed resource: mem (key=value[,key=value...])"),
     ("mem=1mb,mem=2mb", "cbatch: resource list: resource given twice: mem=2mb (give each resource once)"),
     ("ncpus=-1", "cbatch: resource list: malformed ncpus: ncpus=-1 (a non-negative integer)"),
+    ("cput=00:61:00", "cbatch: resource list: malformed cput: cput=00:61:00 "
+                      "(seconds, MM:SS, HH:MM:SS or DD:HH:MM:SS)"),
+    ("cput=1h", "cbatch: resource list: malformed cput: cput=1h (seconds, MM:SS, HH:MM:SS or DD:HH:MM:SS)"),
 ])
 def test_errors(text, message):
     with pytest.raises(JobError) as exc:
