@@ -31,6 +31,13 @@ def hms(seconds: float) -> str:
     return f"{s // 3600:02d}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
+def hms_ns(ns: int) -> str:
+    """``HH:MM:SS.d`` of a CPU time in nanoseconds, rounded UP to the tenth: a time just over the limit
+    never reads as equal to it."""
+    s, frac = divmod(-(-int(ns) // 100_000_000), 10)
+    return f"{hms(s)}.{frac}"
+
+
 def exceeded(used_ns: Optional[int], limit_s: int) -> bool:
     """True once the container's CPU time is strictly above the limit (pbs_mom: ``cput > limit``)."""
     return used_ns is not None and used_ns > limit_s * 1_000_000_000
@@ -38,7 +45,7 @@ def exceeded(used_ns: Optional[int], limit_s: int) -> bool:
 
 def message(job_id: str, used_ns: int, limit_s: int) -> str:
     """The one line the job's .e file gets."""
-    return JobError(f"job {job_id}", "cput limit exceeded", f"{hms(used_ns / 1e9)} > {hms(limit_s)}",
+    return JobError(f"job {job_id}", "cput limit exceeded", f"{hms_ns(used_ns)} > {hms(limit_s)}",
                     "CPU time of all the container's processes; request more with qsub -l cput=HH:MM:SS").message
 
 

@@ -22,9 +22,11 @@ def test_exceeded_is_strictly_above(used, limit, over):
 
 def test_message_is_one_line_in_the_house_format():
     line = cputwatch.message("12.node", 4_200_000_000, 3)
-    assert line == ("cbatch: job 12.node: cput limit exceeded: 00:00:04 > 00:00:03 (CPU time of all the "
+    assert line == ("cbatch: job 12.node: cput limit exceeded: 00:00:04.2 > 00:00:03 (CPU time of all the "
                     "container's processes; request more with qsub -l cput=HH:MM:SS)")
     assert cputwatch.hms(360000 + 61) == "100:01:01"
+    assert cputwatch.hms_ns(3 * S + 1) == "00:00:03.1"        # never "3.0 > 3"
+    assert cputwatch.hms_ns(59_950_000_000) == "00:01:00.0" and cputwatch.hms_ns(2 * S) == "00:00:02.0"
 
 
 def test_watch_kills_once_at_the_first_reading_above_the_limit():
@@ -33,7 +35,7 @@ def test_watch_kills_once_at_the_first_reading_above_the_limit():
     w = cputwatch.Watch("7.node", 3, lambda: next(readings), lambda: kills.append(1), poll=0)
     w.run()                                 # returns by itself: the limit was exceeded
     assert kills == [1]
-    assert w.line.startswith("cbatch: job 7.node: cput limit exceeded: 00:00:03 > 00:00:03 (")
+    assert w.line.startswith("cbatch: job 7.node: cput limit exceeded: 00:00:03.1 > 00:00:03 (")
     assert next(readings) == 9 * S          # it stopped polling at the kill
 
 
@@ -90,7 +92,7 @@ def test_started_watcher_reads_the_container_cgroup_and_stops_it(tmp_path, monke
     w = cputwatch.start(d, _sess(cput_limit=3))
     assert stopped.wait(30)
     line = cputwatch.stop(d, w)
-    assert "cput limit exceeded: 00:00:04 > 00:00:03" in line and not w.thread.is_alive()
+    assert "cput limit exceeded: 00:00:04.0 > 00:00:03" in line and not w.thread.is_alive()
 
 
 def test_line_goes_first_in_the_exit_message():
