@@ -12,6 +12,7 @@ covers on this node (with or without its cgroup build); that line is information
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import struct
 import sys
@@ -182,20 +183,23 @@ def _has_marker(path: str) -> Optional[bool]:
 def torque_accounting(mom_priv: str, root: str = cgroups.CGROUP_ROOT, proc: str = "/proc") -> Tuple[bool, str]:
     """Which TORQUE this node runs, and so what ``resources_used`` and ``cput=`` cover for container jobs.
 
-    The running pbs_mom's binary decides (only the cgroup build reads trq-cgroup-paths). With pbs_mom down,
-    what a cgroup build leaves decides: PBS_HOME/trq-cgroup-paths, or a /torque cgroup in memory or cpuset
-    (where cbatchd looks for a job's cgroup to nest its container in).
+    The running pbs_mom's binary decides (only the cgroup build reads trq-cgroup-paths), else the pbs_mom on
+    PATH. With neither, what a cgroup build leaves is a guess: PBS_HOME/trq-cgroup-paths, or a /torque cgroup
+    in memory or cpuset (where cbatchd looks for a job's cgroup to nest its container in).
     """
-    exe = _running_mom(mom_priv, proc)
+    exe, state = _running_mom(mom_priv, proc), "running"
+    if exe is None:
+        # pbs_mom is down: the pbs_mom on PATH is the one an init script would start.
+        exe, state = shutil.which("pbs_mom"), "pbs_mom not running; installed"
     built = _has_marker(exe) if exe else None
     if built is not None:
-        how = f"running {exe} built with{'' if built else 'out'} --enable-cgroups"
+        how = f"{state} {exe} built with{'' if built else 'out'} --enable-cgroups"
     else:
         pbs_home = os.path.dirname(os.path.normpath(mom_priv))
         seen = [p for p in (os.path.join(pbs_home, "trq-cgroup-paths"), os.path.join(root, "memory", "torque"),
                             os.path.join(root, "cpuset", "torque"), os.path.join(root, "torque")) if os.path.exists(p)]
         built = bool(seen)
-        how = ("pbs_mom not running, so guessed from " + (", ".join(seen) if seen else
+        how = ("pbs_mom not running nor on PATH, so guessed from " + (", ".join(seen) if seen else
                "no trq-cgroup-paths, no /torque cgroup") + "; start it for a definite answer")
     if built:
         return True, (f"TORQUE cgroups: containers nest under /torque/<jobid>, so resources_used.cput/mem "

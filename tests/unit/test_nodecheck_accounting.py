@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from cbatch.admin import nodecheck
 
 
@@ -26,6 +28,12 @@ def _node(tmp_path, binary: bytes | None, comm="pbs_mom", trq_paths=False, torqu
     if torque_dirs:
         (root / "memory" / "torque").mkdir(parents=True)
     return str(home / "mom_priv"), str(root), str(proc)
+
+
+@pytest.fixture(autouse=True)
+def no_pbs_mom_on_path(tmp_path, monkeypatch):
+    (tmp_path / "emptybin").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "emptybin"))
 
 
 def test_cgroup_build_running(tmp_path):
@@ -52,3 +60,13 @@ def test_mom_down_guesses_from_what_a_cgroup_build_leaves(tmp_path):
 def test_stale_lock_of_another_process_is_not_the_mom(tmp_path):
     ok, line = nodecheck.torque_accounting(*_node(tmp_path, b"trq-cgroup-paths", comm="bash"))
     assert line.startswith("no TORQUE cgroups") and "not running" in line
+
+
+def test_mom_down_the_pbs_mom_on_path_decides(tmp_path, monkeypatch):
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "pbs_mom").write_bytes(b"plain build")
+    (bin_ / "pbs_mom").chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_))
+    ok, line = nodecheck.torque_accounting(*_node(tmp_path / "n", None, torque_dirs=True))
+    assert line.startswith("no TORQUE cgroups") and f"installed {bin_}/pbs_mom built without" in line
