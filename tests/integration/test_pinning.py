@@ -110,8 +110,9 @@ def test_pinned_mounts_show_the_right_content_and_leave_nothing(pmom, pdaemon, a
         assert job.wait_output(b"ready\n", timeout=120), job.peek()
         # Running: the container's own namespace holds its mounts (they survive the unpin: see the output);
         # the staging points go as soon as the engine's start returns.
-        assert wait_until(lambda: not _staged_mounts(pdaemon.mount_root), 10) is not None
-        assert pinning.staged(pdaemon.mount_root) == []
+        # release() unmounts, then removes the staging directory: wait for the end of both.
+        assert wait_until(lambda: not _staged_mounts(pdaemon.mount_root)
+                          and pinning.staged(pdaemon.mount_root) == [], 10) is not None
     finally:
         (d / "go").touch()
     r = job.wait(120)
