@@ -133,22 +133,14 @@ def _endpoint(fd: Optional[int], writing: bool, opened: list) -> Optional[Endpoi
     return ep if ep.fd >= 0 else None     # None: an output discarded, or stdin at its end at once
 
 
-class Pump:
-    """Copies stdin into the attach socket and demultiplexes its frames onto stdout/stderr until the engine
-    closes the stream or :meth:`stop` is called. Construct it in the session's thread (it opens its own
-    descriptors there), :meth:`run` it in another, then :meth:`stop`, join that thread, and :meth:`close`."""
+class Stoppable:
+    """A proxy's life rules: it works only on descriptors it opened itself, waits only in ``poll`` beside a
+    stop pipe, and is ended by :meth:`stop`, a join of the thread running it, then :meth:`close` (so no
+    descriptor number it uses is closed, or reused, while it may still use it)."""
 
-    def __init__(self, sock: socket.socket, stdin_fd: Optional[int], stdout_fd: Optional[int],
-                 stderr_fd: Optional[int]) -> None:
-        self.sock = sock
-        self._opened: list = []
+    def __init__(self) -> None:
+        self._opened: list = []          # objects with close(): what the proxy opened
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        try:
-            self.stdin = _endpoint(stdin_fd, False, self._opened)
-            self.out = {1: _endpoint(stdout_fd, True, self._opened), 2: _endpoint(stderr_fd, True, self._opened)}
-        except BaseException:
-            self.close()
-            raise
 
     def stop(self) -> None:
         """Make :meth:`run` return at its next wait (safe from any thread, idempotent)."""
@@ -158,7 +150,7 @@ class Pump:
             pass
 
     def close(self) -> None:
-        """Close every descriptor the pump opened. Only once the thread running :meth:`run` has returned."""
+        """Close every descriptor the proxy opened. Only once the thread running it has returned."""
         for ep in self._opened:
             ep.close()
         self._opened = []
@@ -166,6 +158,23 @@ class Pump:
             if fd >= 0:
                 os.close(fd)
         self._stop_r = self._stop_w = -1
+
+
+class Pump(Stoppable):
+    """Copies stdin into the attach socket and demultiplexes its frames onto stdout/stderr until the engine
+    closes the stream or :meth:`stop` is called. Construct it in the session's thread (it opens its own
+    descriptors there), :meth:`run` it in another, then :meth:`stop`, join that thread, and :meth:`close`."""
+
+    def __init__(self, sock: socket.socket, stdin_fd: Optional[int], stdout_fd: Optional[int],
+                 stderr_fd: Optional[int]) -> None:
+        super().__init__()
+        self.sock = sock
+        try:
+            self.stdin = _endpoint(stdin_fd, False, self._opened)
+            self.out = {1: _endpoint(stdout_fd, True, self._opened), 2: _endpoint(stderr_fd, True, self._opened)}
+        except BaseException:
+            self.close()
+            raise
 
     def run(self) -> None:
         """The copy loop (see the class docstring). Never blocks anywhere but in ``poll``."""

@@ -111,27 +111,14 @@ def supervise(daemon, conn, sess: Session) -> None:
         else:
             saved_tty = ttyproxy.make_raw(sess.tty_fd)
             _resize(daemon, sess)
-
-            def tty_pumper() -> None:
-                try:
-                    pump.run()
-                except Exception as exc:  # noqa: BLE001 - the terminal may go away at any time
-                    log.info("job %s: container %s: terminal proxy ended: %s", sess.job_id, sess.cid[:12], exc)
-            pump_thread = threading.Thread(target=tty_pumper, name=f"tty-{sess.cid[:12]}", daemon=True)
-            pump_thread.start()
+            pump_thread = _run_proxy(sess, pump, "tty")
     elif any(fd is not None for fd in sess.pump_fds):
         try:
             pump = streams.Pump(engine.attach(sess.cid), *sess.pump_fds)
         except (CbatchError, OSError) as exc:
             log.error("job %s: container %s: no output proxy: %s", sess.job_id, sess.cid[:12], exc)
         else:
-            def pumper() -> None:
-                try:
-                    pump.run()
-                except Exception as exc:  # noqa: BLE001 - a bug here must still end the session
-                    log.error("job %s: container %s: output proxy failed: %s", sess.job_id, sess.cid[:12], exc)
-            pump_thread = threading.Thread(target=pumper, name=f"pump-{sess.cid[:12]}", daemon=True)
-            pump_thread.start()
+            pump_thread = _run_proxy(sess, pump, "pump")
     threading.Thread(target=waiter, name=f"wait-{sess.cid[:12]}", daemon=True).start()
     watch = cputwatch.start(daemon, sess)
 
@@ -186,6 +173,19 @@ def supervise(daemon, conn, sess: Session) -> None:
                 os.close(fd)
             except OSError:
                 pass
+
+
+def _run_proxy(sess: Session, proxy, what: str) -> threading.Thread:
+    """Run ``proxy`` (a :class:`cbatch.daemon.streams.Stoppable`) in its own thread; :func:`_stop_pump`
+    ends it."""
+    def run() -> None:
+        try:
+            proxy.run()
+        except Exception as exc:  # noqa: BLE001 - a bug, or a terminal gone, must still end the session
+            log.error("job %s: container %s: %s proxy failed: %s", sess.job_id, sess.cid[:12], what, exc)
+    thread = threading.Thread(target=run, name=f"{what}-{sess.cid[:12]}", daemon=True)
+    thread.start()
+    return thread
 
 
 def _stop_pump(sess: Session, pump, thread, drain: float) -> bool:

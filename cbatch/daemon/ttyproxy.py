@@ -18,6 +18,8 @@ import termios
 import tty
 from typing import Optional, Tuple
 
+from cbatch.daemon.streams import Stoppable
+
 _CHUNK = 65536
 
 
@@ -51,34 +53,34 @@ def restore(fd: int, saved) -> None:
         pass
 
 
-class TtyPump:
+class _Fd:
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class TtyPump(Stoppable):
     """Copies bytes both ways between the job's terminal and the container's raw attach socket, with the
-    same life rules as :class:`cbatch.daemon.streams.Pump`: it works on its own non-blocking open of the
-    terminal (never on the client's descriptor number), waits only in ``poll`` beside a stop pipe, and
-    :meth:`stop` + join + :meth:`close` end it before the session closes anything. Construct it in the
+    life rules of :class:`cbatch.daemon.streams.Stoppable`, on its own non-blocking open of the terminal
+    (never the client's descriptor number). Construct it in the
     session's thread, :meth:`run` it in another."""
 
     def __init__(self, sock, tty_fd: int) -> None:
         if fcntl.fcntl(tty_fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDWR:
             # Reopen only with the access the client's own descriptor grants (root must not gain any).
             raise OSError("the job's terminal descriptor is not open for reading and writing")
+        super().__init__()
         self.sock = sock
-        self.fd = os.open(f"/proc/self/fd/{tty_fd}", os.O_RDWR | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-        self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-
-    def stop(self) -> None:
-        """Make :meth:`run` return at its next wait (safe from any thread, idempotent)."""
         try:
-            os.write(self._stop_w, b"x")
+            self.fd = os.open(f"/proc/self/fd/{tty_fd}", os.O_RDWR | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
         except OSError:
-            pass
-
-    def close(self) -> None:
-        """Close what the pump opened. Only once the thread running :meth:`run` has returned."""
-        for fd in (self.fd, self._stop_r, self._stop_w):
-            if fd >= 0:
-                os.close(fd)
-        self.fd = self._stop_r = self._stop_w = -1
+            self.close()
+            raise
+        self._opened.append(_Fd(self.fd))
 
     def run(self) -> None:
         """Until the container's side closes (it exited) or :meth:`stop`. The terminal's end of input (a
