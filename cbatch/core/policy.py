@@ -267,7 +267,7 @@ def _common(config: SiteConfig, job: JobContext, directives: Directives, resolve
     check_request(policy, queue, directives, image, fallback)
 
     mounts = MountSet()
-    if not run:
+    if not run and job.script_path:     # an interactive job has no script (empty script_path)
         mounts.add(_job_path(job, resolve, job.script_path, "job script", True, ""), "job", "job script")
     mounts.add(Mount("/etc/passwd", "/etc/passwd", True), "cbatch", "passwd")
     mounts.add(Mount("/etc/group", "/etc/group", True), "cbatch", "group")

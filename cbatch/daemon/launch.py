@@ -155,6 +155,7 @@ def _prepare_start(daemon, conn, peer, rec, msg, fds, interactive: bool):
 
 def _decide_start(daemon, peer, reg, argv, cwd, env, line, interactive):
     identity = Identity.lookup(reg.user)
+    script_gone = False
     if interactive:
         # No job script: pbs_mom names a .SC path in the prologue's argv that an interactive job need not
         # have. The queue's policy alone decides.
@@ -162,6 +163,7 @@ def _decide_start(daemon, peer, reg, argv, cwd, env, line, interactive):
             directives = parse_script(read_script(reg.script_path, identity.uid))
         except JobError:
             directives = parse_script(b"")
+            script_gone = True
     else:
         words = line.split()
         if not words or words[0] != reg.script_path:
@@ -170,6 +172,8 @@ def _decide_start(daemon, peer, reg, argv, cwd, env, line, interactive):
         directives = parse_script(read_script(reg.script_path, identity.uid))
     job = JobContext.for_start(reg, identity, argv[1], line, cwd, env, _cgroup_parent(reg, peer.pid),
                                peers.umask_of(peer.pid))
+    if script_gone:         # nothing to mount: the policy mounts the job script only when there is one
+        job = dataclasses.replace(job, script_path="")
     return policy.decide(daemon.config, job, directives, resolve_as_user, _tags_of(daemon)), job
 
 

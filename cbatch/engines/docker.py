@@ -282,12 +282,31 @@ class Engine(ExecOps, ImageOps):
             self.api.start(cid)
         except Exception as exc:  # noqa: BLE001
             err = self._fail(exc, "start container", spec.name)
+            if err.problem in ("not reachable", "timed out") and self._ran_after_all(cid):
+                # The engine went away while answering the start: the container runs (or ran) the job's
+                # code, so it is the job's; supervision waits for the engine (no 125, no orphan).
+                return cid
             try:
                 self.remove(cid)
             except Exception:  # noqa: BLE001 - the start error is the one to report
                 pass
             raise err from exc
         return cid
+
+    def _ran_after_all(self, cid: str) -> bool:
+        """After a start whose answer was lost: wait (up to the engine timeout) for the engine to answer,
+        and say whether the container left the ``created`` state (it ran user code)."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                state = (self.api.inspect_container(cid).get("State") or {}).get("Status")
+                return bool(state) and state != "created"
+            except docker.errors.NotFound:
+                return False
+            except Exception:  # noqa: BLE001 - still unreachable: keep asking until the deadline
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(0.5)
 
     @staticmethod
     def _bound_layer(attrs: dict, size: int) -> None:

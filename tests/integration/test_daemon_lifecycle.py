@@ -151,7 +151,9 @@ def test_ctl_script_start_reload_restart_stop(helper, tmp_path_factory):
     import subprocess
     import sys
     from pathlib import Path
-    from conftest import ENGINE_URL, RUN_BASE
+    # Not `from conftest import`: with tests/torque collected too, "conftest" may name that one.
+    ENGINE_URL = os.environ.get("CBATCH_ENGINE_URL", "unix:///var/run/docker.sock")
+    RUN_BASE = Path("/run/cbatch-test")
 
     run = RUN_BASE / f"ctl-{os.getpid()}"
     run.mkdir(mode=0o755, parents=True, exist_ok=True)

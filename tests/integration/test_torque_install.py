@@ -73,7 +73,7 @@ def test_node_check_good_and_broken(tmp_path, daemon):
     lines = out.getvalue().splitlines()
     assert failed == 0, lines
     assert [l.split()[1].rstrip(":") for l in lines] == ["config", "daemon", "engine", "prologue", "epilogue",
-                                                         "mom", "job_starter", "helper"]
+                                                         "mom", "job_starter", "helper", "accounting"]
     assert all(l.startswith("OK") for l in lines)
 
     os.chmod(mom_priv / "prologue", 0o777)

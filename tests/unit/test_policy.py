@@ -716,3 +716,15 @@ def test_decide_run_takes_tags_of_too():
 ])
 def test_repo_allowed_for_the_submit_filter(image, patterns, expected):
     assert policy.repo_allowed(image, patterns) is expected
+
+
+
+def test_interactive_job_without_a_script_mounts_none():
+    """``qsub -I``: pbs_mom names a .SC file the interactive job does not have; the daemon passes an empty
+    script path and the policy then mounts no job script (a missing source would refuse the whole job)."""
+    import dataclasses
+    interactive = dataclasses.replace(job(), script_path="")
+    spec = policy.decide(cfg(), interactive, d("#CBATCH --image=cbatch-test/busybox:1"), fake_resolve)
+    assert isinstance(spec, ContainerSpec)
+    assert SCRIPT not in {m.target for m in spec.mounts}
+    assert Mount("/home/alice", "/home/alice", False) in spec.mounts
