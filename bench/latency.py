@@ -37,8 +37,8 @@ import time
 from pathlib import Path
 
 from bench import IMAGE, TOOL
-from bench import jobs
-from bench.env import ENGINE_URL, HELPER, MODES as MOM_MODES
+from bench import jobs, timing
+from bench.env import ENGINE_URL, HELPER
 from bench.runc import Bundle
 from bench.stats import summary
 
@@ -48,6 +48,8 @@ def run(bench, reps: int) -> dict:
     text = jobs.script("stamp")
     bundle = Bundle(bench.run_dir, bench.user, text)
     bench.daemon.trace()                        # from here on the daemon's probes see only these jobs
+    log_at = bench.daemon.log_size()
+    MOM_MODES = bench.mode_names
     lat = {m: [] for m in MOM_MODES + ("runc",)}
     wall = {m: [] for m in MOM_MODES}
     done = {m: [] for m in MOM_MODES}
@@ -74,6 +76,7 @@ def run(bench, reps: int) -> dict:
             "job_wall_ms": {m: summary(v, 1) for m, v in wall.items()},
             "exit_ms": {m: summary(v, 1) for m, v in done.items()},
             "daemon_trace_ms": daemon,
+            "timing_ms": timing.breakdown(bench.daemon.log(log_at)),
             "profile": profile(bench, max(5, reps // 2))}
 
 
@@ -87,7 +90,8 @@ def _timed(fn, n: int) -> list:
 
 
 def profile(bench, n: int) -> dict:
-    """The parts of cbatch's start path, each measured ``n`` times (ms summaries)."""
+    """The parts of cbatch's start path (of the mode ``bench.cbatch``), each measured ``n`` times (ms
+    summaries)."""
     shim = bench.mom("cbatch").starter
     python = sys.executable
     quiet = dict(stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -1,0 +1,36 @@
+"""Where the direct path's milliseconds go: cbatchd's ``CBATCH_TIMING=1`` log lines, parsed.
+
+With ``CBATCH_TIMING=1`` (the bench daemon always has it) the direct engine logs one line per step of a
+start, ``timing <step> <ms>`` (e.g. ``timing direct.rootfs 4.1``), anywhere in a log line (after the
+logger's prefix). :func:`parse` collects them by step, :func:`breakdown` summarises them (median, min, max,
+n per step, in the order the steps first appear) and adds ``_sum_of_medians``, to hold against the start
+latency measured from outside.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Dict, List
+
+from bench.stats import summary
+
+_LINE = re.compile(r"(?:^|\s)timing\s+([A-Za-z0-9_.:-]+)\s+(-?[0-9]+(?:\.[0-9]+)?)(?:\s*ms)?\s*$")
+
+
+def parse(text: str) -> Dict[str, List[float]]:
+    """``{step: [ms, ...]}`` from log text, steps in first-seen order; other lines are ignored."""
+    out: Dict[str, List[float]] = {}
+    for line in text.splitlines():
+        m = _LINE.search(line.rstrip())
+        if m:
+            out.setdefault(m.group(1), []).append(float(m.group(2)))
+    return out
+
+
+def breakdown(text: str) -> Dict[str, dict]:
+    """Per-step summaries (ms) of the timing lines in ``text``, plus ``_sum_of_medians`` when any."""
+    steps = {k: summary(v, 2) for k, v in parse(text).items()}
+    if steps:
+        steps["_sum_of_medians"] = {"median": round(sum(v["median"] for v in steps.values()), 2),
+                                    "n": len(steps)}
+    return steps
