@@ -71,7 +71,7 @@ def ensure_image() -> str:
     """Build ``cbatch-bench/busybox:1`` (``bench/Dockerfile``: the test busybox image plus the probe) unless
     the tag already carries this probe (label = its sha256)."""
     run([str(ROOT / "scripts" / "build-test-images")])
-    digest = hashlib.sha256(Path(TOOL).read_bytes()).hexdigest()[:16]
+    digest = hashlib.sha256(Path(TOOL).read_bytes()).hexdigest()[:16] + ":" + TOOL
     got = subprocess.run(["docker", "image", "inspect", "--format",
                           '{{index .Config.Labels "cbatch.bench.tool"}}', IMAGE],
                          capture_output=True, text=True)
@@ -79,7 +79,8 @@ def ensure_image() -> str:
         return IMAGE
     context = BENCH / "out"
     shutil.copy2(TOOL, context / "benchtool")
-    run(["docker", "build", "-q", "--label", f"cbatch.bench.tool={digest}", "-t", IMAGE,
+    run(["docker", "build", "-q", "--label", f"cbatch.bench.tool={digest}", "--build-arg", f"TOOL={TOOL}",
+         "-t", IMAGE,
          "-f", str(BENCH / "Dockerfile"), str(context)])
     return IMAGE
 
