@@ -6,8 +6,9 @@ the script's first command, in the container or natively). Modes, interleaved ro
 from other users of the machine hits all of them alike, after one unrecorded warm-up each:
 
 - ``native``: the shell runs the script (pbs_mom without a job starter);
-- ``cbatch``: the real starter -> cbatchd (registry, policy, engine create + start) -> tini -> cbatch-exec
-  -> shell -> script;
+- ``cbatch_<engine>_<client>`` (every one :mod:`bench.modes` found available): the real starter (Python or
+  the C client) -> cbatchd (registry, policy, engine create + start: Docker, or runc for ``direct``) ->
+  init -> cbatch-exec -> shell -> script;
 - ``docker_run``: the docker CLI with cbatch's flags (``bench/starters/docker-run``);
 - ``runc``: ``runc run`` of the same root filesystem (:mod:`bench.runc`), no engine at all.
 
@@ -15,10 +16,12 @@ For the mom-driven modes two more intervals are recorded: the exit path (the scr
 the mom reaps the starter: container exit noticed, reported, removed) and the whole job's wall time (submit
 to the mom's end of the job: prologue, start, run, exit, epilogue, clean-up).
 
-The daemon runs with timing probes (:mod:`bench.tracedaemon`): ``daemon_trace_ms`` is what each step of
+``timing_ms`` is the breakdown of the direct path: the daemon runs with ``CBATCH_TIMING=1`` and the direct
+engine logs ``timing <step> <ms>`` per step of each start (:mod:`bench.timing` parses the log written
+during these jobs). The daemon also runs with timing probes (:mod:`bench.tracedaemon`): ``daemon_trace_ms`` is what each step of
 its start, register and unregister handling took during these jobs (the warm-up job included).
 
-The profile splits cbatch's interval into parts measured separately in the same run: the starter's Python
+The profile splits cbatch's interval (of ``bench.cbatch``, the cbatch mode the single-mode benchmarks use) into parts measured separately in the same run: the starter's Python
 start-up (the real shim run with no arguments: interpreter + imports + exit), the policy decision as the
 daemon makes it (``policy.decide`` with the forking ``resolve_as_user``), and the engine's create + start of
 an equivalent container through :class:`cbatch.engines.docker.Engine` (plus the time from that call to the

@@ -13,7 +13,7 @@ from xml.sax.saxutils import escape
 
 W, H = 980, 440                 # whole picture
 PANEL_W, PANEL_H = 380, 300     # plotting area of one panel
-TOP, LEFT = 50, 70
+TOP, LEFT = 64, 70
 GAP = 110                       # between the panels
 COLORS = ("#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d", "#666666",
           "#1f78b4", "#b2182b")
