@@ -17,17 +17,18 @@ the mom reaps the starter: container exit noticed, reported, removed) and the wh
 to the mom's end of the job: prologue, start, run, exit, epilogue, clean-up).
 
 ``timing_ms`` is the breakdown of the direct path: the daemon runs with ``CBATCH_TIMING=1`` and the direct
-engine logs ``timing <step> <ms>`` per step of each start (:mod:`bench.timing` parses the log written
-during these jobs). The daemon also runs with timing probes (:mod:`bench.tracedaemon`): ``daemon_trace_ms`` is what each step of
-its start, register and unregister handling took during these jobs (the warm-up job included).
+engine logs ``timing <step> <ms>`` per step of each start (:mod:`bench.timing` parses the log written during
+these jobs). The daemon also runs with timing probes (:mod:`bench.tracedaemon`): ``daemon_trace_ms`` is what
+each step of its start, register and unregister handling took during these jobs (the warm-up job included).
 
-The profile splits cbatch's interval (of ``bench.cbatch``, the cbatch mode the single-mode benchmarks use) into parts measured separately in the same run: the starter's Python
-start-up (the real shim run with no arguments: interpreter + imports + exit), the policy decision as the
-daemon makes it (``policy.decide`` with the forking ``resolve_as_user``), and the engine's create + start of
-an equivalent container through :class:`cbatch.engines.docker.Engine` (plus the time from that call to the
-container's first instruction, and the removal). The rest is the daemon's request handling. The root
-prologue and epilogue shims (register / unregister of a job with no container) are timed the same way: they
-are not in the start interval but are in every job's wall time.
+The profile splits cbatch's interval (of ``bench.cbatch``, the cbatch mode the single-mode benchmarks use)
+into parts measured separately in the same run: the starter's Python start-up (the real shim run with no
+arguments: interpreter + imports + exit), the policy decision as the daemon makes it (``policy.decide`` with
+the forking ``resolve_as_user``), and the engine's create + start of an equivalent container through
+:class:`cbatch.engines.docker.Engine` (plus the time from that call to the container's first instruction, and
+the removal). The rest is the daemon's request handling. The root prologue and epilogue shims (register /
+unregister of a job with no container) are timed the same way: they are not in the start interval but are in
+every job's wall time.
 """
 
 from __future__ import annotations
