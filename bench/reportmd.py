@@ -98,7 +98,7 @@ def _footprint(foot: dict) -> List[str]:
         L.append(f"| docker CLI (docker run) | {dr['jobs']} | {fmt(dr['rss_mib'])} | {fmt(dr['pss_mib'])} |")
     for m, cb in modes.items():
         if cb.get("shim_rss_mib", {}).get("n"):
-            L.append(f"| containerd-shim per container, {m} | {cb['jobs']} | {fmt(cb['shim_rss_mib'])} | "
+            L.append(f"| engine shim per container, {m} | {cb['jobs']} | {fmt(cb['shim_rss_mib'])} | "
                      f"{fmt(cb['shim_pss_mib'])} |")
     if dr:
         L.append(f"| containerd-shim per container (docker run) | {dr['jobs']} | {fmt(dr['shim_rss_mib'])} | "
