@@ -190,7 +190,7 @@ class Bench:
 
     def __init__(self, engines=("docker",), clients=("python",), c_client: str = C_CLIENT) -> None:
         from bench import modes as modesmod
-        self.modes, self.missing = modesmod.plan(engines, clients, c_client)
+        self.modes, self.missing = modesmod.plan(engines, clients, c_client, HELPER)
         self.c_client = c_client
         cbatch = [m for m in self.modes if m.kind == "cbatch"]
         if not cbatch:
@@ -260,13 +260,13 @@ class Bench:
     def _install_client(self, mom, client: str) -> None:
         """Make the mom's prologue, epilogue and starter the shims of ``client`` (python | c), whatever the
         emulator's default is (the C ones once built, on branches that have them)."""
-        import inspect
+        from bench.modes import install_style
         from cbatch.admin import install
-        if "hooks" not in inspect.signature(install.install).parameters:
+        style = install_style()
+        if style is None:
             return                  # only Python shims exist on this branch: Mom installed those
-        kw = {"hooks": client}
-        if client == "c":
-            kw["client"] = self.c_client
+        c = self.c_client if client == "c" else None
+        kw = {"client_path": c} if style == "client_path" else {"hooks": client, "client": c}
         install.install(mom.mom_priv, mom.libexec, self.daemon.socket, mom.python, **kw)
 
     def cbatch_containers(self) -> list:

@@ -81,6 +81,7 @@ def run(bench, reps: int) -> dict:
             "exit_ms": {m: summary(v, 1) for m, v in done.items()},
             "daemon_trace_ms": daemon,
             "timing_ms": timing.breakdown(bench.daemon.log(log_at)),
+            "direct_fallbacks": timing.fallbacks(bench.daemon.log(log_at)),
             "profile": profile(bench, max(5, reps // 2))}
 
 

@@ -53,8 +53,9 @@ def engine_key_supported() -> Optional[str]:
     return None
 
 
-def direct_problem() -> Optional[str]:
-    """Why the direct engine cannot run here, or None."""
+def direct_problem(helper: str) -> Optional[str]:
+    """Why the direct engine cannot run here (with ``helper``, cbatch-exec, whose directory holds the
+    engine's cbatch-shim), or None."""
     try:
         import cbatch.engines.direct  # noqa: F401
     except ImportError as exc:
@@ -64,6 +65,10 @@ def direct_problem() -> Optional[str]:
         return why
     if not shutil.which("runc") and not os.path.exists("/usr/sbin/runc"):
         return "runc is not installed"
+    shim = os.path.join(os.path.dirname(helper), "cbatch-shim")
+    if not os.access(shim, os.X_OK):
+        # the router would fall back to Docker for every job: that would measure the docker engine twice
+        return f"no {shim} (make -C libexec install)"
     return None
 
 
@@ -72,13 +77,24 @@ def c_client_problem(path: str) -> Optional[str]:
     if not os.path.isfile(path) or not os.access(path, os.X_OK):
         return f"no C client at {path} (build it: make -C libexec cbatch-client)"
     from cbatch.admin import install
-    params = inspect.signature(install.install).parameters
-    if "hooks" not in params or "client" not in params:
-        return "cbatch.admin.install cannot write C shims on this branch (no hooks=/client= parameters)"
+    if install_style() is None:
+        return "cbatch.admin.install cannot write C shims on this branch (no client_path= parameter)"
     return None
 
 
-def plan(engines: Sequence[str], clients: Sequence[str], c_client: str,
+def install_style() -> Optional[str]:
+    """How :func:`cbatch.admin.install.install` is told which client the shims run: ``client_path`` (None =
+    Python, a path = the C client), ``hooks`` (``hooks=python|c`` plus ``client=``), or None (Python only)."""
+    from cbatch.admin import install
+    params = inspect.signature(install.install).parameters
+    if "client_path" in params:
+        return "client_path"
+    if "hooks" in params and "client" in params:
+        return "hooks"
+    return None
+
+
+def plan(engines: Sequence[str], clients: Sequence[str], c_client: str, helper: str = "",
          problems: Optional[Dict[str, Optional[str]]] = None) -> Tuple[List[Mode], Dict[str, str]]:
     """The modes to run, in order (baselines, then cbatch per engine and client), and the wanted cbatch
     modes that cannot run with the reason. ``problems`` overrides the probes (``{"direct": reason, "c":
@@ -86,7 +102,7 @@ def plan(engines: Sequence[str], clients: Sequence[str], c_client: str,
     if problems is None:
         problems = {}
         if "direct" in engines:
-            problems["direct"] = direct_problem()
+            problems["direct"] = direct_problem(helper or os.path.join(os.path.dirname(c_client), "cbatch-exec"))
         if "c" in clients:
             problems["c"] = c_client_problem(c_client)
     modes = [Mode(b, b) for b in BASELINES]

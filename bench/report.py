@@ -109,6 +109,7 @@ def headline(results: dict, started: float, settings: dict, modes: Sequence[str]
         "scaling_latency_ms": {m: {n: (s or {}).get("median") for n, s in v.items()}
                                for m, v in (scal.get("latency_ms") or {}).items()},
         "scaling_daemon_cpu_ms_per_job": scal.get("daemon_cpu_ms_per_job") or {},
+        "direct_fallbacks": len(lat.get("direct_fallbacks") or []),
         "timing_breakdown_ms": {k: v.get("median") for k, v in (lat.get("timing_ms") or {}).items()},
     }
     rates = doc["throughput_jobs_per_s"] or {}

@@ -26,6 +26,10 @@ def _head(doc: dict) -> List[str]:
          f"- modes measured: {', '.join(doc.get('modes') or []) or 'n/a'}, runc"]
     for m, why in (doc.get("not_available") or {}).items():
         L.append(f"- {m}: {why}")
+    fell = (doc.get("detail", {}).get("latency") or {}).get("direct_fallbacks") or []
+    if fell:
+        L.append(f"- **warning**: {len(fell)} direct-engine job(s) of the latency run fell back to the docker "
+                 f"engine (cbatchd's log: {fell[0]}): the direct modes' numbers are not the direct engine's")
     L += ["",
           "Values are medians (min–max) over the repetitions; ratios are between medians of the same run. "
           "Modes: native = the shell runs the script (pbs_mom without a job starter); cbatch_<engine>_<client> = "

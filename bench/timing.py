@@ -4,7 +4,7 @@ With ``CBATCH_TIMING=1`` (the bench daemon always has it) the direct engine logs
 start, ``timing <step> <ms>`` (e.g. ``timing direct.rootfs 4.1``), anywhere in a log line (after the
 logger's prefix). :func:`parse` collects them by step, :func:`breakdown` summarises them (median, min, max,
 n per step, in the order the steps first appear) and adds ``_sum_of_medians``, to hold against the start
-latency measured from outside.
+latency measured from outside. :func:`fallbacks` finds the jobs the engine router sent to Docker instead.
 """
 
 from __future__ import annotations
@@ -25,6 +25,15 @@ def parse(text: str) -> Dict[str, List[float]]:
         if m:
             out.setdefault(m.group(1), []).append(float(m.group(2)))
     return out
+
+
+_FALLBACK = re.compile(r"engine docker instead of direct: (.*)$")
+
+
+def fallbacks(text: str) -> List[str]:
+    """The reasons of the router's "engine docker instead of direct" lines in log text: a direct-engine job
+    that ran on Docker would make the direct mode's numbers the docker engine's."""
+    return [m.group(1).strip() for m in map(_FALLBACK.search, text.splitlines()) if m]
 
 
 def breakdown(text: str) -> Dict[str, dict]:

@@ -12,7 +12,7 @@ SVG = "{http://www.w3.org/2000/svg}"
 
 
 def test_plan_all_available_orders_baselines_then_engine_by_client():
-    got, missing = modes.plan(["docker", "direct"], ["python", "c"], "/nowhere", problems={})
+    got, missing = modes.plan(["docker", "direct"], ["python", "c"], "/nowhere", "", problems={})
     assert [m.name for m in got] == ["native", "docker_run", "cbatch_docker_py", "cbatch_docker_c",
                                      "cbatch_direct_py", "cbatch_direct_c"]
     assert missing == {}
@@ -177,3 +177,14 @@ def test_markdown_of_an_empty_run_still_renders():
     doc = report.headline({}, 0.0, {}, [], {}, None)
     md = reportmd.markdown(doc)
     assert md.startswith("# cbatch benchmark results")
+
+
+def test_fallbacks_to_docker_are_found_and_reported():
+    log = ("cbatchd: WARNING container cbatch-1_x-abc: engine docker instead of direct: no runc at /x\n"
+           "cbatchd: container cbatch-2: started\n")
+    assert timing.fallbacks(log) == ["no runc at /x"]
+    results = _results()
+    results["latency"]["direct_fallbacks"] = timing.fallbacks(log)
+    doc = report.headline(results, 0.0, {}, ["native", "docker_run", "cbatch_direct_c"], {}, "cbatch_direct_c")
+    assert doc["direct_fallbacks"] == 1
+    assert "fell back to the docker engine (cbatchd's log: no runc at /x)" in reportmd.markdown(doc)
