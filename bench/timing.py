@@ -3,8 +3,11 @@
 With ``CBATCH_TIMING=1`` (the bench daemon always has it) the direct engine logs one line per step of a
 start, ``timing <step> <ms>`` (e.g. ``timing direct.rootfs 4.1``), anywhere in a log line (after the
 logger's prefix). :func:`parse` collects them by step, :func:`breakdown` summarises them (median, min, max,
-n per step, in the order the steps first appear) and adds ``_sum_of_medians``, to hold against the start
-latency measured from outside. :func:`fallbacks` finds the jobs the engine router sent to Docker instead.
+n per step, in the order the steps first appear) and adds ``_sum_of_steps`` (the sum of the steps' medians);
+a step whose last name part is ``start`` or ``total`` is the whole call (the direct engine logs
+``direct.start`` from the call's beginning), so it is left out of the sum and ``_unaccounted`` is its median
+less the sum: time inside the call that no step covers. Hold these against the start latency measured from
+outside. :func:`fallbacks` finds the jobs the engine router sent to Docker instead.
 """
 
 from __future__ import annotations
@@ -36,10 +39,22 @@ def fallbacks(text: str) -> List[str]:
     return [m.group(1).strip() for m in map(_FALLBACK.search, text.splitlines()) if m]
 
 
+TOTALS = ("start", "total")
+
+
+def is_total(step: str) -> bool:
+    """Whether ``step`` times the whole call rather than one part of it."""
+    return step.rsplit(".", 1)[-1] in TOTALS
+
+
 def breakdown(text: str) -> Dict[str, dict]:
-    """Per-step summaries (ms) of the timing lines in ``text``, plus ``_sum_of_medians`` when any."""
+    """Per-step summaries (ms) of the timing lines in ``text``, plus ``_sum_of_steps`` (and, with a total
+    step, ``_unaccounted``) when there are any."""
     steps = {k: summary(v, 2) for k, v in parse(text).items()}
-    if steps:
-        steps["_sum_of_medians"] = {"median": round(sum(v["median"] for v in steps.values()), 2),
-                                    "n": len(steps)}
+    parts = [v["median"] for k, v in steps.items() if not is_total(k)]
+    totals = [v["median"] for k, v in steps.items() if is_total(k)]
+    if parts:
+        steps["_sum_of_steps"] = {"median": round(sum(parts), 2), "n": len(parts)}
+    if parts and len(totals) == 1:
+        steps["_unaccounted"] = {"median": round(totals[0] - sum(parts), 2), "n": 1}
     return steps

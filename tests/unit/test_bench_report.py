@@ -43,9 +43,16 @@ def test_timing_parse_finds_steps_after_any_log_prefix_and_ignores_the_rest():
             "timing direct.bad notanumber\n")
     assert timing.parse(text) == {"direct.rootfs": [4.25, 5.75], "direct.runc_create": [31.0]}
     b = timing.breakdown(text)
-    assert list(b) == ["direct.rootfs", "direct.runc_create", "_sum_of_medians"]
+    assert list(b) == ["direct.rootfs", "direct.runc_create", "_sum_of_steps"]
     assert b["direct.rootfs"]["median"] == 5.0 and b["direct.rootfs"]["n"] == 2
-    assert b["_sum_of_medians"]["median"] == 36.0
+    assert b["_sum_of_steps"]["median"] == 36.0
+
+
+def test_timing_total_step_is_not_summed_and_gives_the_unaccounted_rest():
+    text = "timing direct.inspect 5\ntiming direct.runc 140\ntiming direct.start 150\n"
+    b = timing.breakdown(text)
+    assert b["_sum_of_steps"] == {"median": 145.0, "n": 2}
+    assert b["_unaccounted"] == {"median": 5.0, "n": 1}
 
 
 def test_timing_breakdown_of_a_log_without_steps_is_empty():
@@ -108,7 +115,7 @@ def _results():
                                       cbatch_direct_c=80.0, runc=45.0),
                     "exit_ms": lat(native=3.0), "job_wall_ms": lat(native=10.0),
                     "daemon_trace_ms": {}, "profile": {},
-                    "timing_ms": {"direct.rootfs": _s(4.0), "_sum_of_medians": {"median": 4.0, "n": 1}}},
+                    "timing_ms": {"direct.rootfs": _s(4.0), "_sum_of_steps": {"median": 4.0, "n": 1}}},
         "throughput": {"count": 4, "jobs_per_s": {"c1": {"native": 20.0, "docker_run": 2.0,
                                                          "cbatch_docker_py": 1.5, "cbatch_direct_c": 7.0}},
                        "cpu_ms_per_job": {}},
