@@ -10,6 +10,7 @@ import json
 from typing import List
 
 from bench.stats import fmt, ratio
+from bench.timing import is_total
 
 _MET = {True: "yes", False: "**no**", None: "n/a"}
 
@@ -58,6 +59,12 @@ def _latency(lat: dict) -> List[str]:
         L += ["| step | n | ms |", "| --- | --- | --- |"]
         for k, v in timing.items():
             L.append(f"| {k} | {v.get('n')} | {fmt(v) if 'min' in v else v.get('median')} |")
+        whole = [v["median"] for k, v in timing.items() if is_total(k) and v.get("median") is not None]
+        for m, v in lat["latency_ms"].items():
+            if m.startswith("cbatch_direct_") and whole and v.get("median") is not None:
+                L.append(f"\n{m}: start latency {v['median']} ms, of which the engine's call {whole[0]} ms; the "
+                         f"other {round(v['median'] - whole[0], 1)} ms are the starter, cbatchd's request "
+                         "(peer check, registry, script, policy, image check) and the container's init and exec.")
     else:
         L.append("no timing lines were logged (no direct-engine job ran, or this branch's engine has no "
                  "CBATCH_TIMING probes)")
