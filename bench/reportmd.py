@@ -185,3 +185,34 @@ def markdown(doc: dict) -> str:
     if doc["errors"]:
         L += ["", "## Errors", ""] + [f"- {k}: {v}" for k, v in doc["errors"].items()]
     return "\n".join(L) + "\n"
+
+
+def readme_table(doc: dict) -> str:
+    """The README's summary table: a column per mode (baselines, runc, each cbatch mode), medians."""
+    modes = [m for m in doc.get("modes") or [] if not m.startswith("cbatch_")] + ["runc"] \
+        + [m for m in doc.get("modes") or [] if m.startswith("cbatch_")]
+    rates = doc.get("throughput_jobs_per_s") or {}
+    scal = doc.get("scaling_latency_ms") or {}
+    top = str(max((int(n) for v in scal.values() for n in v), default=0) or "")
+
+    def row(label, get):
+        return f"| {label} | " + " | ".join(_cell(get(m)) for m in modes) + " |"
+
+    L = ["| | " + " | ".join(m.replace("_", " ") for m in modes) + " |", "| --- " * (1 + len(modes)) + "|",
+         row("start latency, ms (median)", lambda m: doc["start_latency_ms"].get(m))]
+    if rates:
+        L.append(row(f"throughput, jobs/s at {' / '.join(c[1:] for c in rates)} in flight",
+                     lambda m: None if m == "runc" or not any(m in r for r in rates.values())
+                     else " / ".join(_cell(r.get(m)) for r in rates.values())))
+    L.append(row("starter RSS, MiB", lambda m: (doc.get("starter_rss_mib") or {}).get(m)
+                 if m != "docker_run" else doc.get("docker_cli_rss_mib")))
+    L.append(row("cbatchd growth per running job, MiB", lambda m: (doc.get("daemon_growth_per_job_mib") or {}).get(m)))
+    if top:
+        L.append(row(f"start latency with {top} starting at once, ms", lambda m: (scal.get(m) or {}).get(top)))
+    return "\n".join(L) + "\n"
+
+
+if __name__ == "__main__":      # python -m bench.reportmd bench/results.json: the README table
+    import sys
+    with open(sys.argv[1]) as fh:
+        print(readme_table(json.load(fh)), end="")

@@ -195,3 +195,12 @@ def test_fallbacks_to_docker_are_found_and_reported():
     doc = report.headline(results, 0.0, {}, ["native", "docker_run", "cbatch_direct_c"], {}, "cbatch_direct_c")
     assert doc["direct_fallbacks"] == 1
     assert "fell back to the docker engine (cbatchd's log: no runc at /x)" in reportmd.markdown(doc)
+
+
+def test_readme_table_has_a_column_per_mode_and_the_scaling_top():
+    table = reportmd.readme_table(_doc()).splitlines()
+    assert table[0] == "| | native | docker run | runc | cbatch docker py | cbatch direct c |"
+    assert table[2] == "| start latency, ms (median) | 2.0 | 300.0 | 45.0 | 330.0 | 80.0 |"
+    assert "| throughput, jobs/s at 1 in flight | 20.0 | 2.0 | n/a | 1.5 | 7.0 |" in table
+    assert "| starter RSS, MiB | n/a | 38.0 | n/a | 10.2 | 0.6 |" in table
+    assert "| start latency with 4 starting at once, ms | 3.0 | n/a | n/a | n/a | n/a |" in table
