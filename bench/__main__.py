@@ -2,7 +2,7 @@
 benchmarks, print each table, write the results (results.json, results.md, scaling.svg).
 
 Run as root with the venv's interpreter (``scripts/bench`` does the set-up first). Default repetition
-counts keep the whole suite near 10 minutes on a 2-core machine; ``--quick`` is a smoke run (a minute or
+counts keep the whole suite near 30 minutes on a 2-core machine; ``--quick`` is a smoke run (a minute or
 two, numbers not meaningful). A benchmark that fails is recorded under ``errors`` and the others still run.
 Every cbatch mode (engine x client) asked for is measured where it is available; the others are reported as
 ``not available: <reason>`` (:mod:`bench.modes`).
@@ -21,9 +21,11 @@ from pathlib import Path
 from bench import clicalls, footprint, latency, modes, output, overhead, plot, report, reportmd, scaling, throughput
 from bench.env import BENCH, C_CLIENT, Bench
 
-FULL = {"latency_reps": 20, "throughput_jobs": 100, "footprint_jobs": 50, "footprint_docker_jobs": 20,
-        "output_mib": 1024, "output_reps": 7, "output_docker_reps": 1, "spin_millions": 1200,
-        "write_mib": 512, "overhead_reps": 7, "cli_reps": 20, "scaling_top": 64}
+# Six modes (three baselines, four cbatch modes when both engines and clients are there) and a 1..64 scaling
+# curve: these counts keep a full run near 30 minutes on 2 cores.
+FULL = {"latency_reps": 20, "throughput_jobs": 30, "footprint_jobs": 30, "footprint_docker_jobs": 10,
+        "output_mib": 1024, "output_reps": 5, "output_docker_reps": 1, "spin_millions": 1200,
+        "write_mib": 512, "overhead_reps": 5, "cli_reps": 10, "scaling_top": 64}
 QUICK = {"latency_reps": 2, "throughput_jobs": 4, "footprint_jobs": 4, "footprint_docker_jobs": 2,
          "output_mib": 64, "output_reps": 1, "output_docker_reps": 1, "spin_millions": 100,
          "write_mib": 32, "overhead_reps": 1, "cli_reps": 2, "scaling_top": 4}
