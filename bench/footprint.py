@@ -1,12 +1,13 @@
 """Benchmark 3: per-job memory of what cbatch keeps alive for the whole job, with many jobs running.
 
-``jobs`` concurrent cbatch jobs that print ``ready`` and sleep; once every one is ready we read, for each
-job's starter (the process pbs_mom started: the session leader), VmRSS from ``/proc/<pid>/status`` and Pss
-from ``/proc/<pid>/smaps_rollup`` (PSS shares the interpreter's pages among the starters), and cbatchd's
-own RSS/PSS at that load (and idle, before). The same for ``docker_jobs`` docker-run jobs, whose
-long-lived process is the docker CLI. For context, the engine's per-container ``containerd-shim`` (the same
-for both modes) is measured too, and an idle ``python -I`` (with and without ``site``) as the floor under
-any Python starter. Then every job is qdel'ed.
+``jobs`` concurrent cbatch jobs per cbatch mode (engine and client) that print ``ready`` and sleep; once every
+one is ready we read, for each job's starter (the process pbs_mom started: the session leader), VmRSS from
+``/proc/<pid>/status`` and Pss from ``/proc/<pid>/smaps_rollup`` (PSS shares the interpreter's pages among the
+starters), and cbatchd's own RSS/PSS at that load, just before the jobs (the growth per running job is the
+difference over ``jobs``) and idle. The same for ``docker_jobs`` docker-run jobs, whose long-lived process is
+the docker CLI. For context, the engine's per-container ``containerd-shim`` (docker engine and docker run; for
+the direct engine its ``cbatch-shim``) is measured too, and an idle ``python -I`` (with and without ``site``)
+as the floor under any Python starter. Then every job is qdel'ed.
 """
 
 from __future__ import annotations
@@ -53,6 +54,28 @@ def shim_pids(cids: List[str]) -> List[int]:
     return found
 
 
+def job_shim_pids(job_ids: List[str]) -> List[int]:
+    """The direct engine's per-container ``cbatch-shim`` of each job (its command line names the job's
+    container, :func:`cbatch.core.policy.container_name`, or the job id)."""
+    from cbatch.core.policy import container_name
+    needles = [n.encode() for j in job_ids for n in (container_name(j), j)]
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/comm", "rb") as fh:
+                if fh.read().strip() != b"cbatch-shim":
+                    continue
+            with open(f"/proc/{name}/cmdline", "rb") as fh:
+                cmdline = fh.read()
+        except OSError:
+            continue
+        if any(n in cmdline for n in needles):
+            found.append(int(name))
+    return found
+
+
 def _docker_run_ids() -> List[str]:
     out = subprocess.run(["docker", "ps", "-q", "--no-trunc", "--filter", "label=cbatch-bench=1"],
                          capture_output=True, text=True, check=True).stdout
@@ -63,6 +86,7 @@ def _load(bench, mode: str, n: int, containers) -> dict:
     """Start n sleeping jobs, measure their long-lived processes and shims, then qdel them all."""
     text = jobs.script("sleep", seconds=900)
     mom = bench.mom(mode)
+    before = memory(bench.daemon.pid) or {}
     started = [jobs.submit(mom, text) for _ in range(n)]
     t0 = time.monotonic()
     try:
@@ -71,13 +95,19 @@ def _load(bench, mode: str, n: int, containers) -> dict:
                 raise jobs.JobFailed(f"{mode} job {job.job_id} not ready: {job.peek()[1][-500:]!r}")
         time.sleep(1.0)
         procs = [m for m in (memory(job.session_id) for job in started) if m]
-        shims = [m for m in (memory(p) for p in shim_pids(containers())) if m]
+        pids = shim_pids(containers()) + job_shim_pids([job.job_id for job in started])
+        shims = [m for m in (memory(p) for p in pids) if m]
         out = {"jobs": n, "ready_after_s": round(time.monotonic() - t0, 1),
                "rss_mib": summary([m["rss"] for m in procs], 2), "pss_mib": summary([m["pss"] for m in procs], 2),
                "shim_rss_mib": summary([m["rss"] for m in shims], 2),
                "shim_pss_mib": summary([m["pss"] for m in shims], 2)}
-        if mode == "cbatch":
-            out["daemon"] = {k: round(v, 2) for k, v in (memory(bench.daemon.pid) or {}).items()}
+        if mode != "docker_run":
+            # cbatchd's growth per running job: its RSS with the n jobs running less its RSS just before.
+            loaded = memory(bench.daemon.pid) or {}
+            out["daemon_before"] = {k: round(v, 2) for k, v in before.items()}
+            out["daemon"] = {k: round(v, 2) for k, v in loaded.items()}
+            if loaded and before:
+                out["daemon_growth_per_job_mib"] = round((loaded["rss"] - before["rss"]) / n, 3)
         return out
     finally:
         for job in started:
@@ -101,10 +131,12 @@ def python_floor() -> dict:
 
 
 def run(bench, n_jobs: int, n_docker: int) -> dict:
-    """Footprint of n_jobs cbatch jobs and n_docker docker-run jobs (MiB summaries)."""
+    """Footprint of n_jobs jobs per cbatch mode and n_docker docker-run jobs (MiB summaries)."""
     floor = python_floor()
     idle = memory(bench.daemon.pid)
-    cb = _load(bench, "cbatch", n_jobs, bench.cbatch_containers)
-    cb["daemon_idle"] = {k: round(v, 2) for k, v in (idle or {}).items()}
+    modes = {}
+    for mode in bench.cbatch_names():
+        modes[mode] = _load(bench, mode, n_jobs, bench.cbatch_containers)
+        modes[mode]["daemon_idle"] = {k: round(v, 2) for k, v in (idle or {}).items()}
     dr = _load(bench, "docker_run", n_docker, _docker_run_ids)
-    return {"cbatch": cb, "docker_run": dr, "python_floor": floor}
+    return {"cbatch_modes": modes, "docker_run": dr, "python_floor": floor}

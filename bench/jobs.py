@@ -36,8 +36,10 @@ def script(name: str, **numbers: int) -> bytes:
 
 
 def submit(mom, text: bytes):
-    """Submit one job as the bench user; returns the :class:`cbatch.emulator.local.Job`."""
-    return mom.submit(text, USER, resources=RESOURCES, variables={"CBATCH_IMAGE": IMAGE}, name="bench")
+    """Submit one job as the bench user to the mom's bench queue (one per engine: ``Bench.mom`` sets it);
+    returns the :class:`cbatch.emulator.local.Job`."""
+    return mom.submit(text, USER, queue=getattr(mom, "bench_queue", "batch"), resources=RESOURCES,
+                      variables={"CBATCH_IMAGE": IMAGE}, name="bench")
 
 
 def check(result) -> None:

@@ -6,8 +6,9 @@ the script's first command, in the container or natively). Modes, interleaved ro
 from other users of the machine hits all of them alike, after one unrecorded warm-up each:
 
 - ``native``: the shell runs the script (pbs_mom without a job starter);
-- ``cbatch``: the real starter -> cbatchd (registry, policy, engine create + start) -> tini -> cbatch-exec
-  -> shell -> script;
+- ``cbatch_<engine>_<client>`` (every one :mod:`bench.modes` found available): the real starter (Python or
+  the C client) -> cbatchd (registry, policy, engine create + start: Docker, or runc for ``direct``) ->
+  init -> cbatch-exec -> shell -> script;
 - ``docker_run``: the docker CLI with cbatch's flags (``bench/starters/docker-run``);
 - ``runc``: ``runc run`` of the same root filesystem (:mod:`bench.runc`), no engine at all.
 
@@ -15,16 +16,19 @@ For the mom-driven modes two more intervals are recorded: the exit path (the scr
 the mom reaps the starter: container exit noticed, reported, removed) and the whole job's wall time (submit
 to the mom's end of the job: prologue, start, run, exit, epilogue, clean-up).
 
-The daemon runs with timing probes (:mod:`bench.tracedaemon`): ``daemon_trace_ms`` is what each step of
-its start, register and unregister handling took during these jobs (the warm-up job included).
+``timing_ms`` is the breakdown of the direct path: the daemon runs with ``CBATCH_TIMING=1`` and the direct
+engine logs ``timing <step> <ms>`` per step of each start (:mod:`bench.timing` parses the log written during
+these jobs). The daemon also runs with timing probes (:mod:`bench.tracedaemon`): ``daemon_trace_ms`` is what
+each step of its start, register and unregister handling took during these jobs (the warm-up job included).
 
-The profile splits cbatch's interval into parts measured separately in the same run: the starter's Python
-start-up (the real shim run with no arguments: interpreter + imports + exit), the policy decision as the
-daemon makes it (``policy.decide`` with the forking ``resolve_as_user``), and the engine's create + start of
-an equivalent container through :class:`cbatch.engines.docker.Engine` (plus the time from that call to the
-container's first instruction, and the removal). The rest is the daemon's request handling. The root
-prologue and epilogue shims (register / unregister of a job with no container) are timed the same way: they
-are not in the start interval but are in every job's wall time.
+The profile splits cbatch's interval (of ``bench.cbatch``, the cbatch mode the single-mode benchmarks use)
+into parts measured separately in the same run: the starter's Python start-up (the real shim run with no
+arguments: interpreter + imports + exit), the policy decision as the daemon makes it (``policy.decide`` with
+the forking ``resolve_as_user``), and the engine's create + start of an equivalent container through
+:class:`cbatch.engines.docker.Engine` (plus the time from that call to the container's first instruction, and
+the removal). The rest is the daemon's request handling. The root prologue and epilogue shims (register /
+unregister of a job with no container) are timed the same way: they are not in the start interval but are in
+every job's wall time.
 """
 
 from __future__ import annotations
@@ -37,8 +41,8 @@ import time
 from pathlib import Path
 
 from bench import IMAGE, TOOL
-from bench import jobs
-from bench.env import ENGINE_URL, HELPER, MODES as MOM_MODES
+from bench import jobs, timing
+from bench.env import ENGINE_URL, HELPER
 from bench.runc import Bundle
 from bench.stats import summary
 
@@ -48,6 +52,8 @@ def run(bench, reps: int) -> dict:
     text = jobs.script("stamp")
     bundle = Bundle(bench.run_dir, bench.user, text)
     bench.daemon.trace()                        # from here on the daemon's probes see only these jobs
+    log_at = bench.daemon.log_size()
+    MOM_MODES = bench.mode_names
     lat = {m: [] for m in MOM_MODES + ("runc",)}
     wall = {m: [] for m in MOM_MODES}
     done = {m: [] for m in MOM_MODES}
@@ -74,6 +80,8 @@ def run(bench, reps: int) -> dict:
             "job_wall_ms": {m: summary(v, 1) for m, v in wall.items()},
             "exit_ms": {m: summary(v, 1) for m, v in done.items()},
             "daemon_trace_ms": daemon,
+            "timing_ms": timing.breakdown(bench.daemon.log(log_at)),
+            "direct_fallbacks": timing.fallbacks(bench.daemon.log(log_at)),
             "profile": profile(bench, max(5, reps // 2))}
 
 
@@ -87,7 +95,8 @@ def _timed(fn, n: int) -> list:
 
 
 def profile(bench, n: int) -> dict:
-    """The parts of cbatch's start path, each measured ``n`` times (ms summaries)."""
+    """The parts of cbatch's start path (of the mode ``bench.cbatch``), each measured ``n`` times (ms
+    summaries)."""
     shim = bench.mom("cbatch").starter
     python = sys.executable
     quiet = dict(stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -31,7 +31,7 @@ def run(bench, mib: int, reps: int, docker_reps: int) -> dict:
             rate[mode].append(mib / float(fields[0][0]))
             wall[mode].append(mib / elapsed)
     writer = {m: summary(v, 1) for m, v in rate.items()}
-    return {"mib": mib, "reps": {m: n for m, n in plan},
+    return {"mib": mib, "cbatch_mode": bench.cbatch, "reps": {m: n for m, n in plan},
             "writer_mib_per_s": writer,
             "ratio": ratio(writer["cbatch"]["median"], writer["native"]["median"]),
             # Contention (other work, write-back) only ever slows a run: the best runs compare the paths.

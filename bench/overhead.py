@@ -43,4 +43,4 @@ def run(bench, spin_millions: int, write_mib: int, reps: int) -> dict:
     io = _series(bench, jobs.script("write", mib=write_mib), "write", reps)
     cpu["millions"], io["mib"] = spin_millions, write_mib
     io["mib_per_s"] = {m: round(write_mib / s["median"], 1) for m, s in io["seconds"].items()}
-    return {"reps": reps, "cpu": cpu, "io": io}
+    return {"reps": reps, "cbatch_mode": bench.cbatch, "cpu": cpu, "io": io}

@@ -1,13 +1,13 @@
 """cbatchd with timing probes: where the daemon spends a job's start and end, measured on the real path.
 
-``python -I bench/tracedaemon.py CONFIG OUT`` runs the real
-``cbatch.daemon.server.main`` after wrapping a few functions with a timer (microseconds of overhead per call):
-the daemon's register / unregister handlers, and inside a start request each step the request takes
-(peer check, registry claim, script read and parse, policy, image check, engine create and start, registry
-write) plus ``start_to_started`` - from the request's arrival in :func:`cbatch.daemon.launch.start` to the
+``python -I bench/tracedaemon.py CONFIG OUT`` runs the real ``cbatch.daemon.server.main`` after wrapping a few
+functions with a timer (microseconds of overhead per call): the daemon's register / unregister handlers, and
+inside a start request each step the request takes (peer check, registry claim, script read and parse, policy,
+image check, engine create and start, registry write; the direct engine's start and remove where it exists)
+plus ``start_to_started`` - from the request's arrival in :func:`cbatch.daemon.launch.start` to the
 ``started`` event - and the engine calls themselves (Docker API create, start, remove, list). Nothing is
-changed but the timing. On SIGUSR2 the durations collected so far are written to OUT as JSON
-(``{name: [ms, ...]}``) and cleared; :meth:`bench.env.Daemon.trace` asks for that.
+changed but the timing. On SIGUSR2 the durations collected so far are written to OUT as JSON (``{name: [ms,
+...]}``) and cleared; :meth:`bench.env.Daemon.trace` asks for that.
 """
 
 from __future__ import annotations
@@ -77,6 +77,14 @@ def install() -> None:
             (docker.api.client.APIClient, "remove_container", "api.remove_container"),
             (docker.api.client.APIClient, "containers", "api.list_containers")):
         _patch(owner, attr, name)
+
+    try:        # the direct engine (issue #13), on branches that have it
+        from cbatch.engines import direct
+    except ImportError:
+        direct = None
+    if direct is not None:
+        for attr, name in (("start", "start.direct_start"), ("remove", "end.direct_remove")):
+            _patch(getattr(direct, "DirectEngine", None), attr, name)
 
     start, supervise = launch.start, launch.supervise
 
