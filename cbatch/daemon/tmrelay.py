@@ -333,10 +333,14 @@ def stop(running: Optional[Running]) -> None:
     """Stop, join and close a relay (None is fine; idempotent)."""
     if running is None or running.relay is None:
         return
-    running.relay.stop()
+    relay = running.relay
+    relay.stop()
     running.thread.join(JOIN)
     if running.thread.is_alive():
-        log.error("job %s: TM relay did not stop: keeping its descriptors", running.relay.job_id)
+        log.error("job %s: TM relay did not stop: keeping its descriptors", relay.job_id)
     else:
-        running.relay.close()
+        relay.close()
+        log.info("job %s: TM relay stopped: %d relayed; refused: %d not TM, %d over the bound, %d mom "
+                 "unreachable", relay.job_id, relay.relayed, relay.refused["header"], relay.refused["bound"],
+                 relay.refused["mom"])
     running.relay = None

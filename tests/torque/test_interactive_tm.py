@@ -7,12 +7,14 @@ session of their own whose parent is pbs_mom."""
 from __future__ import annotations
 
 import os
+import re
 import stat
 import subprocess
+import uuid
 
 import pytest
 
-from trq import instance_containers, qsub_interactive
+from trq import instance_containers, qsub_interactive, wait_until
 
 
 @pytest.fixture
@@ -79,3 +81,42 @@ def test_a_wrong_cookie_gets_nothing_and_mom_logs_are_root_only(torque, cbatchd,
     assert stat.S_IMODE(os.stat(logs).st_mode) == 0o700
     read = subprocess.run(["runuser", "-u", alice.name, "--", "ls", logs], capture_output=True)
     assert read.returncode != 0 and b"Permission denied" in read.stderr, read
+
+
+def _restart(cbatchd) -> None:
+    """SIGTERM cbatchd (it leaves containers running) and start it again on the same config."""
+    cbatchd.stop()
+    log = open(cbatchd.log_path, "ab")
+    cbatchd.proc = subprocess.Popen([cbatchd.proc.args[0], "--foreground", "--config", str(cbatchd.config_path)],
+                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+    log.close()
+    cbatchd.wait_ready()
+
+
+def test_pbsdsh_after_a_cbatchd_restart(torque, cbatchd, alice, wd):
+    """The relay lives in cbatchd: after a restart the reattached session re-creates it, and the job's next
+    pbsdsh works. The job waits for a file the test creates once the starter has reattached."""
+    tag = uuid.uuid4().hex[:12]
+    up, go = os.path.join(alice.home, f"tmrelay-up-{tag}"), os.path.join(alice.home, f"tmrelay-go-{tag}")
+    job = torque.qsub(alice, f"#!/bin/bash\ntouch {up}\nwhile [ ! -e {go} ]; do sleep 0.2; done\n"
+                      f"{torque.bin('pbsdsh')} -u /bin/sh -c 'test -e /.cbatch && echo task-after-restart'\n"
+                      "echo rc=$?\n", ["-q", "short"], wd)
+    try:
+        assert wait_until(lambda: os.path.exists(up), 120), "the job never started"
+        before = len(open(cbatchd.log_path, "rb").read())
+        _restart(cbatchd)
+
+        def relayed_again():
+            new = open(cbatchd.log_path, "rb").read()[before:].decode(errors="replace")
+            j = re.escape(job)
+            return re.search(rf"job {j}: container \w+: pid \d+ reattached.*job {j}: container \w+: TM relay on",
+                             new, re.S)
+        assert wait_until(relayed_again, 60), cbatchd.log()
+        open(go, "w").close()
+        r = torque.wait(job)
+        assert r.exit_status == 0 and r.stdout == b"task-after-restart\nrc=0\n", (r.stdout, r.stderr)
+    finally:
+        for path in (up, go):
+            if os.path.exists(path):
+                os.unlink(path)
