@@ -103,6 +103,7 @@ class QueuePolicy:
     pull: str = "never"
     prepull: Tuple[str, ...] = ()
     shm_size: Optional[int] = None
+    tm: bool = True                     # a container job's own TM (pbsdsh) reaches pbs_mom (cbatch.daemon.tmrelay)
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,10 @@ class TorqueConfig:
     (None: the ``defaults`` policy, shown as ``(none)``). Jobs themselves always carry their real queue."""
 
     default_queue: Optional[str] = None
+    # TM for container jobs (cbatch.daemon.tmclient, tmrelay): "auto" mounts the running pbs_mom's PREFIX/bin
+    # and PREFIX/lib read-only (only when root-owned) into jobs of queues with ``tm: true``; "off" never.
+    client: str = "auto"
+    tm_max_connections: int = 32         # open TM connections of one container job at once (the relay's bound)
 
 
 @dataclass(frozen=True)
@@ -168,7 +173,7 @@ def _builtin() -> Dict[str, Any]:
             "mounts": q.mounts, "user_mounts": {"allowed": False, "prefixes": ()},
             "network": q.network, "networks": q.networks, "allow_root": q.allow_root,
             "hardening": dict(Hardening().__dict__), "pull": q.pull, "prepull": q.prepull,
-            "shm_size": q.shm_size}
+            "shm_size": q.shm_size, "tm": q.tm}
 
 
 def _merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
@@ -197,7 +202,7 @@ def _build_queue(c: Ctx, name: str, merged: Dict[str, Any], own: Dict[str, Any],
                        user_mounts=UserMounts(**merged["user_mounts"]), network=merged["network"],
                        networks=merged["networks"], allow_root=merged["allow_root"],
                        hardening=Hardening(**merged["hardening"]), pull=merged["pull"],
-                       prepull=merged["prepull"], shm_size=merged["shm_size"])
+                       prepull=merged["prepull"], shm_size=merged["shm_size"], tm=merged["tm"])
 
 
 def normalize_reference(ref: str) -> str:
@@ -230,6 +235,13 @@ def image_allowed(ref: str, patterns: Tuple[str, ...]) -> bool:
 
 def _at_least(minimum: int):
     return lambda c, key, v: integer(c, key, v, minimum)
+
+
+def _tm_bound(c: Ctx, key: str, v: Any) -> int:
+    n = integer(c, key, v, 1)
+    if n > 1024:
+        raise c.err(key, "too large", v, "at most 1024 (each connection holds two descriptors in cbatchd)")
+    return n
 
 
 def _syslog(c: Ctx, key: str, v: Any) -> str:
@@ -279,7 +291,12 @@ def parse(text: str, path: str = DEFAULT_PATH, hostname: Optional[str] = None,
         if not isinstance(v, str) or not NAME.match(v):
             raise c_.err(k, "not a valid queue name", v, "letters, digits, _ . - (or null)")
         return v
-    torque = section(c, "torque", data, TorqueConfig(), {"default_queue": queue_name})
+    def client(c_: Ctx, k: str, v: Any) -> str:
+        if v not in ("auto", "off"):
+            raise c_.err(k, "not a TORQUE client mode", v, "auto | off")
+        return v
+    torque = section(c, "torque", data, TorqueConfig(), {"default_queue": queue_name, "client": client,
+                                                          "tm_max_connections": _tm_bound})
     return SiteConfig(path=path, engine=engine, daemon=daemon, defaults=defaults, queues=tuple(queues),
                       registry=registry, images=images, torque=torque)
 

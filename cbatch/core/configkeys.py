@@ -238,6 +238,7 @@ QUEUE_KEYS: Dict[str, Callable[[Ctx, str, Any], Any]] = {
     "pull": pull,
     "prepull": lambda c, k, v: list_of(c, k, v, ref),
     "shm_size": size,
+    "tm": boolean,
 }
 MERGED_MAPS = ("env", "user_mounts", "hardening")
 

@@ -16,7 +16,7 @@ import stat
 import time
 
 from cbatch import protocol
-from cbatch.daemon import audit, cleanup, limits, peers, recovery, tasks
+from cbatch.daemon import audit, cleanup, limits, peers, recovery, tasks, tmclient
 from cbatch.daemon import pinning
 from cbatch.core import policy
 from cbatch.core.directives import parse_options, parse_script
@@ -251,11 +251,13 @@ def _launch(daemon, conn, peer, job, spec, stdio, pump, fds, kind: str, tty_fd=N
     info = daemon.images.ensure(spec.image, daemon.config.queue(job.queue), _progress(fds[2]))
     env += tuple(daemon.images.job_env(spec.image, info))
     spec = dataclasses.replace(spec, env=env, labels=tuple(spec.labels) + ((LABEL_PEER, str(peer.pid)),))
+    spec, tm = _with_tm(daemon, job, spec, peer, kind)
     # Docker mounts root-owned staging points holding the exact objects checked as the user (no path it
     # re-resolves is one the user can swap); site mounts come from the root-owned config and are not pinned.
     # The stdout/stderr spool files are staged from the client's own fds.
     spool = [(attr, fd) for attr, fd in (("stdout_path", fds[1]), ("stderr_path", fds[2])) if getattr(stdio, attr)]
-    pinned, pins = pinning.pin(spec, job.identity, daemon.mount_root, daemon.config.queue(job.queue).mounts,
+    pinned, pins = pinning.pin(spec, job.identity, daemon.mount_root,
+                               daemon.config.queue(job.queue).mounts + (tm.mounts if tm else ()),
                                [fd for _attr, fd in spool])
     staged = dataclasses.replace(stdio, **{attr: point for (attr, _fd), point in zip(spool, pins.held)})
     limit = spec.memory_bytes or job.resources.memory_on(daemon.config.daemon.hostname or None)
@@ -263,7 +265,7 @@ def _launch(daemon, conn, peer, job, spec, stdio, pump, fds, kind: str, tty_fd=N
                    memory_limit=limit, pump_fds=pump, owned_fds=tuple(fds), name=spec.name, tty_fd=tty_fd,
                    user=job.identity.user, queue=job.queue, image=spec.image,
                    image_id=getattr(info, "id", "") or "", cgroup_parent=job.cgroup_parent,
-                   cput_limit=job.resources.cput)
+                   cput_limit=job.resources.cput, tm_port=tm.port if tm else None)
     # Recorded BEFORE the engine creates anything: a daemon that dies from here on leaves a record naming
     # the client and the container's labels, so its successor finds the container (however far the start
     # got) and the client can take it back (attach without an id) - no start-to-record window.
@@ -300,6 +302,19 @@ def _launch(daemon, conn, peer, job, spec, stdio, pump, fds, kind: str, tty_fd=N
     return sess
 
 
+def _with_tm(daemon, job, spec, peer, kind: str):
+    """``(spec, TmPlan or None)``: a TORQUE container job gets the TORQUE client mounts and a TM port for its
+    relay (:mod:`cbatch.daemon.tmclient`). A client directory the job already mounts is left to that mount."""
+    if kind != "job":
+        return spec, None
+    tm = tmclient.plan(daemon.config, daemon.config.queue(job.queue), job.batch, peer.pid, spec.env_dict())
+    if tm is None:
+        return spec, None
+    taken = {m.target for m in spec.mounts}
+    tm = dataclasses.replace(tm, mounts=tuple(m for m in tm.mounts if m.target not in taken))
+    return dataclasses.replace(spec, mounts=tuple(spec.mounts) + tm.mounts), tm
+
+
 def _int_or_none(value):
     """A recorded number (the registry is root's own file; still, only an int becomes a limit)."""
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
@@ -326,6 +341,7 @@ def attach(daemon, conn, peer, msg: dict, fds) -> None:
                    owned_fds=tuple(fds), user=str(info.get("user", "")), queue=str(info.get("queue", "")),
                    image=str(info.get("image", "")), image_id=str(info.get("image_id", "")),
                    cgroup_parent=info.get("cgroup_parent"), cput_limit=_int_or_none(info.get("cput_limit")),
+                   tm_port=_int_or_none(info.get("tm_port")),
                    started_wall=float(info.get("started_wall") or time.time()))
     try:
         protocol.send(conn, {"ok": True, "event": "attached", "id": cid, "job_id": job_id})

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 from cbatch import protocol
-from cbatch.daemon import audit, cleanup, cputwatch, peers, pinning, streams
+from cbatch.daemon import audit, cleanup, cputwatch, peers, pinning, streams, tmrelay
 from cbatch.core.errors import CbatchError, EngineError, JobError
 
 log = logging.getLogger("cbatchd")
@@ -59,6 +59,7 @@ class Session:
     image_id: str = ""
     cgroup_parent: Optional[str] = None
     cput_limit: Optional[int] = None   # seconds; enforced by cbatch.daemon.cputwatch without a TORQUE job cgroup
+    tm_port: Optional[int] = None      # the job's TM port relayed into its container (cbatch.daemon.tmrelay)
     started_at: float = field(default_factory=time.monotonic)
     started_wall: float = field(default_factory=time.time)   # kept across a daemon restart (the record)
 
@@ -68,7 +69,7 @@ class Session:
                 "uid": self.uid, "memory_limit": self.memory_limit, "batch": self.batch, "user": self.user,
                 "queue": self.queue, "image": self.image, "image_id": self.image_id,
                 "cgroup_parent": self.cgroup_parent, "cput_limit": self.cput_limit,
-                "started_wall": self.started_wall}
+                "started_wall": self.started_wall, "tm_port": self.tm_port}
 
 
 def supervise(daemon, conn, sess: Session) -> None:
@@ -121,6 +122,7 @@ def supervise(daemon, conn, sess: Session) -> None:
             pump_thread = _run_proxy(sess, pump, "pump")
     threading.Thread(target=waiter, name=f"wait-{sess.cid[:12]}", daemon=True).start()
     watch = cputwatch.start(daemon, sess)
+    relay = tmrelay.start(daemon, sess)
 
     poller = select.poll()
     poller.register(conn, select.POLLIN | select.POLLHUP | select.POLLERR)
@@ -158,6 +160,7 @@ def supervise(daemon, conn, sess: Session) -> None:
                       reply.get("message") or "")
     finally:
         cputwatch.stop(daemon, watch)     # no watcher outlives its session (idempotent)
+        tmrelay.stop(relay)
         # Whatever happened above, the pump stops before any descriptor it might use is closed.
         pump_alive = _stop_pump(sess, pump, pump_thread, 0.0)
         if saved_tty is not None:

@@ -6,9 +6,15 @@ session of their own whose parent is pbs_mom."""
 
 from __future__ import annotations
 
+import os
+import re
+import stat
+import subprocess
+import uuid
+
 import pytest
 
-from trq import instance_containers, qsub_interactive
+from trq import instance_containers, qsub_interactive, wait_until
 
 
 @pytest.fixture
@@ -50,13 +56,10 @@ def test_pbsdsh_task_native(torque, alice, wd):
     assert b"cbatch:" not in r.stderr and b"exit status" not in r.stderr, r.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="a container job's own pbsdsh cannot reach pbs_mom's TM port: the "
-                   "container has network none and no TORQUE client (issue #10 item 2, left open)")
 def test_pbsdsh_task_runs_in_the_jobs_container(torque, cbatchd, alice, wd):
-    """A container job's TM task runs in that job's container (it sees /.cbatch and the job's image).
-    The job calls pbsdsh by its host path: the container must be able to run it and reach the mom.
-    Today it cannot (pbsdsh exits 127 inside the image); the daemon side (a TM task joining the running
-    container) is proven through the emulator in tests/integration/test_torque_tasks.py."""
+    """A container job's own pbsdsh (by its host path: the TORQUE client is mounted from the running
+    pbs_mom's PREFIX) reaches the mom through the job's TM relay, and the task it spawns runs in that job's
+    container (it sees /.cbatch and the job's image)."""
     job = torque.qsub(alice, f"#!/bin/bash\n{torque.bin('pbsdsh')} -u /bin/sh -c "
                       "'test -e /.cbatch && echo task-contained; head -1 /etc/os-release'\necho rc=$?\n",
                       ["-q", "short"], wd)
@@ -65,3 +68,55 @@ def test_pbsdsh_task_runs_in_the_jobs_container(torque, cbatchd, alice, wd):
     assert r.stdout.decode().splitlines()[:2] == ["task-contained", 'PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"'], \
         (r.stdout, r.stderr)
     assert not instance_containers(cbatchd.instance, job)
+
+
+def test_a_wrong_cookie_gets_nothing_and_mom_logs_are_root_only(torque, cbatchd, alice, wd):
+    """TM through the relay is checked by pbs_mom as for a native job: a wrong PBS_JOBCOOKIE spawns nothing.
+    The mom logs the real cookie when it sees a wrong one, so mom_logs must not be readable by users."""
+    job = torque.qsub(alice, f"#!/bin/bash\nPBS_JOBCOOKIE=00000000000000000000000000000000 "
+                      f"{torque.bin('pbsdsh')} -u /bin/sh -c 'echo spawned'\necho rc=$?\n", ["-q", "short"], wd)
+    r = torque.wait(job)
+    assert b"spawned" not in r.stdout and b"rc=" in r.stdout, (r.stdout, r.stderr)
+    logs = os.path.join(torque.home, "mom_logs")
+    assert stat.S_IMODE(os.stat(logs).st_mode) == 0o700
+    read = subprocess.run(["runuser", "-u", alice.name, "--", "ls", logs], capture_output=True)
+    assert read.returncode != 0 and b"Permission denied" in read.stderr, read
+
+
+def _restart(cbatchd) -> None:
+    """SIGTERM cbatchd (it leaves containers running) and start it again on the same config."""
+    cbatchd.stop()
+    log = open(cbatchd.log_path, "ab")
+    cbatchd.proc = subprocess.Popen([cbatchd.proc.args[0], "--foreground", "--config", str(cbatchd.config_path)],
+                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+    log.close()
+    cbatchd.wait_ready()
+
+
+def test_pbsdsh_after_a_cbatchd_restart(torque, cbatchd, alice, wd):
+    """The relay lives in cbatchd: after a restart the reattached session re-creates it, and the job's next
+    pbsdsh works. The job waits for a file the test creates once the starter has reattached."""
+    tag = uuid.uuid4().hex[:12]
+    up, go = os.path.join(alice.home, f"tmrelay-up-{tag}"), os.path.join(alice.home, f"tmrelay-go-{tag}")
+    job = torque.qsub(alice, f"#!/bin/bash\ntouch {up}\nwhile [ ! -e {go} ]; do sleep 0.2; done\n"
+                      f"{torque.bin('pbsdsh')} -u /bin/sh -c 'test -e /.cbatch && echo task-after-restart'\n"
+                      "echo rc=$?\n", ["-q", "short"], wd)
+    try:
+        assert wait_until(lambda: os.path.exists(up), 120), "the job never started"
+        before = len(open(cbatchd.log_path, "rb").read())
+        _restart(cbatchd)
+
+        def relayed_again():
+            new = open(cbatchd.log_path, "rb").read()[before:].decode(errors="replace")
+            j = re.escape(job)
+            return re.search(rf"job {j}: container \w+: pid \d+ reattached.*job {j}: container \w+: TM relay on",
+                             new, re.S)
+        assert wait_until(relayed_again, 60), cbatchd.log()
+        open(go, "w").close()
+        r = torque.wait(job)
+        assert r.exit_status == 0 and r.stdout == b"task-after-restart\nrc=0\n", (r.stdout, r.stderr)
+    finally:
+        for path in (up, go):
+            if os.path.exists(path):
+                os.unlink(path)
