@@ -25,9 +25,11 @@ def wd(torque, alice):
 
 
 # Plain TORQUE 6.1 records exit_status 265 for a `qsub -I` job whose shell ran `exit 5` (observed without
-# cbatch's hooks: torque-up --no-hooks; docs/torque-facts.md): the mom ends the interactive session with
-# SIGKILL (256 + 9) whatever the shell returned. With cbatch the job must record the same.
-INTERACTIVE_EXIT = "265"
+# cbatch's hooks: torque-up --no-hooks; docs/torque-facts.md), and under load sometimes 0: the interactive
+# job is three processes of the mom's own (reader, writer, shell; start_exec.c catchinter()), and which of
+# them ends first decides between the reader's exit(0) and the SIGKILL (256 + 9). Neither is the shell's
+# own status, so the job must record one of TORQUE's two, never a status of cbatch's (125, 127, 1).
+INTERACTIVE_EXITS = ("265", "0")
 
 
 def test_interactive_native(torque, alice, wd):
@@ -36,7 +38,7 @@ def test_interactive_native(torque, alice, wd):
     assert job and b"native-42" in out and b"/dev/pts/" in out, out
     assert b"cbatch:" not in out, out
     attrs = torque.wait_state(job, "C", 60)
-    assert attrs["exit_status"] == INTERACTIVE_EXIT, attrs
+    assert attrs["exit_status"] in INTERACTIVE_EXITS, attrs
 
 
 def test_interactive_in_container(torque, cbatchd, alice, wd):
@@ -45,7 +47,7 @@ def test_interactive_in_container(torque, cbatchd, alice, wd):
     assert job and b"contained-42" in out and b"/dev/pts/" in out, out
     assert b"cbatch:" not in out, out
     attrs = torque.wait_state(job, "C", 60)
-    assert attrs["exit_status"] == INTERACTIVE_EXIT, attrs
+    assert attrs["exit_status"] in INTERACTIVE_EXITS, attrs
     assert not instance_containers(cbatchd.instance, job)
 
 
