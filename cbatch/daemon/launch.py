@@ -70,10 +70,12 @@ def read_script(path: str, uid: int) -> bytes:
 
 
 def _cgroup_parent(reg, peer_pid: int):
-    """The job's cgroup for ``--cgroup-parent`` (Torque: /torque/<id>; Slurm: from the caller's cgroup)."""
+    """The job's cgroup for ``--cgroup-parent`` (Torque: /torque/<id>; PBS: pbs_cgroups' one; Slurm: the caller's)."""
     if reg.batch == "slurm":
         found = peers.slurm_job_of(peer_pid)
         return found[2] if found and found[1] == reg.job_id else None
+    if reg.batch == "pbs":
+        return cgroups.pbs_parent(reg.job_id)
     return cgroups.torque_parent(reg.job_id)
 
 
