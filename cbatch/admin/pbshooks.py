@@ -89,6 +89,7 @@ try:
         # Rewrite first: whatever fails below, the program is the starter, which refuses unregistered jobs.
         e.progname = STARTER
         e.argv = new
+        pbs.logmsg(pbs.LOG_DEBUG, "cbatch: launch %s %r -> %r" % (prog, argv, new))
         if own:
             rc, out, err = _cbatch("launch", SOCKET, _job_data(e, j), 50)
             _log(err)

@@ -63,7 +63,7 @@ def _run_hook(kind, event_type, progname="/bin/sh", argv=(), env=None, fail=None
     event.reject = lambda msg: setattr(event, "rejected", msg)
     logged = []
     fake = types.SimpleNamespace(event=lambda: event, EXECJOB_LAUNCH="launch", EXECJOB_END="end",
-                                 LOG_ERROR=1, logmsg=lambda lvl, msg: logged.append(msg),
+                                 LOG_ERROR=1, LOG_DEBUG=2, logmsg=lambda lvl, msg: logged.append(msg),
                                  pbs_conf={"PBS_HOME": "/var/spool/pbs"},
                                  server=lambda: types.SimpleNamespace(default_queue="workq"))
     text = pbshooks.hook_text(kind, "/venv/bin/python", "/run/cbatch/cbatchd.sock", STARTER, "/etc/cbatch/cbatch.yaml")
