@@ -34,7 +34,7 @@ HOOK_ALARM = 60          # seconds; registration waits at most REGISTER_TIMEOUT 
 HOOK_ORDER = 200         # after pbs_cgroups (100): the launched program is in the job's cgroup already
 QMGR_TIMEOUT = 60.0
 
-_HEAD = '''# cbatch {kind} hook, written by `cbatch install-hooks --pbs`; do not edit, re-run it instead.
+_HEAD = '''# written by cbatch install-hooks (PBS {kind} hook, `cbatch install-hooks --pbs`); do not edit, re-run it.
 import json
 import subprocess
 import pbs
@@ -163,6 +163,16 @@ def qmgr(pbs_exec: str, command: str, check: bool = True) -> subprocess.Complete
     return done
 
 
+MARKER = "# written by cbatch install-hooks"
+LEGACY_HOOKS = ("cbatch", "cbatch_submit")    # names an earlier cbatch used: two launch hooks would stack
+
+
+def _ours(pbs_exec: str, name: str) -> bool:
+    """True if hook ``name`` exists and its body carries cbatch's marker (never delete a site's hook)."""
+    done = qmgr(pbs_exec, f"export hook {name} application/x-python default", check=False)
+    return done.returncode == 0 and MARKER.encode() in done.stdout[:4096]
+
+
 def _exists(pbs_exec: str, name: str) -> bool:
     return qmgr(pbs_exec, f"list hook {name}", check=False).returncode == 0
 
@@ -174,6 +184,9 @@ def install(pbs_exec: str, python: str, socket_path: str, starter: str, config: 
     if queuejob:
         hooks.append((QUEUE_HOOK, "queuejob", "queuejob"))
     done = []
+    for name in LEGACY_HOOKS:
+        if _ours(pbs_exec, name):
+            qmgr(pbs_exec, f"delete hook {name}")
     for name, kind, events in hooks:
         text = hook_text(kind, python, socket_path, starter, config)
         with tempfile.NamedTemporaryFile("w", suffix=".py", prefix="cbatch-hook-", delete=False) as fh:
@@ -197,8 +210,8 @@ def install(pbs_exec: str, python: str, socket_path: str, starter: str, config: 
 def remove(pbs_exec: str) -> List[str]:
     """Delete cbatch's hooks (those that exist); the names deleted."""
     gone = []
-    for name in (EXEC_HOOK, QUEUE_HOOK):
-        if _exists(pbs_exec, name):
+    for name in (EXEC_HOOK, QUEUE_HOOK) + LEGACY_HOOKS:
+        if _ours(pbs_exec, name):
             qmgr(pbs_exec, f"delete hook {name}")
             gone.append(name)
     return gone

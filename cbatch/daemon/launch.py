@@ -144,7 +144,7 @@ def _prepare_start(daemon, conn, peer, rec, msg, fds, interactive: bool):
     try:
         decision, job = _decide_start(daemon, peer, reg, argv, cwd, env, line, interactive)
         if isinstance(decision, Native):
-            log.info("job %s: %snative (%s)", reg.job_id, f"{kind}, " if kind != "batch" else "", decision.reason)
+            log.info("job %s: %snative (%s)", reg.job_id, "exec, " if interactive == "exec" else "interactive, " if interactive else "", decision.reason)
             audit.native(reg, peer.uid, "job", decision.reason)
             # Answered before the claim entry goes, so no restart can fall between the two.
             protocol.send(conn, {"ok": True, "mode": "native", "reason": decision.reason})
