@@ -74,6 +74,8 @@ def _parser() -> argparse.ArgumentParser:
     ih.add_argument("--pbs-exec", default="/opt/pbs", metavar="DIR",
                     help="with --pbs: PBS_EXEC of /etc/pbs.conf (qmgr is DIR/bin/qmgr; default /opt/pbs)")
     ih.add_argument("--remove", action="store_true", help="with --pbs: delete cbatch's PBS hooks")
+    ih.add_argument("--config", default=None, metavar="PATH",
+                    help="with --pbs: the site config the queuejob hook checks against (default /etc/cbatch/cbatch.yaml)")
     ih.set_defaults(route="cbatch.admin.install:command")
 
     for name in ("prologue", "epilogue"):

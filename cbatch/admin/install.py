@@ -219,7 +219,8 @@ def command(args) -> int:
         from cbatch.admin import pbshooks      # OpenPBS / PBS Pro: qmgr-imported hooks, no mom_priv files
         python = interpreter()
         return pbshooks.command(args, socket_path, python,
-                                lambda: install_starter(args.libexec, socket_path, python), DEFAULT_CONFIG)
+                                lambda: install_starter(args.libexec, socket_path, python),
+                                getattr(args, "config", None) or DEFAULT_CONFIG)
     if not args.mom_priv:
         home = os.environ.get("PBS_HOME") or os.environ.get("TORQUE_HOME") or "/var/spool/torque"
         args.mom_priv = os.path.join(home, "mom_priv")

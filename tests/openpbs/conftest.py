@@ -95,7 +95,8 @@ def cbatchd(helper, test_images):
 @pytest.fixture(scope="session")
 def pbs(cbatchd, users):
     """OpenPBS up with cbatch's hooks (session); stopped at the end."""
-    env = dict(os.environ, CBATCH=str(VENV_BIN / "cbatch"), CBATCH_LIBEXEC=LIBEXEC)
+    env = dict(os.environ, CBATCH=str(VENV_BIN / "cbatch"), CBATCH_LIBEXEC=LIBEXEC,
+               CBATCH_CONFIG=str(cbatchd.config_path))
     t0 = time.monotonic()
     r = subprocess.run([str(ROOT / "scripts" / "openpbs-up")], env=env, capture_output=True, text=True,
                        cwd=str(ROOT))

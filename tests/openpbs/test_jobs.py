@@ -101,3 +101,13 @@ def test_pbsdsh_task_of_native_job(pbs, cbatchd, alice, wd):
                    [], wd)
     r = pbs.wait(job)
     assert (r.exit_status, r.stdout) == (0, b"arg with space|two|"), (r.attrs, r.stderr)
+
+
+def test_interactive_job_in_container_with_a_pty(pbs, cbatchd, alice, wd):
+    from trq import qsub_interactive
+    out, status, job = qsub_interactive(pbs, alice, ["-q", "short"],
+                                        b"test -t 0 && test -e /.cbatch && echo in-container-$((6*7)); exit\n", wd)
+    assert job, out
+    assert b"in-container-42" in out, out
+    assert status == 0, out
+    assert wait_until(lambda: not instance_containers(cbatchd.instance, job), 30)
