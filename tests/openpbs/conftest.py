@@ -108,6 +108,18 @@ def pbs(cbatchd, users):
 
 
 @pytest.fixture
+def pbs_cg(pbs):
+    """The same OpenPBS with its shipped pbs_cgroups hook enabled (tests using it are in test_zz_*, last)."""
+    env = dict(os.environ, CBATCH=str(VENV_BIN / "cbatch"), CBATCH_LIBEXEC=LIBEXEC,
+               CBATCH_CONFIG=str(RUN / "cbatch.yaml"))
+    r = subprocess.run([str(ROOT / "scripts" / "openpbs-up"), "--cgroups"], env=env, capture_output=True,
+                       text=True, cwd=str(ROOT))
+    if r.returncode != 0:
+        pytest.fail(f"openpbs-up --cgroups failed ({r.returncode}):\n{r.stderr[-4000:]}")
+    return pbs
+
+
+@pytest.fixture
 def alice(users):
     return users["cbt-alice"]
 
