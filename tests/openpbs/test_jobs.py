@@ -111,3 +111,27 @@ def test_interactive_job_in_container_with_a_pty(pbs, cbatchd, alice, wd):
     assert b"in-container-42" in out, out
     assert status == 0, out
     assert wait_until(lambda: not instance_containers(cbatchd.instance, job), 30)
+
+
+def test_install_hooks_is_idempotent(pbs, cbatchd):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import conftest
+    cbatch = str(Path(sys.executable).parent / "cbatch")
+    argv = [cbatch, "install-hooks", "--pbs", "--pbs-exec", "/opt/pbs", "--libexec", conftest.LIBEXEC,
+            "--config", str(cbatchd.config_path)]
+
+    def hooks():
+        out = subprocess.run(["/opt/pbs/bin/qmgr", "-c", "list hook"], capture_output=True, text=True, check=True)
+        return sorted(line.split()[1] for line in out.stdout.splitlines() if line.startswith("Hook "))
+
+    before = hooks()
+    assert {"cbatch_exec", "cbatch_queuejob"} <= set(before) and "cbatch" not in before, before
+    r = subprocess.run(argv, capture_output=True, text=True, env=dict(os.environ))
+    assert r.returncode == 0, r.stderr
+    assert hooks() == before
+    starter = Path(conftest.LIBEXEC, "job_starter")
+    assert starter.stat().st_uid == 0 and starter.stat().st_mode & 0o7777 == 0o755
