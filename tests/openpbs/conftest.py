@@ -107,7 +107,7 @@ def pbs(cbatchd, users):
     subprocess.run([str(ROOT / "scripts" / "openpbs-down")], capture_output=True)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def pbs_cg(pbs):
     """The same OpenPBS with its shipped pbs_cgroups hook enabled (tests using it are in test_zz_*, last)."""
     env = dict(os.environ, CBATCH=str(VENV_BIN / "cbatch"), CBATCH_LIBEXEC=LIBEXEC,
