@@ -135,3 +135,13 @@ def test_install_hooks_is_idempotent(pbs, cbatchd):
     assert hooks() == before
     starter = Path(conftest.LIBEXEC, "job_starter")
     assert starter.stat().st_uid == 0 and starter.stat().st_mode & 0o7777 == 0o755
+
+
+def test_refused_directive_one_line_in_e_file(pbs, cbatchd, alice, wd):
+    # OpenPBS gives queuejob no script: the #CBATCH image is refused by cbatchd at start, in the job's words.
+    job = pbs.qsub(alice, "#!/bin/sh\n#CBATCH --image=evil/image:1\necho never\n", ["-q", "short"], wd)
+    r = pbs.wait(job)
+    assert r.stdout == b"" and r.exit_status != 0, (r.attrs, r.stderr)
+    lines = r.stderr.decode().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cbatch: ") and "evil/image:1" in lines[0], r.stderr
+    assert not instance_containers(cbatchd.instance, job)
