@@ -67,8 +67,10 @@ def choose_image(policy: QueuePolicy, job: JobContext, directives: Directives,
     env = job.env_dict()
     env_image = env.get(IMAGE_ENV) or None
     if env_image is None and getattr(job, "batch", None) == "pbs":
-        # PBS Pro's container hook takes -v CONTAINER_IMAGE=...: the same request under cbatch's policy.
-        env_image = env.get(PBS_PRO_IMAGE_ENV) or None
+        # PBS Pro's container hook takes -v CONTAINER_IMAGE=... (or a site's -l container_image=...): the
+        # same request under cbatch's policy.
+        extra = dict(getattr(getattr(job, "resources", None), "extra", ()) or ())
+        env_image = env.get(PBS_PRO_IMAGE_ENV) or extra.get("container_image") or None
     order = [(directives.image, "--image"), (env_image, "CBATCH_IMAGE")]
     if not run:
         order.reverse()

@@ -171,3 +171,21 @@ def test_container_image_is_the_pbs_request_only():
     pol = types.SimpleNamespace(image="native", name="q")
     assert policy.choose_image(pol, Job("pbs"), parse_script(b""))[0] == "cbatch-test/busybox:1"
     assert policy.choose_image(pol, Job("torque"), parse_script(b""))[0] == "native"
+
+
+def test_container_image_resource_for_pbs_jobs():
+    from cbatch.core import policy
+    from cbatch.core.directives import parse_script
+    from cbatch.core.resources import parse_resource_list
+
+    class Job:
+        batch = "pbs"
+        resources = parse_resource_list("ncpus=1,container_image=cbatch-test/busybox:1,place=free")
+
+        def env_dict(self):
+            return {}
+
+    pol = types.SimpleNamespace(image="native", name="q")
+    assert policy.choose_image(pol, Job(), parse_script(b"")) == ("cbatch-test/busybox:1", "CBATCH_IMAGE")
+    Job.batch = "torque"
+    assert policy.choose_image(pol, Job(), parse_script(b""))[0] == "native"
