@@ -121,8 +121,9 @@ def main(argv=None) -> int:
     try:
         data = _read(sys.stdin.buffer)
     except (ValueError, CbatchError) as exc:
+        # launch/end never fail the job; queuejob lets it through (cbatchd checks again at start).
         sys.stderr.write(f"cbatch: pbs hook: unreadable input: {exc}\n")
-        return 0 if action != "queuejob" else 0
+        return 0
     if action == "launch":
         return launch(data, extra)
     if action == "end":
