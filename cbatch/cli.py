@@ -69,6 +69,13 @@ def _parser() -> argparse.ArgumentParser:
                     help="pbs_mom's config file to put the $job_starter line in (default: MOM_PRIV/config)")
     ih.add_argument("--no-mom-config", action="store_true",
                     help="only print the $job_starter line instead of writing it")
+    ih.add_argument("--pbs", action="store_true",
+                    help="OpenPBS / PBS Pro: import cbatch's hooks with qmgr instead of TORQUE's mom_priv files")
+    ih.add_argument("--pbs-exec", default="/opt/pbs", metavar="DIR",
+                    help="with --pbs: PBS_EXEC of /etc/pbs.conf (qmgr is DIR/bin/qmgr; default /opt/pbs)")
+    ih.add_argument("--remove", action="store_true", help="with --pbs: delete cbatch's PBS hooks")
+    ih.add_argument("--config", default=None, metavar="PATH",
+                    help="with --pbs: the site config the queuejob hook checks against (default /etc/cbatch/cbatch.yaml)")
     ih.set_defaults(route="cbatch.admin.install:command")
 
     for name in ("prologue", "epilogue"):

@@ -32,9 +32,27 @@ def torque_requested(config) -> bool:
     return False
 
 
+OPENPBS_TESTS = ROOT / "tests" / "openpbs"
+
+
+def openpbs_requested(config) -> bool:
+    """The real-OpenPBS tests run with ``CBATCH_OPENPBS_KIT`` (build from the kit, cached by its stamp) or
+    ``CBATCH_OPENPBS=installed`` (/opt/pbs), or when tests/openpbs is named on the command line. Never in
+    the same run as tests/torque: both need ports 15001-15004."""
+    if os.environ.get("CBATCH_OPENPBS_KIT") or os.environ.get("CBATCH_OPENPBS") == "installed":
+        return True
+    for arg in config.args:
+        path = Path(arg.split("::")[0]).resolve()
+        if path == OPENPBS_TESTS or OPENPBS_TESTS in path.parents:
+            return True
+    return False
+
+
 def pytest_ignore_collect(collection_path, config):
-    """Leave tests/torque out unless asked for (it needs a TORQUE build and the TORQUE ports)."""
+    """Leave tests/torque and tests/openpbs out unless asked for (a batch system build and its ports)."""
     if Path(collection_path) == TORQUE_TESTS and not torque_requested(config):
+        return True
+    if Path(collection_path) == OPENPBS_TESTS and not openpbs_requested(config):
         return True
     return None
 

@@ -97,6 +97,15 @@ def install(mom_priv: str, libexec: str, socket_path: str, python: Optional[str]
     return paths
 
 
+def install_starter(libexec: str, socket_path: str, python: Optional[str] = None) -> str:
+    """Write only ``libexec/job_starter`` (PBS: the hooks replace prologue and epilogue); its path."""
+    path = os.path.join(libexec, "job_starter")
+    os.makedirs(libexec, mode=0o755, exist_ok=True)
+    _refuse_foreign(path)
+    write_file(path, shim_text("job_starter", socket_path, python), STARTER_MODE)
+    return path
+
+
 def _refuse_foreign(path: str) -> None:
     """Never overwrite a hook the site wrote itself (a prologue may do site work we cannot redo)."""
     try:
@@ -206,6 +215,12 @@ def command(args) -> int:
         raise CbatchError("install-hooks", "must run as root", os.geteuid(),
                           "pbs_mom only accepts root-owned hooks")
     socket_path = getattr(args, "socket", None) or _socket_from_config()
+    if getattr(args, "pbs", False):
+        from cbatch.admin import pbshooks      # OpenPBS / PBS Pro: qmgr-imported hooks, no mom_priv files
+        python = interpreter()
+        return pbshooks.command(args, socket_path, python,
+                                lambda: install_starter(args.libexec, socket_path, python),
+                                getattr(args, "config", None) or DEFAULT_CONFIG)
     if not args.mom_priv:
         home = os.environ.get("PBS_HOME") or os.environ.get("TORQUE_HOME") or "/var/spool/torque"
         args.mom_priv = os.path.join(home, "mom_priv")

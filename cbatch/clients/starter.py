@@ -141,6 +141,8 @@ def run(socket_path: str, argv) -> int:
     if len(argv) < 2:
         raise JobError("job starter", "expected the shell or the command to start", "(none)",
                        "configure it as $job_starter in mom_priv/config")
+    if argv[1] == PBS_EXEC:
+        return run_pbs_exec(socket_path, argv)
     kind = start_kind(argv)
     if kind != "batch":
         return run_other(socket_path, argv, kind)
@@ -178,6 +180,26 @@ def run_other(socket_path: str, argv, kind: str) -> int:
     return client.run_session(socket_path, req, (0, 1, 2),
                               on_native=lambda pending: exec_argv(argv[1:], pending, login),
                               reraise_term=True)
+
+
+PBS_EXEC = "--pbs-exec"     # cbatch's PBS launch hook: [starter, --pbs-exec, prog, args...] for `qsub -- prog`
+
+
+def run_pbs_exec(socket_path: str, argv) -> int:
+    """PBS ``qsub -- prog args``: the job's own program, given as argv (no script, no stdin line). The
+    starter is the job's session leader as for a batch job; the daemon decides container or native."""
+    if len(argv) < 3 or not argv[2]:
+        raise JobError("job starter", "--pbs-exec without a program", "(none)")
+    if os.geteuid() == 0:
+        raise JobError("job starter", "refusing to start a job as root", argv[2])
+    try:
+        cwd = os.getcwd()
+    except OSError:
+        cwd = os.environ.get("PWD", "/")
+    req = protocol.request("start", kind="exec", argv=list(argv), line="", cwd=cwd,
+                           env=protocol.env_pairs(os.environ.items()))
+    return client.run_session(socket_path, req, (0, 1, 2),
+                              on_native=lambda pending: exec_argv(argv[2:], pending, False), reraise_term=True)
 
 
 def main(socket_path: str = client.DEFAULT_SOCKET) -> None:

@@ -21,7 +21,7 @@ from typing import Mapping, Optional, Sequence, Tuple
 from cbatch.core.errors import JobError, PolicyError
 from cbatch.core.resources import Resources, parse_resource_list
 
-BATCH_SYSTEMS = ("torque", "slurm", "local")
+BATCH_SYSTEMS = ("torque", "slurm", "local", "pbs")
 SLURM_SPOOL = "/var/spool/slurmd"
 
 
@@ -180,6 +180,31 @@ class Registration:
                    queue=env.get("SLURM_JOB_PARTITION", ""), account=env.get("SLURM_JOB_ACCOUNT", ""),
                    script_path=script, session_id=None, batch="slurm",
                    registered_at=time.time() if now is None else now, uid=uid)
+
+    @classmethod
+    def from_pbs(cls, data: Mapping, now: Optional[float] = None) -> "Registration":
+        """Build from what cbatch's OpenPBS/PBS Pro ``execjob_launch`` hook read from PBS's own job object
+        (root, on the mom): ``job_id``, ``euser``, ``egroup``, ``name``, ``queue``, ``resource_list``,
+        ``account``, ``script`` (``PBS_HOME/mom_priv/jobs/<id>.SC``) and ``session_id`` (the job shell's
+        session, already set when the launch hook runs). Never anything from the job's environment.
+        """
+        if not isinstance(data, Mapping):
+            raise JobError("pbs hook", "job data is not an object", type(data).__name__)
+        sid = data.get("session_id")
+        if isinstance(sid, str) and sid.isdigit() and sid.isascii():
+            sid = int(sid)
+        if sid is None or isinstance(sid, bool) or not isinstance(sid, int) or sid <= 1:
+            raise JobError("pbs hook", "no session id for the job", repr(sid),
+                           "register from execjob_launch, where PBS has set the job's session")
+        text = {k: data.get(k) if data.get(k) is not None else "" for k in
+                ("job_id", "euser", "egroup", "name", "queue", "resource_list", "account", "script")}
+        for k, v in text.items():
+            if not isinstance(v, str):
+                raise JobError("pbs hook", f"{k} is not a string", repr(v))
+        return cls(job_id=text["job_id"], user=text["euser"], group=text["egroup"], name=text["name"],
+                   resource_list=text["resource_list"], queue=text["queue"], account=text["account"],
+                   script_path=text["script"], session_id=sid, batch="pbs",
+                   registered_at=time.time() if now is None else now)
 
     def to_dict(self) -> dict:
         """JSON-safe form for the daemon's state directory."""

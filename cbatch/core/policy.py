@@ -35,6 +35,7 @@ Resolver = Callable[[str, Identity], str]
 # () when it has none. The daemon passes the engine's lookup; None (submit filter, tests) = unknown.
 TagsOf = Callable[[str], Sequence[str]]
 IMAGE_ENV = "CBATCH_IMAGE"
+PBS_PRO_IMAGE_ENV = "CONTAINER_IMAGE"     # PBS Pro container hook's name for the same request (batch "pbs" only)
 _NAME_BAD = re.compile(r"[^a-zA-Z0-9_.-]")
 KERNEL_SOURCES = ("/proc", "/sys", "/dev")
 RESERVED_HINT = "not /, " + ", ".join(RESERVED_TARGETS) + ", the job script, or anything under them"
@@ -63,7 +64,13 @@ def choose_image(policy: QueuePolicy, job: JobContext, directives: Directives,
     the image at qsub time without editing the script). For ``cbatch run`` the explicit ``--image`` wins,
     because inside a container job ``CBATCH_IMAGE`` is always set to the job's own image.
     """
-    env_image = job.env_dict().get(IMAGE_ENV) or None
+    env = job.env_dict()
+    env_image = env.get(IMAGE_ENV) or None
+    if env_image is None and getattr(job, "batch", None) == "pbs":
+        # PBS Pro's container hook takes -v CONTAINER_IMAGE=... (or a site's -l container_image=...): the
+        # same request under cbatch's policy.
+        extra = dict(getattr(getattr(job, "resources", None), "extra", ()) or ())
+        env_image = env.get(PBS_PRO_IMAGE_ENV) or extra.get("container_image") or None
     order = [(directives.image, "--image"), (env_image, "CBATCH_IMAGE")]
     if not run:
         order.reverse()

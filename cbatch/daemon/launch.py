@@ -70,10 +70,12 @@ def read_script(path: str, uid: int) -> bytes:
 
 
 def _cgroup_parent(reg, peer_pid: int):
-    """The job's cgroup for ``--cgroup-parent`` (Torque: /torque/<id>; Slurm: from the caller's cgroup)."""
+    """The job's cgroup for ``--cgroup-parent`` (Torque: /torque/<id>; PBS: pbs_cgroups' one; Slurm: the caller's)."""
     if reg.batch == "slurm":
         found = peers.slurm_job_of(peer_pid)
         return found[2] if found and found[1] == reg.job_id else None
+    if reg.batch == "pbs":
+        return cgroups.pbs_parent(reg.job_id)
     return cgroups.torque_parent(reg.job_id)
 
 
@@ -92,10 +94,16 @@ def start(daemon, conn, peer, msg: dict, fds) -> dict | None:
     kind = protocol.get_str(msg, "kind", "batch")
     if kind == "task":
         return tasks.task(daemon, conn, peer, msg, fds)
-    if kind not in ("batch", "interactive"):
-        raise protocol.bad_field("kind", "batch | interactive | task")
+    if kind not in ("batch", "interactive", "exec"):
+        raise protocol.bad_field("kind", "batch | interactive | task | exec")
     interactive = kind == "interactive"
-    if interactive:
+    if kind == "exec":
+        # PBS `qsub -- prog`: the starter is the registered session leader as for a batch job.
+        rec = peers.start_job(daemon.registry, peer.pid, peer.uid)
+        if rec.registration.batch != "pbs":
+            raise AccessDenied("start", "exec starts are PBS's", rec.registration.job_id)
+        interactive = "exec"
+    elif interactive:
         rec = tasks.interactive_job(daemon.registry, peer.pid, peer.uid)
     else:
         rec = peers.start_job(daemon.registry, peer.pid, peer.uid)
@@ -120,7 +128,10 @@ def _prepare_start(daemon, conn, peer, rec, msg, fds, interactive: bool):
     reg = rec.registration
     argv, cwd, env = _request(msg, fds)
     line = protocol.get_str(msg, "line")
-    if not interactive and len(argv) != 2:
+    if interactive == "exec":
+        if len(argv) < 3 or argv[1] != "--pbs-exec" or not argv[2].startswith("/"):
+            raise protocol.bad_field("argv", "[starter, --pbs-exec, /absolute/program, args...]")
+    elif not interactive and len(argv) != 2:
         raise protocol.bad_field("argv", "[starter, shell]")
     if interactive and len(argv) < 2:
         raise protocol.bad_field("argv", "[starter, shell, args...]")
@@ -133,11 +144,16 @@ def _prepare_start(daemon, conn, peer, rec, msg, fds, interactive: bool):
     try:
         decision, job = _decide_start(daemon, peer, reg, argv, cwd, env, line, interactive)
         if isinstance(decision, Native):
-            log.info("job %s: %snative (%s)", reg.job_id, "interactive, " if interactive else "", decision.reason)
+            log.info("job %s: %snative (%s)", reg.job_id, "exec, " if interactive == "exec" else "interactive, " if interactive else "", decision.reason)
             audit.native(reg, peer.uid, "job", decision.reason)
             # Answered before the claim entry goes, so no restart can fall between the two.
             protocol.send(conn, {"ok": True, "mode": "native", "reason": decision.reason})
             return None
+        if interactive == "exec":
+            # PBS `qsub -- prog args`: the program itself in the queue's container, stdin /dev/null as PBS gives.
+            spec = dataclasses.replace(decision, argv=tuple(argv[2:]), stdin_line=None)
+            stdio, pump = choose_stdio(fds, attach_stdin=False, uid=peer.uid)
+            return _launch(daemon, conn, peer, job, spec, stdio, pump, fds, "job")
         if interactive:
             # The queue's container with the job's terminal: the policy's shell (argv[0] of its decision) run
             # interactively, plus qsub -I -x's "-c cmd"; no stdin line. The daemon proxies the pty raw.
@@ -170,7 +186,8 @@ def _decide_start(daemon, peer, reg, argv, cwd, env, line, interactive):
             log.warning("job %s: stdin line does not name the registered script %s", reg.job_id,
                         reg.script_path)
         directives = parse_script(read_script(reg.script_path, identity.uid))
-    job = JobContext.for_start(reg, identity, argv[1], line, cwd, env, _cgroup_parent(reg, peer.pid),
+    shell = argv[2] if interactive == "exec" else argv[1]
+    job = JobContext.for_start(reg, identity, shell, line, cwd, env, _cgroup_parent(reg, peer.pid),
                                peers.umask_of(peer.pid))
     if script_gone:         # nothing to mount: the policy mounts the job script only when there is one
         job = dataclasses.replace(job, script_path="")

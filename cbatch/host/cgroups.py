@@ -66,6 +66,17 @@ def torque_parent(job_id: str, root: str = CGROUP_ROOT) -> Optional[str]:
     return None
 
 
+def pbs_parent(job_id: str, root: str = CGROUP_ROOT) -> Optional[str]:
+    """``/pbs_jobs.service/jobid/<jobid>`` if OpenPBS's pbs_cgroups hook made the job's cgroup, else None."""
+    if not _JOB_ID.match(job_id or ""):
+        return None
+    rel = f"pbs_jobs.service/jobid/{job_id}"
+    for candidate in (os.path.join(root, "memory", rel), os.path.join(root, "cpuset", rel), os.path.join(root, rel)):
+        if os.path.isdir(candidate):
+            return "/" + rel
+    return None
+
+
 def slurm_parent_of_pid(pid: int, proc: str = "/proc") -> Optional[str]:
     """The Slurm job cgroup (``/slurm_<node>/uid_<uid>/job_<id>``) the process ``pid`` is in, or None.
 

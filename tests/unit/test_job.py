@@ -79,7 +79,7 @@ def test_registration_json_roundtrip():
     ({"job_id": None}, "cbatch: job registration: job_id is not a string: None"),
     ({"session_id": "12"}, "cbatch: job registration: invalid session_id: '12' (a non-negative integer)"),
     ({"session_id": True}, "cbatch: job registration: invalid session_id: True (a non-negative integer)"),
-    ({"batch": "pbspro"}, "cbatch: job registration: unknown batch system: pbspro (torque | slurm | local)"),
+    ({"batch": "pbspro"}, "cbatch: job registration: unknown batch system: pbspro (torque | slurm | local | pbs)"),
     ({"registered_at": "now"}, "cbatch: job registration: invalid registered_at: 'now'"),
 ])
 def test_registration_from_dict_rejects(change, message):
