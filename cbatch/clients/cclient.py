@@ -21,6 +21,7 @@ HOOKS = ("c", "python")
 CLIENT_NAME = "cbatch-client"
 ENV_HOOKS = "CBATCH_TEST_HOOKS"     # tests and the emulator: force python or c
 ENV_CLIENT = "CBATCH_CLIENT"        # tests and the emulator: the C client to use
+INSTALLED = "/usr/libexec/cbatch/" + CLIENT_NAME
 
 
 def built_client() -> Optional[str]:
@@ -32,7 +33,7 @@ def built_client() -> Optional[str]:
 
 def default_client(libexec: Optional[str] = None, tests: bool = False) -> Optional[str]:
     """The C client to use when none is named: ``<libexec>/cbatch-client``; for tests and the emulator
-    (``tests``) first ``$CBATCH_CLIENT`` and last the one built in this source tree."""
+    (``tests``) first ``$CBATCH_CLIENT`` and last the one built in this source tree, else the installed one."""
     env = os.environ.get(ENV_CLIENT) if tests else None
     if env:
         return env
@@ -40,7 +41,10 @@ def default_client(libexec: Optional[str] = None, tests: bool = False) -> Option
         path = os.path.join(libexec, CLIENT_NAME)
         if os.access(path, os.X_OK):
             return path
-    return built_client() if tests else None
+    if not tests:
+        return None
+    # a source tree's own build first, then the one scripts/setup installed (a non-editable install)
+    return built_client() or (INSTALLED if os.access(INSTALLED, os.X_OK) else None)
 
 
 def choose(hooks: Optional[str] = None, client: Optional[str] = None,
