@@ -28,6 +28,9 @@ void err_line(struct buf *out, const char *subject, const char *problem, const c
 void fail(int status, const char *subject, const char *problem, const char *value, const char *hint)
     __attribute__((noreturn));
 double mono(void);
+int ms_until(double deadline);
+void pipe_ignore(void);            /* a vanished peer is an error we report, not a death */
+void pipe_restore(void);           /* before exec: the job gets the disposition we were given */
 void sleep_s(double s);
 int write_all(int fd, const void *p, size_t n);
 

@@ -73,6 +73,7 @@ static void run_native(void *ctx, const int *pending, int n)
             signal(pending[i], SIG_DFL);
             kill(getpid(), pending[i]);
         }
+    pipe_restore();
     execvp(cmd[0], cmd);
     int e = errno;
     char v[1200];
@@ -160,7 +161,7 @@ int run_main(const char *sock, int argc, char **argv, char **envp)
 int main(int argc, char **argv)
 {
     /* SIGPIPE from a vanished daemon is a lost connection, handled where it is seen */
-    signal(SIGPIPE, SIG_IGN);
+    pipe_ignore();
     if (argc >= 2 && !strcmp(argv[1], "--version")) {
         printf("cbatch-client protocol %d\n", PROTO_VERSION);
         return 0;

@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -24,8 +25,17 @@ int cb_connect(const char *path, double timeout)
         int s = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
         if (s < 0)
             return -1;
-        if (connect(s, (struct sockaddr *)&sa, sizeof sa) == 0)
+        /* a full listen backlog: connect waits up to SO_SNDTIMEO, then EAGAIN (retried below) */
+        double left = deadline - mono();
+        if (left < 0.001)
+            left = 0.001;               /* {0, 0} would mean: wait forever */
+        struct timeval tv = {(time_t)left, (suseconds_t)((left - (double)(time_t)left) * 1e6)};
+        setsockopt(s, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+        if (connect(s, (struct sockaddr *)&sa, sizeof sa) == 0) {
+            struct timeval none = {0, 0};
+            setsockopt(s, SOL_SOCKET, SO_SNDTIMEO, &none, sizeof none);
             return s;
+        }
         int e = errno;
         close(s);
         if (e == EINTR)

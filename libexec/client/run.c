@@ -21,6 +21,7 @@
 static const int forwarded[] = {SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2, SIGCONT, SIGWINCH};
 #define NFWD ((int)(sizeof forwarded / sizeof forwarded[0]))
 static int sig_w = -1, sig_r = -1;
+static struct sigaction old_action[NFWD];
 static volatile sig_atomic_t got_term;
 
 static void on_signal(int sig)
@@ -43,15 +44,14 @@ static void signals_on(void)
     struct sigaction sa = {.sa_handler = on_signal};
     sigemptyset(&sa.sa_mask);
     for (int i = 0; i < NFWD; i++)
-        sigaction(forwarded[i], &sa, NULL);
+        sigaction(forwarded[i], &sa, &old_action[i]);
 }
 
+/* The dispositions we found (an ignored SIGHUP stays ignored for a job we exec), as client.py does. */
 static void signals_off(void)
 {
-    struct sigaction sa = {.sa_handler = SIG_DFL};
-    sigemptyset(&sa.sa_mask);
     for (int i = 0; i < NFWD; i++)
-        sigaction(forwarded[i], &sa, NULL);
+        sigaction(forwarded[i], &old_action[i], NULL);
     close(sig_r);
     close(sig_w);
 }
@@ -131,7 +131,7 @@ int call(const char *socket, struct buf *request, double timeout, struct buf *re
         struct pollfd p = {sock, POLLIN, 0};
         double deadline = mono() + timeout;
         int r = 0;
-        while ((r = poll(&p, 1, (int)((deadline - mono()) * 1000) + 1)) <= 0 && mono() < deadline)
+        while ((r = poll(&p, 1, ms_until(deadline))) <= 0 && mono() < deadline)
             ;
         if (r <= 0) {
             err_line(err, "protocol", "timed out", "partial or missing message",
@@ -343,7 +343,7 @@ int run_session(struct session_opts *o)
     struct pollfd p = {s.sock, POLLIN, 0};
     double until = mono() + 1.0;
     char junk[4096];
-    while (mono() < until && poll(&p, 1, (int)((until - mono()) * 1000) + 1) > 0)
+    while (mono() < until && poll(&p, 1, ms_until(until)) > 0)
         if (recv(s.sock, junk, sizeof junk, 0) <= 0)
             break;
     close(s.sock);

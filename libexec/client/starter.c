@@ -47,6 +47,7 @@ static void exec_native(void *ctx, const int *pending, int n)
     close(p[0]);
     die_like_term(pending, n);
     char *args[] = {nt->argv[1], NULL};
+    pipe_restore();
     execv(nt->argv[1], args);
     exec_failed("cannot run the shell", nt->argv[1]);
 }
@@ -63,6 +64,7 @@ static void exec_argv(void *ctx, const int *pending, int n)
         snprintf(arg0, sizeof arg0, "-%s", base ? base + 1 : prog);
         argv[0] = arg0;
     }
+    pipe_restore();
     if (strchr(prog, '/'))
         execv(prog, argv);
     else

@@ -1,6 +1,7 @@
 /* Small helpers: growing buffers, the one-line error format of cbatch/core/errors.py, time. */
 #include "cbc.h"
 #include <errno.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -109,6 +110,24 @@ void fail(int status, const char *subject, const char *problem, const char *valu
     (void)write_all(2, b.p, b.n);
     _exit(status);
 }
+
+/* poll's timeout for a deadline: never negative (that would wait forever) */
+int ms_until(double deadline)
+{
+    double left = deadline - mono();
+    return left <= 0 ? 0 : (int)(left * 1000) + 1;
+}
+
+static struct sigaction pipe_action;
+
+void pipe_ignore(void)
+{
+    struct sigaction sa = {.sa_handler = SIG_IGN};
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGPIPE, &sa, &pipe_action);
+}
+
+void pipe_restore(void) { sigaction(SIGPIPE, &pipe_action, NULL); }
 
 double mono(void)
 {

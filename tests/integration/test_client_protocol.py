@@ -312,3 +312,24 @@ def test_bad_shims_fail_closed(c_client, wd):
         shim.chmod(0o755)
         p = subprocess.run([str(shim)], capture_output=True, stdin=subprocess.DEVNULL, timeout=30, **AS_USER)
         assert p.returncode == status and len(p.stderr.splitlines()) == 1, (role, p.stderr)
+
+
+@pytest.mark.parametrize("client_kind", ["python", "c"])
+def test_native_job_keeps_the_signal_dispositions_it_was_given(client_kind, c_client, wd):
+    """The client ignores SIGPIPE and catches the forwarded signals for itself only: the natively exec'ed
+    job sees exactly what pbs_mom gave the starter (here: SIGHUP ignored, SIGPIPE default)."""
+    sock = str(wd / "d.sock")
+    daemon = FakeDaemon(sock, [{"ok": True, "mode": "native"}])
+    try:
+        shim = _shim(wd, "job_starter", sock, c_client if client_kind == "c" else None)
+        def given():
+            import signal
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        p = subprocess.run([shim, "/bin/sh"], input=b"grep SigIgn /proc/$$/status\n", capture_output=True,
+                           env={"PATH": "/usr/bin:/bin"}, cwd=str(wd), timeout=60, preexec_fn=given, **AS_USER)
+    finally:
+        daemon.close()
+    ignored = int(p.stdout.split()[1], 16)
+    assert ignored & (1 << (1 - 1)), p.stdout          # SIGHUP (1) still ignored
+    assert not ignored & (1 << (13 - 1)), p.stdout     # SIGPIPE (13) not
