@@ -333,3 +333,69 @@ def test_native_job_keeps_the_signal_dispositions_it_was_given(client_kind, c_cl
     ignored = int(p.stdout.split()[1], 16)
     assert ignored & (1 << (1 - 1)), p.stdout          # SIGHUP (1) still ignored
     assert not ignored & (1 << (13 - 1)), p.stdout     # SIGPIPE (13) not
+
+
+class SignalDaemon(FakeDaemon):
+    """Answers a start with ``started``, records the frames that follow (raw), and ends the session with an
+    exit event once it got a SIGTERM frame."""
+
+    def __init__(self, path: str) -> None:
+        self.session = []
+        self.started = threading.Event()
+        super().__init__(path, [])
+
+    def _one(self, conn) -> None:
+        msg, fds = protocol.recv(conn, timeout=20)
+        for fd in fds:
+            os.close(fd)
+        self.requests.append(msg)
+        protocol.send(conn, {"ok": True, "event": "started", "id": "c1", "job_id": "9.sig"})
+        self.started.set()
+        while True:
+            head = conn.recv(4, socket.MSG_WAITALL)
+            if len(head) < 4:
+                return
+            body = conn.recv(struct.unpack(">I", head)[0], socket.MSG_WAITALL)
+            self.session.append(body)
+            if protocol.decode(body).get("signum") == 15:
+                protocol.send(conn, {"event": "exit", "status": 143, "oom": False, "message": ""})
+                return
+
+
+@pytest.mark.parametrize("client_kind", ["python", "c"])
+def test_signals_are_forwarded_and_sigterm_reraised(client_kind, c_client, wd):
+    """SIGUSR1 and SIGTERM reach the daemon as signal frames (the same bytes from both clients); after the
+    exit event the starter that got SIGTERM itself dies of SIGTERM (TORQUE then records 271)."""
+    import signal
+    sock = str(wd / "d.sock")
+    daemon = SignalDaemon(sock)
+    try:
+        shim = _shim(wd, "job_starter", sock, c_client if client_kind == "c" else None)
+        p = subprocess.Popen([shim, "/bin/sh"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, env={"PATH": "/usr/bin:/bin"}, cwd=str(wd), **AS_USER)
+        p.stdin.write(b"/x.sh\n")
+        p.stdin.flush()
+        assert daemon.started.wait(60)
+        p.send_signal(signal.SIGUSR1)
+        while not daemon.session and p.poll() is None:
+            threading.Event().wait(0.01)
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=60)
+    finally:
+        daemon.close()
+    assert daemon.session == [b'{"v":1,"op":"signal","signum":10}', b'{"v":1,"op":"signal","signum":15}']
+    assert p.returncode == -signal.SIGTERM, err
+
+
+def test_stdin_line_too_long_is_one_line_125(c_client, wd):
+    """pbs_mom's line is bounded (the native path must fit it into a pipe): a longer one is refused."""
+    sock = str(wd / "d.sock")
+    daemon = FakeDaemon(sock, [{"ok": True, "mode": "native"}])
+    try:
+        shim = _shim(wd, "job_starter", sock, c_client)
+        p = subprocess.run([shim, "/bin/sh"], input=b"x" * 70000 + b"\n", capture_output=True, timeout=60,
+                           env={"PATH": "/usr/bin:/bin"}, cwd=str(wd), **AS_USER)
+    finally:
+        daemon.close()
+    assert p.returncode == 125 and p.stderr.startswith(b"cbatch: job starter: stdin line too long"), p.stderr
+    assert len(p.stderr.splitlines()) == 1 and not daemon.requests
