@@ -22,8 +22,10 @@ static void hook_log(const char *prefix, const char *ident, const char *job, con
     buf_adds(&line, prefix);
     buf_adds(&line, ": ");
     struct buf body = {0};
-    buf_adds(&body, "job ");
-    buf_adds(&body, job);
+    if (job) {
+        buf_adds(&body, "job ");
+        buf_adds(&body, job);
+    }
     buf_adds(&body, what);
     buf_adds(&body, detail);
     clean_add(&line, body.p, body.n);
@@ -162,9 +164,16 @@ int epilogue_main(const char *socket, int argc, char **argv)
     if (n == 12) { a++; n--; }
     const char *job = n > 0 ? a[0] : "";
     if (n != 11 || !job[0]) {
-        char v[64];
-        snprintf(v, sizeof v, "expected 11 arguments from pbs_mom, got %d", n);
-        hook_log("cbatch epilogue", "cbatch-epilogue", "?", ": ", v);
+        struct buf v = {0}, all = {0};
+        char head[64];
+        snprintf(head, sizeof head, "expected 11 arguments from pbs_mom, got %d: ", n);
+        buf_adds(&v, head);
+        for (int i = 0; i < n; i++) {
+            if (i) buf_addc(&all, ' ');
+            buf_adds(&all, a[i]);
+        }
+        buf_add(&v, all.p ? all.p : "", all.n > 200 ? 200 : all.n);
+        hook_log("cbatch epilogue", "cbatch-epilogue", NULL, "", buf_str(&v));
         return 0;
     }
     struct buf req = {0}, reply = {0}, err = {0}, prob = {0};
