@@ -239,6 +239,13 @@ int run_session(struct session_opts *o)
     struct jval opv = jr_get(jr_root(o->request->p, o->request->n), "op");
     struct buf opname = {0};
     if (jr_str(opv, &opname)) op = buf_str(&opname);
+    if (o->request->n > MAX_MESSAGE) {          /* e.g. a huge environment: say so, as protocol.encode */
+        char v[64], h[64];
+        snprintf(v, sizeof v, "%zu bytes", o->request->n);
+        snprintf(h, sizeof h, "at most %u bytes", MAX_MESSAGE);
+        err_line(&err, "protocol", "message too large", v, h);
+        return die_line(&err, EXIT_CBATCH);
+    }
     signals_on();
     int have_first = 0;
     for (int attempt = 0; attempt < START_ATTEMPTS && !have_first; attempt++) {

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import socket
 import struct
@@ -404,3 +405,21 @@ def test_stdin_line_too_long_is_one_line_125(c_client, wd):
         daemon.close()
     assert p.returncode == 125 and p.stderr.startswith(b"cbatch: job starter: stdin line too long"), p.stderr
     assert len(p.stderr.splitlines()) == 1 and not daemon.requests
+
+
+@pytest.mark.parametrize("client_kind", ["python", "c"])
+def test_an_environment_over_the_frame_limit_is_one_line_125(client_kind, c_client, wd):
+    """A user's 1.2 MB environment cannot make a frame the daemon would refuse: the client says so itself."""
+    sock = str(wd / "d.sock")
+    daemon = FakeDaemon(sock, [{"ok": True, "mode": "native"}])
+    try:
+        shim = _shim(wd, "job_starter", sock, c_client if client_kind == "c" else None)
+        p = subprocess.run([shim, "/bin/sh"], input=b"/x.sh\n", capture_output=True, timeout=60,
+                           env={"PATH": "/usr/bin:/bin", **{f"BIG{i}": "x" * 100000 for i in range(12)}}, cwd=str(wd), **AS_USER)
+    finally:
+        daemon.close()
+    assert p.returncode == 125, p.stderr[-300:]
+    lines = p.stderr.decode().splitlines()
+    assert len(lines) == 1 and re.fullmatch(
+        r"cbatch: protocol: message too large: 12\d{5}\d? bytes \(at most 1048576 bytes\)", lines[0]), lines
+    assert not daemon.requests
