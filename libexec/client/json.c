@@ -82,8 +82,7 @@ void jw_key(struct buf *b, const char *key)
 void jw_int(struct buf *b, long long v)
 {
     char t[32];
-    snprintf(t, sizeof t, "%lld", v);
-    buf_adds(b, t);
+    buf_add(b, t, (size_t)snprintf(t, sizeof t, "%lld", v));
 }
 
 void jw_strv(struct buf *b, char *const *v, int n)
@@ -218,16 +217,13 @@ static int skip_number(struct rd *r)
 static int skip_lit(struct rd *r, const char *lit)
 {
     size_t n = strlen(lit);
-    if ((size_t)(r->end - r->p) < n || memcmp(r->p, lit, n)) return 0;
-    r->p += n;
-    return 1;
+    return (size_t)(r->end - r->p) >= n && !memcmp(r->p, lit, n) ? (r->p += n, 1) : 0;
 }
 
-static int skip_container(struct rd *r, int depth, char open, char close)
+static int skip_container(struct rd *r, int depth, char close)
 {
     if (depth >= MAX_DEPTH) return 0;
-    r->p++;                                   /* open */
-    (void)open;
+    r->p++;                                   /* the opening bracket */
     ws(r);
     if (r->p < r->end && *r->p == close) { r->p++; return 1; }
     for (;;) {
@@ -252,8 +248,8 @@ static int skip_value(struct rd *r, int depth)
 {
     if (r->p >= r->end) return 0;
     switch (*r->p) {
-    case '{': return skip_container(r, depth, '{', '}');
-    case '[': return skip_container(r, depth, '[', ']');
+    case '{': return skip_container(r, depth, '}');
+    case '[': return skip_container(r, depth, ']');
     case '"': return skip_string(r);
     case 't': return skip_lit(r, "true");
     case 'f': return skip_lit(r, "false");
