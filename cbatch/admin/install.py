@@ -202,7 +202,9 @@ def hook_problems(path: str, kind: str, python: Optional[str] = None) -> List[st
         if not os.path.isabs(exe) or not os.access(exe, os.X_OK):
             problems.append(f"interpreter {exe!r} is not an absolute executable path")
         elif first.endswith(" shim") and os.path.basename(exe) == cclient.CLIENT_NAME:
-            pass        # the C client's shim: any absolute executable cbatch-client
+            problem = cclient.unsafe(exe)     # the C client's shim: the client runs as root for the hooks
+            if problem:
+                problems.append(f"C client {exe}: {problem}")
         elif python and exe != python:
             problems.append(f"interpreter {exe} is not this cbatch's {python}")
     return problems
@@ -234,8 +236,10 @@ def command(args) -> int:
     if client_path == "":
         raise CbatchError("install-hooks", "no C client found", os.path.join(args.libexec, cclient.CLIENT_NAME),
                           "make -C libexec install, pass --client PATH, or --hooks python")
-    if client_path and not os.access(client_path, os.X_OK):
-        raise CbatchError("install-hooks", "the C client is not executable", client_path)
+    problem = cclient.unsafe(client_path) if client_path else None
+    if problem:
+        raise CbatchError("install-hooks", "the C client is unsafe for root hooks", f"{client_path}: {problem}",
+                          "install it root-owned, mode 0755 (make -C libexec install)")
     paths = install(args.mom_priv, args.libexec, socket_path, client_path=client_path)
     for kind, path in paths.items():
         print(f"installed {kind}: {path} ({client_path or 'python'})", file=sys.stderr)

@@ -32,8 +32,9 @@ def built_client() -> Optional[str]:
 
 
 def default_client(libexec: Optional[str] = None, tests: bool = False) -> Optional[str]:
-    """The C client to use when none is named: ``<libexec>/cbatch-client``; for tests and the emulator
-    (``tests``) first ``$CBATCH_CLIENT`` and last the one built in this source tree, else the installed one."""
+    """The C client to use when none is named: ``<libexec>/cbatch-client``, else the installed
+    ``/usr/libexec/cbatch/cbatch-client``; for tests and the emulator (``tests``) first ``$CBATCH_CLIENT``
+    and, before the installed one, the one built in this source tree."""
     env = os.environ.get(ENV_CLIENT) if tests else None
     if env:
         return env
@@ -41,10 +42,28 @@ def default_client(libexec: Optional[str] = None, tests: bool = False) -> Option
         path = os.path.join(libexec, CLIENT_NAME)
         if os.access(path, os.X_OK):
             return path
-    if not tests:
-        return None
-    # a source tree's own build first, then the one scripts/setup installed (a non-editable install)
-    return built_client() or (INSTALLED if os.access(INSTALLED, os.X_OK) else None)
+    # tests: a source tree's own build first; then the one scripts/setup installed (also for an
+    # install-hooks --libexec elsewhere: the client is the same program wherever the shims are)
+    return (built_client() if tests else None) or (INSTALLED if os.access(INSTALLED, os.X_OK) else None)
+
+
+def unsafe(path: str) -> Optional[str]:
+    """Why root hooks must not run ``path`` (not root-owned, group/world-writable, not a regular file), or
+    None. A hook's interpreter is as trusted as the hook: pbs_mom checks only the shim itself."""
+    import stat
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return exc.strerror
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
+    if st.st_uid != 0:
+        return f"owned by uid {st.st_uid}, not root"
+    if st.st_mode & 0o022:
+        return f"mode {stat.S_IMODE(st.st_mode):04o} is group- or world-writable"
+    if not st.st_mode & 0o001:
+        return "job users cannot execute it"
+    return None
 
 
 def choose(hooks: Optional[str] = None, client: Optional[str] = None,

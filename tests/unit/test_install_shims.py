@@ -52,7 +52,8 @@ def test_choose_tests_env_and_explicit(monkeypatch, tmp_path):
     monkeypatch.delenv(cclient.ENV_HOOKS)
     monkeypatch.setenv(cclient.ENV_CLIENT, "/y/cbatch-client")
     assert cclient.choose(tests=True) == "/y/cbatch-client"
-    # production (install-hooks): only <libexec>/cbatch-client or --client, never the environment
+    # production (install-hooks): <libexec>/cbatch-client, --client or the installed one, never the environment
+    monkeypatch.setattr(cclient, "INSTALLED", str(tmp_path / "none"))
     assert cclient.choose(None, None, str(tmp_path)) is None
     assert cclient.choose("c", None, str(tmp_path)) == ""
 
@@ -65,4 +66,27 @@ def test_install_hooks_command_c_without_client_is_an_error(tmp_path, monkeypatc
                                  socket="/run/cbatch/cbatchd.sock", hooks="c", client=None, mom_config=None,
                                  no_mom_config=True)
     with pytest.raises(CbatchError, match="no C client found"):
+        install.command(args)
+
+
+def test_a_user_writable_c_client_is_refused_for_root_hooks(tmp_path):
+    """A job user who could write the client would run code as root in the next prologue."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to make root-owned files")
+    client = tmp_path / "cbatch-client"
+    client.write_bytes(b"\x7fELF")
+    client.chmod(0o755)
+    assert cclient.unsafe(str(client)) is None
+    client.chmod(0o757)
+    assert "world-writable" in cclient.unsafe(str(client))
+    client.chmod(0o755)
+    os.chown(client, 65534, 65534)
+    assert "not root" in cclient.unsafe(str(client))
+    mom_priv = tmp_path / "mom_priv"
+    mom_priv.mkdir()
+    paths = install.install(str(mom_priv), str(tmp_path), "/run/cbatch/cbatchd.sock", "/usr/bin/python3", str(client))
+    assert any("not root" in p for p in install.hook_problems(paths["prologue"], "prologue"))
+    args = types.SimpleNamespace(mom_priv=str(mom_priv), libexec=str(tmp_path), socket="/run/cbatch/cbatchd.sock",
+                                 hooks="c", client=str(client), mom_config=None, no_mom_config=True)
+    with pytest.raises(CbatchError, match="unsafe for root hooks"):
         install.command(args)
