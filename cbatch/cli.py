@@ -65,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     ih.add_argument("--mom-priv", default=None,
                     help="pbs_mom's mom_priv (default: $PBS_HOME/mom_priv, else /var/spool/torque/mom_priv)")
     ih.add_argument("--libexec", default="/usr/libexec/cbatch")
+    ih.add_argument("--hooks", choices=("c", "python"), default=None,
+                    help="which client the shims run (default: c when <libexec>/cbatch-client exists)")
+    ih.add_argument("--client", default=None, help="the C client (default: <libexec>/cbatch-client)")
     ih.add_argument("--mom-config", default=None, metavar="PATH",
                     help="pbs_mom's config file to put the $job_starter line in (default: MOM_PRIV/config)")
     ih.add_argument("--no-mom-config", action="store_true",

@@ -18,7 +18,7 @@ import stat
 import sys
 from typing import Dict, List, Optional
 
-from cbatch.clients import client
+from cbatch.clients import cclient, client
 from cbatch.core.errors import CbatchError, ConfigError
 
 DEFAULT_CONFIG = "/etc/cbatch/cbatch.yaml"
@@ -54,8 +54,22 @@ def interpreter() -> str:
     return exe
 
 
-def shim_text(kind: str, socket_path: str, python: Optional[str] = None) -> str:
-    """The shim's full text for ``kind`` in prologue | epilogue | job_starter."""
+def c_shim_text(kind: str, socket_path: str, client_path: str) -> str:
+    """A shim run by the static C client: ``#!<client> shim`` and its ``role`` and ``socket`` lines."""
+    if not os.path.isabs(client_path) or any(c.isspace() for c in client_path):
+        raise CbatchError("install-hooks", "the C client is not an absolute path without blanks", client_path,
+                          "--client /usr/libexec/cbatch/cbatch-client")
+    if "\n" in socket_path or "\0" in socket_path or len(socket_path.encode()) > 1000:
+        raise CbatchError("install-hooks", "socket path unusable in a shim", socket_path)
+    return (f"#!{client_path} shim\n{MARKER} ({kind}); do not edit, re-run it instead.\n"
+            f"role {kind}\nsocket {socket_path}\n")
+
+
+def shim_text(kind: str, socket_path: str, python: Optional[str] = None, client_path: Optional[str] = None) -> str:
+    """The shim's full text for ``kind`` in prologue | epilogue | job_starter: run by the C client at
+    ``client_path`` when given, else by the Python reference client."""
+    if client_path:
+        return c_shim_text(kind, socket_path, client_path)
     python = python or interpreter()
     if any(c.isspace() for c in python):
         # The kernel splits the shebang at the first blank: such an interpreter path cannot work.
@@ -84,8 +98,10 @@ def write_file(path: str, text: str, mode: int, uid: int = 0, gid: int = 0) -> N
         raise
 
 
-def install(mom_priv: str, libexec: str, socket_path: str, python: Optional[str] = None) -> Dict[str, str]:
-    """Write prologue and epilogue into ``mom_priv`` and job_starter into ``libexec``; return their paths."""
+def install(mom_priv: str, libexec: str, socket_path: str, python: Optional[str] = None,
+            client_path: Optional[str] = None) -> Dict[str, str]:
+    """Write prologue and epilogue into ``mom_priv`` and job_starter into ``libexec``; return their paths.
+    With ``client_path`` the shims run the static C client, else the Python one."""
     paths = {"prologue": os.path.join(mom_priv, "prologue"), "epilogue": os.path.join(mom_priv, "epilogue"),
              "job_starter": os.path.join(libexec, "job_starter")}
     os.makedirs(libexec, mode=0o755, exist_ok=True)
@@ -93,7 +109,7 @@ def install(mom_priv: str, libexec: str, socket_path: str, python: Optional[str]
         _refuse_foreign(path)
     for kind, path in paths.items():
         mode = STARTER_MODE if kind == "job_starter" else HOOK_MODE
-        write_file(path, shim_text(kind, socket_path, python), mode)
+        write_file(path, shim_text(kind, socket_path, python, client_path), mode)
     return paths
 
 
@@ -194,6 +210,10 @@ def hook_problems(path: str, kind: str, python: Optional[str] = None) -> List[st
         exe = first[2:].split()[0] if first[2:].split() else ""
         if not os.path.isabs(exe) or not os.access(exe, os.X_OK):
             problems.append(f"interpreter {exe!r} is not an absolute executable path")
+        elif first.endswith(" shim") and os.path.basename(exe) == cclient.CLIENT_NAME:
+            problem = cclient.unsafe(exe)     # the C client's shim: the client runs as root for the hooks
+            if problem:
+                problems.append(f"C client {exe}: {problem}")
         elif python and exe != python:
             problems.append(f"interpreter {exe} is not this cbatch's {python}")
     return problems
@@ -227,9 +247,17 @@ def command(args) -> int:
     if not os.path.isdir(args.mom_priv):
         raise ConfigError(args.mom_priv, "", "mom_priv directory not found", None,
                           "pass --mom-priv /var/spool/torque/mom_priv (or your TORQUE_HOME/mom_priv)")
-    paths = install(args.mom_priv, args.libexec, socket_path)
+    client_path = cclient.choose(getattr(args, "hooks", None), getattr(args, "client", None), args.libexec)
+    if client_path == "":
+        raise CbatchError("install-hooks", "no C client found", os.path.join(args.libexec, cclient.CLIENT_NAME),
+                          "make -C libexec install, pass --client PATH, or --hooks python")
+    problem = cclient.unsafe(client_path) if client_path else None
+    if problem:
+        raise CbatchError("install-hooks", "the C client is unsafe for root hooks", f"{client_path}: {problem}",
+                          "install it root-owned, mode 0755 (make -C libexec install)")
+    paths = install(args.mom_priv, args.libexec, socket_path, client_path=client_path)
     for kind, path in paths.items():
-        print(f"installed {kind}: {path}", file=sys.stderr)
+        print(f"installed {kind}: {path} ({client_path or 'python'})", file=sys.stderr)
     mom_config = getattr(args, "mom_config", None) or os.path.join(args.mom_priv, "config")
     if getattr(args, "no_mom_config", False):
         print("# add to mom_priv/config, then restart pbs_mom:", RESTART_HINT)

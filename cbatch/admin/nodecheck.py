@@ -218,7 +218,7 @@ def _hook(path: str, kind: str, python: str, socket_path: str) -> Tuple[bool, st
             return False, f"{path}: {exc.strerror}"
         if install.MARKER not in text:
             problems.append("not written by cbatch install-hooks")
-        elif repr(socket_path) not in text:
+        elif repr(socket_path) not in text and f"\nsocket {socket_path}\n" not in text:    # python | C shim
             problems.append(f"talks to another socket than {socket_path} (re-run cbatch install-hooks)")
     return (not problems), path + ("" if not problems else ": " + "; ".join(problems))
 

@@ -39,6 +39,13 @@ FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signa
              signal.SIGWINCH)
 
 
+def exec_dispositions() -> None:
+    """Before exec'ing a job natively: Python ignores SIGPIPE and SIGXFSZ for itself at start-up, and an
+    ignored signal survives exec - the job must get the default, as without cbatch (``yes | head``)."""
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def not_reachable(path: str) -> DaemonError:
     """The one message for "cannot talk to cbatchd"."""
     return DaemonError("daemon", "not reachable", path, "is cbatchd running? cbatch check --node")

@@ -84,6 +84,7 @@ def exec_native(cmd: List[str], pending) -> None:
             # A signal that arrived while we were asking the daemon ends us as it would have ended CMD.
             signal.signal(sig, signal.SIG_DFL)
             os.kill(os.getpid(), sig)
+    client.exec_dispositions()
     try:
         os.execvp(cmd[0], cmd)
     except OSError as exc:

@@ -87,6 +87,7 @@ def exec_native(shell: str, line: bytes, pending) -> None:
         # qdel arrived while we were asking the daemon: die as the job would have.
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTERM)
+    client.exec_dispositions()
     try:
         os.execv(shell, [shell])
     except OSError as exc:
@@ -125,6 +126,7 @@ def exec_argv(argv, pending, login: bool) -> None:
     prog = argv[0]
     # pbs_mom runs an interactive shell as a login shell ("-bash") when it has no job starter.
     arg0 = "-" + os.path.basename(prog) if login else prog
+    client.exec_dispositions()
     try:
         if "/" in prog:
             os.execv(prog, [arg0] + list(argv[1:]))

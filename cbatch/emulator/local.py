@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 from cbatch.admin import install
+from cbatch.clients import cclient
 from cbatch.emulator import momproc
 from cbatch.core import qsubopts
 from cbatch.core.errors import CbatchError, JobError
@@ -283,13 +284,14 @@ class Mom:
     ``run_epilogue=False`` installs but never runs the epilogue (``epilogue_path`` still names it).
     ``run_privileged=True`` is ``$job_starter_run_privileged true``: the starter starts as root (uid, gid and
     groups 0) with the user's environment, cwd and umask, and must drop privileges itself.
+    ``hooks`` (``c`` | ``python``, default ``$CBATCH_TEST_HOOKS``, else C when built) picks the client.
     """
 
     def __init__(self, root: str, socket_path: Optional[str] = None, *, prologue: Optional[str] = None,
                  epilogue: Optional[str] = None, starter: Optional[str] = None, host: Optional[str] = None,
                  first_id: Optional[int] = None, tmpdir_base: str = "/tmp", cgroup_root: str = "/sys/fs/cgroup",
                  max_requeues: int = 3, prologalarm: float = 300.0, python: Optional[str] = None,
-                 run_epilogue: bool = True, run_privileged: bool = False):
+                 run_epilogue: bool = True, run_privileged: bool = False, hooks: Optional[str] = None):
         self.root = os.path.abspath(root)
         self.host = host or socket.gethostname().split(".")[0]
         self.mom_priv = os.path.join(self.root, "mom_priv")
@@ -305,7 +307,10 @@ class Mom:
         self.tmpdir_base, self.cgroup_root = tmpdir_base, cgroup_root
         self.max_requeues, self.prologalarm, self.keep_files = max_requeues, prologalarm, False
         self.socket_path = socket_path
-        paths = install.install(self.mom_priv, self.libexec, socket_path, self.python) if socket_path else {}
+        # The shims run the C client when one is built (CBATCH_TEST_HOOKS=python: the Python reference).
+        self.client = cclient.choose(hooks, None, None, tests=True) or None
+        paths = install.install(self.mom_priv, self.libexec, socket_path, self.python, self.client) \
+            if socket_path else {}
         for kind, text, where, mode in (("prologue", prologue, self.mom_priv, 0o500),
                                          ("epilogue", epilogue, self.mom_priv, 0o500),
                                          ("job_starter", starter, self.libexec, 0o755)):
