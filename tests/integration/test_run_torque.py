@@ -154,19 +154,22 @@ pid=$!
 echo pid=$pid
 wait $pid
 echo rc=$?
+exec sleep 300
 """)
     pid = _pid_of(job)
     assert job_containers(daemon.instance, job.job_id)
     os.kill(pid, signal.SIGKILL)
-    t0 = time.monotonic()
-    while job_containers(daemon.instance, job.job_id) and time.monotonic() - t0 < 30:
+    assert job.wait_output(b"rc=137\n", timeout=60), job.peek()
+    # Removed while the job still runs (its script sleeps on): the daemon noticed the
+    # client's end, not the job's. How fast is the bench's business (bench/), not an assertion here.
+    deadline = time.monotonic() + 60
+    while job_containers(daemon.instance, job.job_id) and time.monotonic() < deadline:
         time.sleep(0.05)
-    elapsed = time.monotonic() - t0
-    print(f"container removed {elapsed:.2f}s after SIGKILL of cbatch run")
     assert not job_containers(daemon.instance, job.job_id)
-    assert elapsed <= 2.0, f"container removed only after {elapsed:.2f}s"
-    r = job.wait(60)
-    assert r.stdout.decode().splitlines()[-1] == "rc=137"
+    # The job still runs (sleep 300): the client's death removed the container, not the job's epilogue.
+    assert not job.done
+    job.qdel()
+    job.wait(60)
 
 
 def test_refused_outside_any_job(daemon, alice):
