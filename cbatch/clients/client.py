@@ -29,6 +29,9 @@ REPLY_TIMEOUT = 120.0          # one request, one reply
 START_TIMEOUT = None           # a start may pull an image first (pull: missing): the daemon answers or closes
 START_ATTEMPTS = 3             # starts cut by a daemon restart before any container ran are asked again
 REATTACH_EVERY = 0.5
+# How long a start waits for a cbatchd that is not listening (a restart between the prologue's register and
+# the starter, on a loaded node several seconds). The epilogue waits as long (hooks.UNREGISTER_RETRY).
+START_UNREACHABLE_FOR = 20.0
 # How long a client keeps trying to reach a cbatchd that went away (restart, upgrade, crash) while its
 # container may still run. Bounded, so a node whose daemon never returns does not hold jobs forever; long
 # enough for a daemon restart that waits for the engine (recovery retries the engine for up to 10 min).
@@ -237,6 +240,16 @@ class _Session:
         return "unreachable"
 
 
+def _connect_for_start(path: str) -> socket.socket:
+    """Connect for a start; a daemon that is not listening (restarting) is waited for, bounded."""
+    try:
+        return connect(path)
+    except DaemonError:
+        if not _wait_for_daemon(path, START_UNREACHABLE_FOR):
+            raise
+        return connect(path)
+
+
 def _wait_for_daemon(path: str, seconds: float) -> bool:
     """Until the daemon answers a ping again (it listens only after its start-up recovery; a bare connect
     could still land in the dying daemon's listen backlog)."""
@@ -274,7 +287,7 @@ def run_session(path: str, request: dict, fds: Sequence[int] = (0, 1, 2),
     try:
         first = None
         for attempt in range(START_ATTEMPTS):
-            s.sock = connect(path)
+            s.sock = _connect_for_start(path)
             protocol.send(s.sock, request, fds)
             try:
                 first = s.next_message(START_TIMEOUT)

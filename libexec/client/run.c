@@ -15,6 +15,9 @@
 #define REPLY_TIMEOUT 120.0
 #define START_ATTEMPTS 3
 #define REATTACH_EVERY 0.5
+/* A start waits this long for a cbatchd that is not listening (a restart after the prologue's register),
+ * as client.START_UNREACHABLE_FOR. */
+#define START_UNREACHABLE_FOR 20.0
 #define REATTACH_FOR 900.0
 #define MAX_PENDING 256
 
@@ -209,9 +212,9 @@ static int reattach(struct sess *s)
     return outcome;
 }
 
-static int wait_for_daemon(const char *socket)
+static int wait_for_daemon(const char *socket, double seconds)
 {
-    double until = mono() + REATTACH_FOR;
+    double until = mono() + seconds;
     struct buf req = {0}, reply = {0}, err = {0};
     jw_request(&req, "ping");
     buf_addc(&req, '}');
@@ -250,6 +253,8 @@ int run_session(struct session_opts *o)
     int have_first = 0;
     for (int attempt = 0; attempt < START_ATTEMPTS && !have_first; attempt++) {
         s.sock = cb_connect(o->socket, CONNECT_TIMEOUT);
+        if (s.sock < 0 && wait_for_daemon(o->socket, START_UNREACHABLE_FOR))
+            s.sock = cb_connect(o->socket, CONNECT_TIMEOUT);
         if (s.sock < 0) {
             err_line(&err, "daemon", "not reachable", o->socket, "is cbatchd running? cbatch check --node");
             return die_line(&err, EXIT_CBATCH);
@@ -263,7 +268,7 @@ int run_session(struct session_opts *o)
             return die_line(&err, EXIT_CBATCH);
         if (k == 1) { have_first = 1; break; }
         /* the daemon went away mid-start: its successor adopted any container that ran for us */
-        int outcome = wait_for_daemon(o->socket) ? reattach(&s) : UNREACHABLE;
+        int outcome = wait_for_daemon(o->socket, REATTACH_FOR) ? reattach(&s) : UNREACHABLE;
         if (outcome == ATTACHED) {
             s.started = 1;
             have_first = 2;

@@ -161,6 +161,32 @@ def test_daemon_restart_faults(fmom, fdaemon, alice, how, moment):
     assert_clean(fdaemon, job, r)
 
 
+def _sleeping(pid: int) -> bool:
+    """``pid`` is blocked in a sleep syscall (x86_64 nanosleep/clock_nanosleep): the starter's pause between
+    attempts to reach a daemon that is not listening (its only sleep before the start is answered)."""
+    try:
+        return Path(f"/proc/{pid}/syscall").read_text().split()[0] in ("35", "230")
+    except (OSError, IndexError):
+        return False
+
+
+def test_starter_waits_for_a_restarting_daemon(fmom, fdaemon, alice):
+    """cbatchd stopped after the prologue registered the job and started again only once the starter found
+    nobody listening: the starter waits for it (bounded, client.START_UNREACHABLE_FOR) and the job runs as
+    if nothing happened. Before: 125 "not reachable" at once, whenever a restart outlasted the prologue."""
+    job = _submit(fmom, alice)
+    reach(job, "prologue", fdaemon.instance)
+    fdaemon.stop()
+    assert job.started.wait(60), job.peek()
+    assert wait_until(lambda: _sleeping(job.session_id), timeout=30) is not None, \
+        f"the starter never waited for the daemon: {job.wait(60).stderr!r}"
+    fdaemon.start()
+    r = job.wait(120)
+    ok = (r.exit_status, r.stdout) == (5, FULL_OUT) and cbatch_lines(r.stderr) == []
+    assert ok, f"{r.exit_status} {r.stdout!r} {r.stderr!r}\n{fdaemon.log()[-3000:]}"
+    assert_clean(fdaemon, job, r)
+
+
 # ---- the engine goes away and comes back --------------------------------------------------------------------
 class EngineProxy:
     """A unix-socket forwarder to the real engine: ``down()`` drops every connection and stops listening
