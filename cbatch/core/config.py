@@ -103,6 +103,7 @@ class QueuePolicy:
     pull: str = "never"
     prepull: Tuple[str, ...] = ()
     shm_size: Optional[int] = None
+    engine: str = "auto"        # direct | docker | auto (cbatch.engines.router)
 
 
 @dataclass(frozen=True)
@@ -168,7 +169,7 @@ def _builtin() -> Dict[str, Any]:
             "mounts": q.mounts, "user_mounts": {"allowed": False, "prefixes": ()},
             "network": q.network, "networks": q.networks, "allow_root": q.allow_root,
             "hardening": dict(Hardening().__dict__), "pull": q.pull, "prepull": q.prepull,
-            "shm_size": q.shm_size}
+            "shm_size": q.shm_size, "engine": q.engine}
 
 
 def _merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
@@ -197,7 +198,7 @@ def _build_queue(c: Ctx, name: str, merged: Dict[str, Any], own: Dict[str, Any],
                        user_mounts=UserMounts(**merged["user_mounts"]), network=merged["network"],
                        networks=merged["networks"], allow_root=merged["allow_root"],
                        hardening=Hardening(**merged["hardening"]), pull=merged["pull"],
-                       prepull=merged["prepull"], shm_size=merged["shm_size"])
+                       prepull=merged["prepull"], shm_size=merged["shm_size"], engine=merged["engine"])
 
 
 def normalize_reference(ref: str) -> str:

@@ -1,0 +1,72 @@
+"""Keep an image on the node while a direct-engine container uses its layers.
+
+Docker knows nothing of runc containers on its layers, so the direct engine holds each image the way
+Docker understands: one created, never started container per (cbatchd instance, image id), labelled
+``cbatch.hold=<instance>``. ``docker rmi`` refuses an image a container uses, and ``cbatch images prune``
+skips it (:meth:`ImageOps.image_ids_in_use` counts every container). The holder goes when the instance's
+last direct container of that image is removed.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable, Dict, Set
+
+LABEL_HOLD = "cbatch.hold"
+
+
+class Holds:
+    """Reference counts of held images, with the holder containers in the Docker engine ``docker``."""
+
+    def __init__(self, docker, instance: str) -> None:
+        self.docker = docker
+        self.instance = instance
+        self._users: Dict[str, Set[str]] = {}      # image id -> direct container ids using it
+        self._lock = threading.Lock()
+
+    def name(self, image_id: str) -> str:
+        """The holder container's name."""
+        return f"cbatch-hold-{self.instance}-{image_id.split(':')[-1][:12]}"
+
+    def hold(self, image_id: str, user: str) -> None:
+        """Make sure the holder exists and count ``user`` (a container id) as using ``image_id``."""
+        with self._lock:
+            users = self._users.setdefault(image_id, set())
+            if not users:
+                self._create(image_id)
+            users.add(user)
+
+    def adopt(self, image_id: str, user: str) -> None:
+        """After a daemon restart: count a surviving container (its holder is still there)."""
+        with self._lock:
+            self._users.setdefault(image_id, set()).add(user)
+
+    def release(self, image_id: str, user: str, still_used: Callable[[str], bool] = lambda _i: False) -> None:
+        """Forget ``user``; remove the holder when nothing of this instance uses the image any more."""
+        with self._lock:
+            users = self._users.get(image_id, set())
+            users.discard(user)
+            if users or still_used(image_id):
+                return
+            self._users.pop(image_id, None)
+            api = self.docker.api
+            self.docker._call("remove holder", image_id, api.remove_container, self.name(image_id), force=True,
+                              ok=lambda exc: getattr(exc, "status_code", None) in (404, 409))
+
+    def _create(self, image_id: str) -> None:
+        api = self.docker.api
+        self.docker._call("hold image", image_id, api.create_container, image=image_id, name=self.name(image_id),
+                          entrypoint=["/.cbatch-hold"], command=[], network_disabled=True,
+                          labels={LABEL_HOLD: self.instance},
+                          host_config=api.create_host_config(network_mode="none", log_config={"type": "none"}),
+                          ok=lambda exc: getattr(exc, "status_code", None) == 409)   # already held
+
+    def sweep(self) -> None:
+        """Remove this instance's holders no container uses (start-up, after recovery adopted the rest)."""
+        with self._lock:
+            api = self.docker.api
+            for c in self.docker._call("list holders", self.instance, api.containers, all=True,
+                                       filters={"label": f"{LABEL_HOLD}={self.instance}"}) or []:
+                if c.get("ImageID") not in self._users:
+                    self.docker._call("remove holder", c["Id"], api.remove_container, c["Id"], force=True,
+                                      ok=lambda exc: getattr(exc, "status_code", None) in (404, 409))
