@@ -371,11 +371,12 @@ class DirectEngine:
             raise EngineError("container", "remove failed", cid, "its root filesystem is still mounted")
         shutil.rmtree(bundle, ignore_errors=True)
         if meta.get("image_id"):
-            self.holds.release(meta["image_id"], cid, self._image_used)
+            self.holds.release(meta["image_id"], cid)
 
-    def _image_used(self, image_id: str) -> bool:
-        return any((self._meta(c) or {}).get("image_id") == image_id
-                   for c in self.list_ids({LABEL_INSTANCE: self.instance}))
+    def drop_idle_holds(self) -> None:
+        """Let Docker remove images no direct container of this instance uses any more."""
+        used = {(self._meta(c) or {}).get("image_id") for c in self.list_ids({LABEL_INSTANCE: self.instance})}
+        self.holds.drop_idle(lambda image_id: image_id in used)
 
     def list_ids(self, labels: Dict[str, str]) -> List[str]:
         """Ids of this node's direct containers carrying every one of ``labels`` (bundles on disk)."""

@@ -3,8 +3,10 @@
 Docker knows nothing of runc containers on its layers, so the direct engine holds each image the way
 Docker understands: one created, never started container per (cbatchd instance, image id), labelled
 ``cbatch.hold=<instance>``. ``docker rmi`` refuses an image a container uses, and ``cbatch images prune``
-skips it (:meth:`ImageOps.image_ids_in_use` counts every container). The holder goes when the instance's
-last direct container of that image is removed.
+skips it (:meth:`ImageOps.image_ids_in_use` counts every container). A holder outlives its last user (the
+next job of the same image starts without a Docker call) until :meth:`Holds.drop_idle`: the router calls it
+before it answers which images are in use (``cbatch images prune``), and start-up recovery sweeps the
+holders of containers that are gone.
 """
 
 from __future__ import annotations
@@ -31,27 +33,29 @@ class Holds:
     def hold(self, image_id: str, user: str) -> None:
         """Make sure the holder exists and count ``user`` (a container id) as using ``image_id``."""
         with self._lock:
-            users = self._users.setdefault(image_id, set())
-            if not users:
+            if image_id not in self._users:
                 self._create(image_id)
-            users.add(user)
+                self._users[image_id] = set()
+            self._users[image_id].add(user)
 
     def adopt(self, image_id: str, user: str) -> None:
         """After a daemon restart: count a surviving container (its holder is still there)."""
         with self._lock:
             self._users.setdefault(image_id, set()).add(user)
 
-    def release(self, image_id: str, user: str, still_used: Callable[[str], bool] = lambda _i: False) -> None:
-        """Forget ``user``; remove the holder when nothing of this instance uses the image any more."""
+    def release(self, image_id: str, user: str) -> None:
+        """Forget ``user`` (the holder stays until :meth:`drop_idle`)."""
         with self._lock:
-            users = self._users.get(image_id, set())
-            users.discard(user)
-            if users or still_used(image_id):
-                return
-            self._users.pop(image_id, None)
-            api = self.docker.api
-            self.docker._call("remove holder", image_id, api.remove_container, self.name(image_id), force=True,
-                              ok=lambda exc: getattr(exc, "status_code", None) in (404, 409))
+            self._users.get(image_id, set()).discard(user)
+
+    def drop_idle(self, still_used: Callable[[str], bool] = lambda _i: False) -> None:
+        """Remove the holders of images no container of this instance uses."""
+        with self._lock:
+            for image_id in [i for i, users in self._users.items() if not users and not still_used(i)]:
+                self._users.pop(image_id)
+                api = self.docker.api
+                self.docker._call("remove holder", image_id, api.remove_container, self.name(image_id),
+                                  force=True, ok=lambda exc: getattr(exc, "status_code", None) in (404, 409))
 
     def _create(self, image_id: str) -> None:
         api = self.docker.api

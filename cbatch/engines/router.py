@@ -83,6 +83,12 @@ class Router:
         engine, _name = self.choose(spec, stdio, helper)
         return engine.start(spec, stdio, instance, helper)
 
+    def image_ids_in_use(self) -> set:
+        """Images some container uses; idle direct-engine holders are dropped first (so prune may go on)."""
+        if self.direct is not None:
+            self.direct.drop_idle_holds()
+        return self.docker.image_ids_in_use()
+
     def list_ids(self, labels: Dict[str, str]) -> List[str]:
         """Both engines' containers carrying every one of ``labels``."""
         ids = list(self.docker.list_ids(labels))
