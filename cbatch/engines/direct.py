@@ -86,6 +86,23 @@ class DirectEngine:
         self.runc = runc
         self.timeout = timeout
         self.holds = imagehold.Holds(docker, instance)
+        self._locks: Dict[str, threading.Lock] = {}     # one remove at a time per container
+        self._locks_lock = threading.Lock()
+
+    def _event(self, cid: str, action: str, **attrs) -> None:
+        """Append to ``<bundles>/events/<instance>.jsonl`` what Docker's event stream would say (kill with
+        its signal, die with its exit code, destroy): the record tests and admins read after the fact."""
+        try:
+            os.makedirs(os.path.join(self.bundles, "events"), mode=0o700, exist_ok=True)
+            line = json.dumps({"time": time.time(), "id": cid, "action": action, **attrs}) + "\n"
+            fd = os.open(os.path.join(self.bundles, "events", self.instance + ".jsonl"),
+                         os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, line.encode())
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            log.warning("direct engine: event %s %s not recorded: %s", action, cid, exc)
 
     # -- availability ---------------------------------------------------------------------------------
     def unavailable(self, helper: str) -> Optional[str]:
@@ -112,7 +129,7 @@ class DirectEngine:
     def _instance_of(self, name: str) -> Optional[str]:
         try:
             for inst in os.listdir(self.bundles):
-                if os.path.isdir(os.path.join(self.bundles, inst, name)) and inst != "runc":
+                if os.path.isdir(os.path.join(self.bundles, inst, name)) and inst not in ("runc", "events"):
                     return inst
         except FileNotFoundError:
             pass
@@ -315,8 +332,11 @@ class DirectEngine:
                 os.close(fd)
         status = self._status(bundle)
         if status is None:
+            if not os.path.isdir(bundle):
+                raise EngineError("container", "not found", cid)
             self._kill_all(meta)        # the shim was killed: the container must not run on unwatched
             return ExitInfo(status=137, error="the container's shim ended without a status")
+        self._event(cid, "die", exitCode=str(status["status"]))
         notice = None
         if rootfs.full(bundle):
             notice = EngineError("container", "writable layer full", f"{rootfs.layer_mib(bundle)} MiB",
@@ -335,6 +355,7 @@ class DirectEngine:
         meta = self._meta(cid)
         if meta is None or not self._alive(meta):
             return
+        self._event(cid, "kill", signal=str(int(signum)))
         self._runc("kill", meta["name"], str(int(signum)))
 
     def stop(self, cid: str, grace: float) -> None:
@@ -352,11 +373,22 @@ class DirectEngine:
         self._runc("delete", "--force", meta["name"])
 
     def remove(self, cid: str) -> None:
-        """Kill the container, wait for its shim, delete it, unmount, release the image (idempotent)."""
-        meta = self._meta(cid)
-        if meta is None:
-            return
+        """Kill the container, wait for its shim, delete it, unmount, release the image (idempotent; a
+        second caller waits for the first, so "removed" means gone for both)."""
+        with self._locks_lock:
+            lock = self._locks.setdefault(cid, threading.Lock())
+        with lock:
+            try:
+                self._remove(cid)
+            finally:
+                with self._locks_lock:
+                    self._locks.pop(cid, None)
+
+    def _remove(self, cid: str) -> None:
         bundle = self._dir(cid)
+        if not os.path.isdir(bundle):
+            return
+        meta = self._meta(cid) or {"name": cid[len(PREFIX):]}
         fd = self._shim_fd(meta)
         if fd is not None:
             try:
@@ -370,6 +402,7 @@ class DirectEngine:
         if any(os.path.ismount(os.path.join(bundle, n)) for n in ("rootfs", "layer")):
             raise EngineError("container", "remove failed", cid, "its root filesystem is still mounted")
         shutil.rmtree(bundle, ignore_errors=True)
+        self._event(cid, "destroy")
         if meta.get("image_id"):
             self.holds.release(meta["image_id"], cid)
 
@@ -382,7 +415,7 @@ class DirectEngine:
         """Ids of this node's direct containers carrying every one of ``labels`` (bundles on disk)."""
         out = []
         try:
-            instances = [i for i in os.listdir(self.bundles) if i != "runc"]
+            instances = [i for i in os.listdir(self.bundles) if i not in ("runc", "events")]
         except FileNotFoundError:
             return []
         for inst in instances:

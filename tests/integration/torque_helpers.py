@@ -46,6 +46,17 @@ def job_containers(instance: str, job_id: str) -> List[str]:
     return out.split() + direct_containers({"cbatch.instance": instance, "cbatch.job": job_id})
 
 
+def direct_config(cid: str) -> dict:
+    """The OCI config.json the direct engine gave a running container."""
+    name = cid[len("direct-"):]
+    for inst in os.listdir(DIRECT_BUNDLES):
+        path = os.path.join(DIRECT_BUNDLES, inst, name, "config.json")
+        if os.path.exists(path):
+            with open(path) as fh:
+                return json.load(fh)
+    raise FileNotFoundError(cid)
+
+
 def remove_instance_containers(instance: str) -> List[str]:
     """Remove this instance's containers and image holders (ours only: filtered by our unique label)."""
     ids = instance_containers(instance)
@@ -106,9 +117,21 @@ def cbatch_lines(data: bytes) -> List[str]:
 
 
 def container_events(cid: str, since: float) -> List[dict]:
-    """The engine's events for one container since ``since`` (epoch seconds): action, signal, exit code."""
+    """The engine's events for one container since ``since`` (epoch seconds): action, signal, exit code.
+    Direct containers: the direct engine's own event record (``<bundles>/events/<instance>.jsonl``)."""
     import json
     import time
+    if cid.startswith("direct-"):
+        events = []
+        base = os.path.join(DIRECT_BUNDLES, "events")
+        for name in (os.listdir(base) if os.path.isdir(base) else []):
+            with open(os.path.join(base, name)) as fh:
+                for line in fh:
+                    e = json.loads(line)
+                    if e["id"] == cid and e["time"] >= since:
+                        events.append({"action": e["action"], "signal": e.get("signal"), "exit": e.get("exitCode"),
+                                       "time": e["time"]})
+        return events
     out = subprocess.run(["docker", "events", "--since", f"{since:.3f}", "--until", f"{time.time() + 0.5:.3f}",
                           "--filter", f"container={cid}", "--format", "{{json .}}"],
                          check=True, capture_output=True, text=True, timeout=30).stdout
