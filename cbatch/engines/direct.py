@@ -17,10 +17,8 @@ on the shim by pidfd and reads the same status file (recovery is the same code f
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import resource
 import select
 import shutil
 import signal as _signal
@@ -31,7 +29,7 @@ from typing import Dict, List, Optional
 
 from cbatch.core.errors import EngineError
 from cbatch.core.spec import LABEL_INSTANCE, ContainerSpec
-from cbatch.engines import imagehold, ocispec, rootfs, seccomp
+from cbatch.engines import bundles, imagehold, ocispec, rootfs, seccomp
 from cbatch.engines.base import ExitInfo, Stdio
 from cbatch.engines.identity import host_unprivileged_port_start, init_binary
 
@@ -39,7 +37,7 @@ log = logging.getLogger("cbatchd")
 PREFIX = "direct-"          # container ids of this engine (Docker's are hex): the router routes by it
 RUNC = "/usr/sbin/runc"
 SHIM = "cbatch-shim"        # next to the helper (daemon.helper)
-STDIN_LINE_MAX = 60 * 1024  # written into a pipe before the shim starts: it must fit the pipe's buffer
+STDIN_LINE_MAX = 60 * 1024  # the helper writes it into a pipe before exec: it must fit the buffer
 REMOVE_WAIT = 10.0          # how long remove() waits for a killed container's shim to record it
 TIMING = os.environ.get("CBATCH_TIMING") == "1"
 
@@ -49,29 +47,6 @@ def _timing(step: str, since: float) -> float:
     if TIMING:
         log.info("timing direct.%s %.1f", step, (now - since) * 1000)
     return now
-
-
-def _start_time(pid: int) -> Optional[str]:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _rlimits(peer: Optional[int]):
-    """The client's own limits (RLIMIT_* named in :data:`ocispec.RLIMITS`), as a native job has them."""
-    out = []
-    for name in ocispec.RLIMITS:
-        try:
-            soft, hard = resource.prlimit(peer, getattr(resource, name)) if peer else \
-                resource.getrlimit(getattr(resource, name))
-        except (OSError, ValueError):
-            continue
-        big = 2 ** 64 - 1
-        out.append((name, big if soft == resource.RLIM_INFINITY else soft,
-                    big if hard == resource.RLIM_INFINITY else hard))
-    return out
 
 
 class DirectEngine:
@@ -90,19 +65,7 @@ class DirectEngine:
         self._locks_lock = threading.Lock()
 
     def _event(self, cid: str, action: str, **attrs) -> None:
-        """Append to ``<bundles>/events/<instance>.jsonl`` what Docker's event stream would say (kill with
-        its signal, die with its exit code, destroy): the record tests and admins read after the fact."""
-        try:
-            os.makedirs(os.path.join(self.bundles, "events"), mode=0o700, exist_ok=True)
-            line = json.dumps({"time": time.time(), "id": cid, "action": action, **attrs}) + "\n"
-            fd = os.open(os.path.join(self.bundles, "events", self.instance + ".jsonl"),
-                         os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-            try:
-                os.write(fd, line.encode())
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            log.warning("direct engine: event %s %s not recorded: %s", action, cid, exc)
+        bundles.event(self.bundles, self.instance, cid, action, **attrs)
 
     # -- availability ---------------------------------------------------------------------------------
     def unavailable(self, helper: str) -> Optional[str]:
@@ -124,30 +87,10 @@ class DirectEngine:
         name = cid[len(PREFIX):]
         if not name or "/" in name or name.startswith("."):
             raise EngineError("container", "not a direct container id", cid)
-        return os.path.join(self.bundles, instance or self._instance_of(name) or self.instance, name)
-
-    def _instance_of(self, name: str) -> Optional[str]:
-        try:
-            for inst in os.listdir(self.bundles):
-                if os.path.isdir(os.path.join(self.bundles, inst, name)) and inst not in ("runc", "events"):
-                    return inst
-        except FileNotFoundError:
-            pass
-        return None
+        return os.path.join(self.bundles, instance or bundles.instance_of(self.bundles, name) or self.instance, name)
 
     def _meta(self, cid: str) -> Optional[dict]:
-        try:
-            with open(os.path.join(self._dir(cid), "meta.json")) as fh:
-                return json.load(fh)
-        except (OSError, ValueError):
-            return None
-
-    @staticmethod
-    def _write_json(path: str, obj: dict) -> None:
-        tmp = path + ".tmp"
-        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600), "w") as fh:
-            json.dump(obj, fh)
-        os.rename(tmp, path)
+        return bundles.read_json(os.path.join(self._dir(cid), "meta.json"))
 
     # -- start ----------------------------------------------------------------------------------------
     def start(self, spec: ContainerSpec, stdio: Stdio, instance: str, helper: str) -> str:
@@ -175,15 +118,17 @@ class DirectEngine:
         cgroups_path = f"{(spec.cgroup_parent or '/cbatch').rstrip('/')}/{spec.name}"
         meta = {"cid": cid, "name": spec.name, "labels": labels, "image": spec.image, "image_id": image_id,
                 "cgroup": cgroups_path, "created": time.time()}
-        self._write_json(os.path.join(bundle, "meta.json"), meta)
+        bundles.write_json(os.path.join(bundle, "meta.json"), meta)
         try:
             self.holds.hold(image_id, cid)
             t = _timing("hold", t)
-            rootfs.mount(bundle, dirs, spec.layer_bytes)
+            root = rootfs.mount(bundle, dirs, spec.layer_bytes)
             t = _timing("rootfs", t)
-            self._write_config(bundle, spec, conf, labels.get("cbatch.peer", ""), cgroups_path)
+            cfg = self._write_config(bundle, spec, conf, labels.get("cbatch.peer", ""), cgroups_path, helper)
+            rootfs.check_targets(root, [m["destination"] for m in cfg["mounts"]
+                                        if m["type"] in ("bind", "tmpfs") and not m["destination"].startswith("/dev")])
             t = _timing("config", t)
-            self._spawn(bundle, spec, stdio, line, helper, meta)
+            self._spawn(bundle, spec, stdio, helper, meta)
             _timing("runc", t)
         except BaseException:
             self.remove(cid)
@@ -192,7 +137,8 @@ class DirectEngine:
         return cid
 
     @staticmethod
-    def _write_config(bundle: str, spec: ContainerSpec, conf: dict, peer: str, cgroups_path: str) -> None:
+    def _write_config(bundle: str, spec: ContainerSpec, conf: dict, peer: str, cgroups_path: str,
+                      helper: str) -> dict:
         etc = os.path.join(bundle, "etc")
         os.mkdir(etc, 0o755)
         try:
@@ -203,23 +149,21 @@ class DirectEngine:
         for name, text in ocispec.etc_files(spec.hostname or "", resolv).items():
             with open(os.open(os.path.join(etc, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "w") as fh:
                 fh.write(text)
-        cfg = ocispec.config(spec, conf, init=init_binary(), etc_dir=etc, cgroups_path=cgroups_path,
-                             seccomp=seccomp.oci_profile(), rlimits=_rlimits(int(peer) if peer.isdigit() else None),
+        cfg = ocispec.config(spec, conf, init=init_binary(), helper=helper, etc_dir=etc, cgroups_path=cgroups_path,
+                             seccomp=seccomp.oci_profile(), rlimits=bundles.rlimits(int(peer) if peer.isdigit() else None),
                              port_start=host_unprivileged_port_start())
-        DirectEngine._write_json(os.path.join(bundle, "config.json"), cfg)
+        bundles.write_json(os.path.join(bundle, "config.json"), cfg)
+        return cfg
 
-    def _spawn(self, bundle: str, spec: ContainerSpec, stdio: Stdio, line: Optional[bytes], helper: str,
+    def _spawn(self, bundle: str, spec: ContainerSpec, stdio: Stdio, helper: str,
                meta: dict) -> None:
         fds = list(stdio.fds) + [None] * (3 - len(stdio.fds))
         null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
-        stdin_r = None
         try:
-            if line is not None:
-                stdin_r, stdin_w = os.pipe2(os.O_CLOEXEC)
-                os.write(stdin_w, line)         # fits the pipe (STDIN_LINE_MAX); EOF after it, as pbs_mom gives
-                os.close(stdin_w)
-            stdin = stdin_r if stdin_r is not None else (fds[0] if fds[0] is not None else null)
+            # A job's stdin is its line, which the helper feeds (as in the Docker engine); cbatch run's stdin
+            # is the client's own.
+            stdin = null if spec.stdin_line is not None or fds[0] is None else fds[0]
             out = fds[1] if fds[1] is not None else null
             err = fds[2] if fds[2] is not None else null
             argv = [self._shim(helper), bundle, self.runc, self.root, spec.name, meta["cgroup"]]
@@ -228,12 +172,11 @@ class DirectEngine:
             env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
             pid = os.posix_spawn(argv[0], argv, env, file_actions=actions, setsid=True)
         finally:
-            for fd in (null, ready_w, stdin_r):
-                if fd is not None:
-                    os.close(fd)
+            for fd in (null, ready_w):
+                os.close(fd)
         try:
-            meta.update(shim=pid, shim_start=_start_time(pid))
-            self._write_json(os.path.join(bundle, "meta.json"), meta)
+            meta.update(shim=pid, shim_start=bundles.start_time(pid))
+            bundles.write_json(os.path.join(bundle, "meta.json"), meta)
             # The shim is in its own session and outlives us; reap it when it ends while we still run.
             _reaper(pid)
             ready = select.select([ready_r], [], [], self.timeout)[0]
@@ -241,29 +184,11 @@ class DirectEngine:
         finally:
             os.close(ready_r)
         if answer != b"s":
-            status = self._status(bundle)
+            status = bundles.read_status(bundle)
             why = (status or {}).get("error") or ("timed out" if not ready else "the shim ended early")
             raise EngineError("direct engine", "start failed", spec.name, why)
 
     # -- state ----------------------------------------------------------------------------------------
-    @staticmethod
-    def _status(bundle: str) -> Optional[dict]:
-        try:
-            with open(os.path.join(bundle, "status")) as fh:
-                text = fh.read()
-        except OSError:
-            return None
-        out: dict = {}
-        for ln in text.splitlines():
-            key, _sp, rest = ln.partition(" ")
-            if key == "status":
-                parts = rest.split()
-                out["status"] = int(parts[0])
-                out["oom"] = int(parts[2]) if len(parts) > 2 else 0
-            elif key == "error":
-                out["error"] = rest
-        return out
-
     def _shim_fd(self, meta: dict) -> Optional[int]:
         """A pidfd on the container's shim while it runs (None when it has ended)."""
         pid = meta.get("shim")
@@ -273,7 +198,7 @@ class DirectEngine:
             fd = os.pidfd_open(int(pid))
         except ProcessLookupError:
             return None
-        if _start_time(int(pid)) != meta.get("shim_start"):
+        if bundles.start_time(int(pid)) != meta.get("shim_start"):
             os.close(fd)
             return None
         return fd
@@ -291,7 +216,7 @@ class DirectEngine:
         if meta is None:
             return "gone"
         bundle = self._dir(cid)
-        if self._status(bundle) is not None or not self._alive(meta):
+        if bundles.read_status(bundle) is not None or not self._alive(meta):
             return "exited" if meta.get("shim") else "created"
         return "running" if os.path.exists(os.path.join(bundle, "pid")) else "created"
 
@@ -330,7 +255,7 @@ class DirectEngine:
                 select.select([fd], [], [])
             finally:
                 os.close(fd)
-        status = self._status(bundle)
+        status = bundles.read_status(bundle)
         if status is None:
             if not os.path.isdir(bundle):
                 raise EngineError("container", "not found", cid)
@@ -413,23 +338,7 @@ class DirectEngine:
 
     def list_ids(self, labels: Dict[str, str]) -> List[str]:
         """Ids of this node's direct containers carrying every one of ``labels`` (bundles on disk)."""
-        out = []
-        try:
-            instances = [i for i in os.listdir(self.bundles) if i not in ("runc", "events")]
-        except FileNotFoundError:
-            return []
-        for inst in instances:
-            if labels.get(LABEL_INSTANCE) not in (None, inst):
-                continue
-            try:
-                names = os.listdir(os.path.join(self.bundles, inst))
-            except OSError:
-                continue
-            for name in names:
-                meta = self._meta(PREFIX + name)
-                if meta and all(meta.get("labels", {}).get(k) == v for k, v in labels.items()):
-                    out.append(PREFIX + name)
-        return out
+        return [PREFIX + n for n in bundles.scan(self.bundles, labels, bundles.read_json)]
 
     def adopt(self) -> None:
         """After a restart: count the surviving containers' images as held, drop unused holders."""

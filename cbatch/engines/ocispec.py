@@ -15,7 +15,8 @@ import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from cbatch.core.errors import EngineError
-from cbatch.core.spec import INIT_PATH, ContainerSpec
+from cbatch.core.spec import HELPER_PATH, INIT_PATH, ContainerSpec
+from cbatch.engines.identity import helper_argv
 
 OCI_VERSION = "1.0.2"
 VOLUME_TMPFS_BYTES = 64 * 1024 * 1024   # as the Docker engine: each image VOLUME is a tmpfs of at most this
@@ -34,13 +35,17 @@ RLIMITS = ("RLIMIT_NOFILE", "RLIMIT_CORE", "RLIMIT_STACK", "RLIMIT_FSIZE", "RLIM
 
 
 def command(spec: ContainerSpec, image_config: dict) -> List[str]:
-    """The container's process args: the init (when the spec asks), then the job's command."""
+    """The container's process args: the init (when the spec asks), then the helper (``cbatch-exec``, as the
+    job's user: no ``--ids``, runc set them; it feeds the stdin line and falls back to the image's /bin/sh
+    when the login shell is missing, exactly as in the Docker engine), then the job's command."""
     argv = list(spec.argv)
     if spec.use_entrypoint:
         argv = list(image_config.get("Entrypoint") or []) + (argv or list(image_config.get("Cmd") or []))
     if not argv:
         raise EngineError("container", "no command", spec.image,
                           "the spec has no argv and the image no entrypoint or cmd")
+    opts = ["--stdin-line", spec.stdin_line] if spec.stdin_line is not None else []
+    argv = helper_argv(opts, argv, spec.name)
     return [INIT_PATH, "--"] + argv if spec.init else argv
 
 
@@ -73,7 +78,7 @@ def _bind(source: str, target: str, read_only: bool) -> dict:
             "options": ["rbind", "rprivate", "nosuid"] + (["ro"] if read_only else [])}
 
 
-def mounts(spec: ContainerSpec, image_config: dict, init: str, etc_dir: str) -> List[dict]:
+def mounts(spec: ContainerSpec, image_config: dict, init: str, etc_dir: str, helper: str) -> List[dict]:
     """Kernel filesystems as Docker mounts them, the spec's binds, the init, /etc files, VOLUME tmpfs."""
     shm = spec.shm_bytes or SHM_BYTES
     out = [
@@ -98,6 +103,8 @@ def mounts(spec: ContainerSpec, image_config: dict, init: str, etc_dir: str) -> 
     for m in spec.mounts:
         out.append(_bind(m.source, m.target, m.read_only))
         taken.add(m.target)
+    out.append(_bind(helper, HELPER_PATH, True))
+    taken.add(HELPER_PATH)
     if spec.init:
         out.append(_bind(init, INIT_PATH, True))
         taken.add(INIT_PATH)
@@ -132,7 +139,7 @@ def resources(spec: ContainerSpec) -> dict:
     return res
 
 
-def config(spec: ContainerSpec, image_config: dict, *, init: str, etc_dir: str, cgroups_path: str,
+def config(spec: ContainerSpec, image_config: dict, *, init: str, helper: str, etc_dir: str, cgroups_path: str,
            seccomp: Optional[dict], rlimits: Sequence[Tuple[str, int, int]] = (),
            port_start: int = 1024) -> dict:
     """The whole ``config.json`` (rootfs at ``rootfs`` next to it)."""
@@ -163,4 +170,4 @@ def config(spec: ContainerSpec, image_config: dict, *, init: str, etc_dir: str, 
         linux["seccomp"] = seccomp
     return {"ociVersion": OCI_VERSION, "process": process,
             "root": {"path": "rootfs", "readonly": bool(spec.read_only_rootfs)},
-            "hostname": spec.hostname or "", "mounts": mounts(spec, image_config, init, etc_dir), "linux": linux}
+            "hostname": spec.hostname or "", "mounts": mounts(spec, image_config, init, etc_dir, helper), "linux": linux}

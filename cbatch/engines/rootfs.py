@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import stat
 from typing import List, Optional
 
 from cbatch.core.errors import EngineError
@@ -72,6 +73,28 @@ def mount(bundle: str, dirs: List[str], layer_bytes: Optional[int]) -> str:
         lower = _short(dirs) or lower
     _mount("overlay", rootfs, "overlay", 0, f"lowerdir={lower},upperdir={upper},workdir={work},index=off")
     return rootfs
+
+
+def check_targets(rootfs: str, targets: List[str]) -> None:
+    """Refuse (EngineError) a mount target passing through a symlink in the image, as the Docker engine does
+    (:func:`cbatch.engines.imagecheck.check_targets`, same message): every component is ``lstat``-ed in the
+    fresh rootfs (the image's files only; nothing ran in it yet), except those strictly under another target."""
+    tops = set(targets)
+    for target in sorted(tops):
+        parts = [p for p in target.split("/") if p]
+        for n in range(1, len(parts) + 1):
+            prefix = "/" + "/".join(parts[:n])
+            if any(prefix != t and prefix.startswith(t.rstrip("/") + "/") for t in tops):
+                break
+            try:
+                st = os.lstat(rootfs + prefix)
+            except FileNotFoundError:
+                break
+            if stat.S_ISLNK(st.st_mode):
+                raise EngineError("mount", "target passes through a symlink in the image",
+                                  f"{target} ({prefix} -> {os.readlink(rootfs + prefix)})",
+                                  "the image's symlinks are not followed for mounts; choose another target"
+                                  " or an image without that link")
 
 
 def full(bundle: str) -> bool:

@@ -9,7 +9,7 @@ import pytest
 
 from cbatch.core.config import ConfigError, parse
 from cbatch.core.errors import EngineError
-from cbatch.core.spec import INIT_PATH, ContainerSpec, Mount
+from cbatch.core.spec import HELPER_PATH, INIT_PATH, ContainerSpec, Mount
 from cbatch.engines import ocispec, seccomp
 from cbatch.engines.base import Stdio
 from cbatch.engines.router import Router
@@ -26,7 +26,7 @@ def spec(**kw) -> ContainerSpec:
 
 
 def config(s: ContainerSpec, image_config=None) -> dict:
-    return ocispec.config(s, image_config or {"Env": ["PATH=/usr/bin", "LANG=C"]}, init="/usr/bin/tini",
+    return ocispec.config(s, image_config or {"Env": ["PATH=/usr/bin", "LANG=C"]}, init="/usr/bin/tini", helper="/h/cbatch-exec",
                           etc_dir="/b/etc", cgroups_path="/torque/1.vm/" + s.name, seccomp={"x": 1},
                           rlimits=[("RLIMIT_NOFILE", 1024, 4096)], port_start=1024)
 
@@ -50,13 +50,13 @@ def test_identity_is_numeric_with_no_capability_and_no_new_privileges():
 
 def test_command_env_and_init():
     c = config(spec())
-    assert c["process"]["args"] == [INIT_PATH, "--", "/bin/bash"]
+    assert c["process"]["args"] == [INIT_PATH, "--", HELPER_PATH, "--stdin-line", "/s.SC\n", "--", "/bin/bash"]
     env = dict(e.split("=", 1) for e in c["process"]["env"])
     assert env["PATH"] == "/x" and env["LANG"] == "C" and env["TINI_KILL_PROCESS_GROUP"] == "1"
     assert env["HOSTNAME"] == "node1"
-    assert config(spec(init=False))["process"]["args"] == ["/bin/bash"]
-    ep = config(spec(argv=(), use_entrypoint=True), {"Entrypoint": ["/ep"], "Cmd": ["a"]})
-    assert ep["process"]["args"] == [INIT_PATH, "--", "/ep", "a"]
+    assert config(spec(init=False, stdin_line=None))["process"]["args"] == [HELPER_PATH, "--", "/bin/bash"]
+    ep = config(spec(argv=(), use_entrypoint=True, stdin_line=None), {"Entrypoint": ["/ep"], "Cmd": ["a"]})
+    assert ep["process"]["args"] == [INIT_PATH, "--", HELPER_PATH, "--", "/ep", "a"]
     with pytest.raises(EngineError):
         config(spec(argv=(), use_entrypoint=True), {})
 
@@ -67,6 +67,7 @@ def test_mounts_paths_limits_and_network_none():
     assert dest["/home/a"]["source"] == "/stage/0" and "ro" not in dest["/home/a"]["options"]
     assert "ro" in dest["/etc/passwd"]["options"] and dest["/etc/hosts"]["source"] == "/b/etc/hosts"
     assert dest[INIT_PATH]["source"] == "/usr/bin/tini" and "ro" in dest[INIT_PATH]["options"]
+    assert dest[HELPER_PATH]["source"] == "/h/cbatch-exec" and "ro" in dest[HELPER_PATH]["options"]
     assert dest["/data"]["type"] == "tmpfs" and "size=%d" % ocispec.VOLUME_TMPFS_BYTES in dest["/data"]["options"]
     assert "/proc/kcore" in c["linux"]["maskedPaths"] and "/proc/sys" in c["linux"]["readonlyPaths"]
     res = c["linux"]["resources"]
