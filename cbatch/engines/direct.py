@@ -31,6 +31,7 @@ from cbatch.core.errors import EngineError
 from cbatch.core.spec import LABEL_INSTANCE, ContainerSpec
 from cbatch.engines import bundles, imagehold, ocispec, rootfs, seccomp
 from cbatch.engines.base import ExitInfo, Stdio
+from cbatch.engines.directexec import DirectExecOps
 from cbatch.engines.identity import host_unprivileged_port_start, init_binary
 
 log = logging.getLogger("cbatchd")
@@ -49,7 +50,7 @@ def _timing(step: str, since: float) -> float:
     return now
 
 
-class DirectEngine:
+class DirectEngine(DirectExecOps):
     """runc containers on Docker's layers; ``docker`` is the Docker :class:`~cbatch.engines.docker.Engine`
     (image inspect and holds), ``bundles`` the root-only directory of bundles, ``helper`` locates the shim."""
 
@@ -63,6 +64,7 @@ class DirectEngine:
         self.holds = imagehold.Holds(docker, instance)
         self._locks: Dict[str, threading.Lock] = {}     # one remove at a time per container
         self._locks_lock = threading.Lock()
+        self._execs: Dict[str, dict] = {}                  # TM tasks (cbatch.engines.directexec)
 
     def _event(self, cid: str, action: str, **attrs) -> None:
         bundles.event(self.bundles, self.instance, cid, action, **attrs)

@@ -20,7 +20,7 @@ from cbatch.engines.direct import PREFIX, DirectEngine
 
 log = logging.getLogger("cbatchd")
 _PER_CONTAINER = ("wait", "signal", "stop", "running", "status", "container_pid", "remove", "attach",
-                  "proxied", "resize", "exec_start", "stat")
+                  "proxied", "resize", "exec_start", "exec_state", "stat")
 
 
 class Router:
@@ -32,7 +32,7 @@ class Router:
         self._driver: Optional[str] = None
 
     def __getattr__(self, name: str):
-        # Image operations, ping, exec_state, ...: Docker's (the image manager for both engines).
+        # Image operations, ping, ...: Docker's (the image manager for both engines).
         return getattr(self.docker, name)
 
     def _for(self, cid: str):
