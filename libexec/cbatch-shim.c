@@ -2,7 +2,9 @@
  *
  *   cbatch-shim BUNDLE RUNC RUNC_ROOT ID CGROUP_PATH
  *
- * stdin/stdout/stderr are the job's own descriptors; fd 3 is the daemon's ready pipe. The shim becomes a
+ * stdin/stdout/stderr are the job's own descriptors; fd 3 is the daemon's ready pipe, fd 4 its go pipe: the
+ * shim creates nothing before the daemon, having recorded the shim's pid, writes "g" there (a daemon that
+ * dies before that leaves no container behind, only a status saying so). The shim becomes a
  * child subreaper, runs `runc create` (the container's init is then reparented to the shim) and
  * `runc start`, writes one byte to fd 3, then waits for the container's init. When it exits the shim reads
  * the OOM-kill counter of the container's cgroup (before `runc delete` removes it), deletes the container
@@ -53,6 +55,7 @@ static int run(char *const argv[], int quiet)
 		return -1;
 	if (pid == 0) {
 		close(3);
+		close(4);
 		if (quiet) {
 			int fd = open("/dev/null", O_RDWR);
 			if (fd >= 0) {
@@ -150,6 +153,16 @@ int main(int argc, char **argv)
 	if (prctl(PR_SET_CHILD_SUBREAPER, 1) != 0) {
 		write_status(125, 0, "prctl PR_SET_CHILD_SUBREAPER failed");
 		return 125;
+	}
+
+	char go = 0;
+	ssize_t got;
+	while ((got = read(4, &go, 1)) < 0 && errno == EINTR)
+		;
+	close(4);
+	if (got != 1 || go != 'g') {
+		write_status(125, 0, "cbatchd went away before the start");
+		return 0;
 	}
 
 	char *create[] = {runc, "--root", root, "create", "--bundle", bundle, "--pid-file", pidfile, id, NULL};

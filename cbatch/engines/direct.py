@@ -17,6 +17,7 @@ on the shim by pidfd and reads the same status file (recovery is the same code f
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import select
@@ -122,7 +123,8 @@ class DirectEngine(DirectExecOps):
                 "cgroup": cgroups_path, "created": time.time()}
         bundles.write_json(os.path.join(bundle, "meta.json"), meta)
         try:
-            self.holds.hold(image_id, cid)
+            self.holds.hold(image_id, cid, [os.path.normpath("/" + str(v).lstrip("/"))
+                                            for v in sorted(conf.get("Volumes") or {})])
             t = _timing("hold", t)
             root = rootfs.mount(bundle, dirs, spec.layer_bytes)
             t = _timing("rootfs", t)
@@ -162,29 +164,41 @@ class DirectEngine(DirectExecOps):
         fds = list(stdio.fds) + [None] * (3 - len(stdio.fds))
         null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+        go_r, go_w = os.pipe2(os.O_CLOEXEC)
+        high: List[int] = []
         try:
             # A job's stdin is its line, which the helper feeds (as in the Docker engine); cbatch run's stdin
             # is the client's own.
             stdin = null if spec.stdin_line is not None or fds[0] is None else fds[0]
             out = fds[1] if fds[1] is not None else null
             err = fds[2] if fds[2] is not None else null
+            # Every source above 9 first, so no dup2 below overwrites a source it has yet to copy.
+            high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in (stdin, out, err, ready_w, go_r)]
             argv = [self._shim(helper), bundle, self.runc, self.root, spec.name, meta["cgroup"]]
-            actions = [(os.POSIX_SPAWN_DUP2, stdin, 0), (os.POSIX_SPAWN_DUP2, out, 1),
-                       (os.POSIX_SPAWN_DUP2, err, 2), (os.POSIX_SPAWN_DUP2, ready_w, 3)]
+            actions = [(os.POSIX_SPAWN_DUP2, fd, n) for n, fd in enumerate(high)]
             env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
             pid = os.posix_spawn(argv[0], argv, env, file_actions=actions, setsid=True)
+        except BaseException:
+            os.close(go_w)
+            os.close(ready_r)
+            raise
         finally:
-            for fd in (null, ready_w):
+            for fd in [null, ready_w, go_r] + high:
                 os.close(fd)
         try:
             meta.update(shim=pid, shim_start=bundles.start_time(pid))
             bundles.write_json(os.path.join(bundle, "meta.json"), meta)
+            os.write(go_w, b"g")            # recorded: a restarted daemon finds the shim from here on
+            os.close(go_w)
+            go_w = -1
             # The shim is in its own session and outlives us; reap it when it ends while we still run.
             _reaper(pid)
             ready = select.select([ready_r], [], [], self.timeout)[0]
             answer = os.read(ready_r, 1) if ready else b""
         finally:
             os.close(ready_r)
+            if go_w >= 0:
+                os.close(go_w)
         if answer != b"s":
             status = bundles.read_status(bundle)
             why = (status or {}).get("error") or ("timed out" if not ready else "the shim ended early")
@@ -213,14 +227,16 @@ class DirectEngine(DirectExecOps):
         return True
 
     def status(self, cid: str) -> str:
-        """``created`` (shim starting it), ``running``, ``exited`` or ``gone``."""
+        """``created`` (no shim was started: nothing can run), ``running`` (its shim lives: the container
+        runs or is about to), ``exited`` or ``gone``."""
         meta = self._meta(cid)
         if meta is None:
             return "gone"
-        bundle = self._dir(cid)
-        if bundles.read_status(bundle) is not None or not self._alive(meta):
-            return "exited" if meta.get("shim") else "created"
-        return "running" if os.path.exists(os.path.join(bundle, "pid")) else "created"
+        if not meta.get("shim"):
+            return "created"
+        if bundles.read_status(self._dir(cid)) is not None or not self._alive(meta):
+            return "exited"
+        return "running"
 
     def running(self, cid: str) -> bool:
         """True while the container runs."""

@@ -36,7 +36,7 @@ class DirectExecOps:
         if meta is None or self.status(cid) != "running":
             raise EngineError("container", "not running", cid, "the job's container has ended")
         eid = cid + "/" + EXEC_PREFIX + uuid.uuid4().hex[:12]
-        user: dict = {"uid": uid, "gid": gid, "additionalGids": [g for g in groups if g != gid]}
+        user: dict = {"uid": uid, "gid": gid, "additionalGids": list(groups)}
         if umask is not None:
             user["umask"] = umask
         process = {"terminal": False, "user": user, "args": helper_argv([], list(argv), cid[:24]),
@@ -50,12 +50,8 @@ class DirectExecOps:
                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     start_new_session=True)
         except OSError as exc:
+            os.unlink(path)
             raise EngineError("container", "exec failed", cid, str(exc)) from exc
-        finally:
-            try:
-                os.unlink(path)     # runc has read it before it forks the task (or failed)
-            except OSError:
-                pass
         ours, theirs = socket.socketpair()
         state = {"proc": proc, "code": None}
         self._execs[eid] = state
@@ -69,6 +65,10 @@ class DirectExecOps:
             for t in outs:
                 t.join()
             state["code"] = proc.wait()
+            try:
+                os.unlink(path)     # runc read it long ago; the bundle's removal would take it anyway
+            except OSError:
+                pass
             try:
                 ours.shutdown(socket.SHUT_RDWR)
             except OSError:

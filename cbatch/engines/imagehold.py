@@ -30,11 +30,12 @@ class Holds:
         """The holder container's name."""
         return f"cbatch-hold-{self.instance}-{image_id.split(':')[-1][:12]}"
 
-    def hold(self, image_id: str, user: str) -> None:
-        """Make sure the holder exists and count ``user`` (a container id) as using ``image_id``."""
+    def hold(self, image_id: str, user: str, volumes=()) -> None:
+        """Make sure the holder exists and count ``user`` (a container id) as using ``image_id`` (whose
+        VOLUME targets are ``volumes``)."""
         with self._lock:
             if image_id not in self._users:
-                self._create(image_id)
+                self._create(image_id, volumes)
                 self._users[image_id] = set()
             self._users[image_id].add(user)
 
@@ -55,14 +56,17 @@ class Holds:
                 self._users.pop(image_id)
                 api = self.docker.api
                 self.docker._call("remove holder", image_id, api.remove_container, self.name(image_id),
-                                  force=True, ok=lambda exc: getattr(exc, "status_code", None) in (404, 409))
+                                  force=True, v=True, ok=lambda exc: getattr(exc, "status_code", None) in (404, 409))
 
-    def _create(self, image_id: str) -> None:
+    def _create(self, image_id: str, volumes=()) -> None:
         api = self.docker.api
+        # A tmpfs on each image VOLUME: otherwise creating the holder would create anonymous volumes.
+        mounts = [{"Target": v, "Type": "tmpfs", "TmpfsOptions": {"SizeBytes": 1 << 20}} for v in volumes]
         self.docker._call("hold image", image_id, api.create_container, image=image_id, name=self.name(image_id),
                           entrypoint=["/.cbatch-hold"], command=[], network_disabled=True,
                           labels={LABEL_HOLD: self.instance},
-                          host_config=api.create_host_config(network_mode="none", log_config={"type": "none"}),
+                          host_config=api.create_host_config(network_mode="none", log_config={"type": "none"},
+                                                             mounts=mounts or None),
                           ok=lambda exc: getattr(exc, "status_code", None) == 409)   # already held
 
     def sweep(self) -> None:
@@ -72,5 +76,5 @@ class Holds:
             for c in self.docker._call("list holders", self.instance, api.containers, all=True,
                                        filters={"label": f"{LABEL_HOLD}={self.instance}"}) or []:
                 if c.get("ImageID") not in self._users:
-                    self.docker._call("remove holder", c["Id"], api.remove_container, c["Id"], force=True,
+                    self.docker._call("remove holder", c["Id"], api.remove_container, c["Id"], force=True, v=True,
                                       ok=lambda exc: getattr(exc, "status_code", None) in (404, 409))

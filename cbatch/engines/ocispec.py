@@ -147,7 +147,7 @@ def config(spec: ContainerSpec, image_config: dict, *, init: str, helper: str, e
         raise EngineError("direct engine", "network not supported", spec.network, "use engine: docker")
     if spec.devices:
         raise EngineError("direct engine", "devices not supported", ",".join(spec.devices), "use engine: docker")
-    user: dict = {"uid": spec.uid, "gid": spec.gid, "additionalGids": [g for g in spec.groups if g != spec.gid]}
+    user: dict = {"uid": spec.uid, "gid": spec.gid, "additionalGids": list(spec.groups)}
     if spec.umask is not None:
         user["umask"] = spec.umask
     process = {

@@ -75,6 +75,36 @@ def mount(bundle: str, dirs: List[str], layer_bytes: Optional[int]) -> str:
     return rootfs
 
 
+def resolve(rootfs: str, path: str) -> str:
+    """Where ``path`` leads inside the image (its symlinks resolved within ``rootfs``, as the engine reports
+    a link target): for messages only, nothing is opened."""
+    parts = [p for p in path.split("/") if p]
+    done: List[str] = []
+    hops = 0
+    while parts:
+        part = parts.pop(0)
+        if part == "..":
+            done = done[:-1]
+            continue
+        if part == ".":
+            continue
+        here = "/" + "/".join(done + [part])
+        try:
+            st = os.lstat(rootfs + here)
+        except OSError:
+            done.append(part)
+            continue
+        if stat.S_ISLNK(st.st_mode) and hops < 40:
+            hops += 1
+            link = os.readlink(rootfs + here)
+            parts = [p for p in link.split("/") if p] + parts
+            if link.startswith("/"):
+                done = []
+            continue
+        done.append(part)
+    return "/" + "/".join(done)
+
+
 def check_targets(rootfs: str, targets: List[str]) -> None:
     """Refuse (EngineError) a mount target passing through a symlink in the image, as the Docker engine does
     (:func:`cbatch.engines.imagecheck.check_targets`, same message): every component is ``lstat``-ed in the
@@ -92,7 +122,7 @@ def check_targets(rootfs: str, targets: List[str]) -> None:
                 break
             if stat.S_ISLNK(st.st_mode):
                 raise EngineError("mount", "target passes through a symlink in the image",
-                                  f"{target} ({prefix} -> {os.readlink(rootfs + prefix)})",
+                                  f"{target} ({prefix} -> {resolve(rootfs, prefix)})",
                                   "the image's symlinks are not followed for mounts; choose another target"
                                   " or an image without that link")
 

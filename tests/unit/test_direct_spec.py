@@ -42,7 +42,7 @@ def test_queue_engine_key_defaults_to_auto_and_is_validated():
 def test_identity_is_numeric_with_no_capability_and_no_new_privileges():
     c = config(spec())
     user = c["process"]["user"]
-    assert user == {"uid": 1001, "gid": 1003, "additionalGids": [1001, 1002], "umask": 0o077}
+    assert user == {"uid": 1001, "gid": 1003, "additionalGids": [1003, 1001, 1002], "umask": 0o077}
     assert all(v == [] for v in c["process"]["capabilities"].values())
     assert c["process"]["noNewPrivileges"] is True
     assert c["linux"]["seccomp"] == {"x": 1}
