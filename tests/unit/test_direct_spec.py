@@ -4,6 +4,7 @@ profile's conditions, the router's choice."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -156,3 +157,32 @@ def test_router_choice_and_logged_fallback(kw, stdio, driver, want, caplog):
     assert name == want
     if want == "docker" and kw.get("engine") != "docker":
         assert "engine docker instead of direct" in caplog.text
+
+
+def test_mount_target_through_an_image_symlink_is_refused(tmp_path):
+    from cbatch.engines import rootfs
+    root = tmp_path / "rootfs"
+    (root / "etc").mkdir(parents=True)
+    (root / "x").symlink_to("y")
+    (root / "y").symlink_to("/etc")
+    (root / "home").mkdir()
+    rootfs.check_targets(str(root), ["/home/a", "/home/a/x/passwd", "/nothing/here"])   # under a target: host
+    with pytest.raises(EngineError) as exc:
+        rootfs.check_targets(str(root), ["/x/passwd"])
+    assert exc.value.message.startswith("cbatch: mount: target passes through a symlink in the image: "
+                                        "/x/passwd (/x -> /etc)")
+
+
+def test_bundle_status_and_scan(tmp_path):
+    from cbatch.engines import bundles
+    b = tmp_path / "inst" / "c1"
+    b.mkdir(parents=True)
+    assert bundles.read_status(str(b)) is None
+    (b / "status").write_text("status 137 oom 1\nerror boom\n")
+    assert bundles.read_status(str(b)) == {"status": 137, "oom": 1, "error": "boom"}
+    bundles.write_json(str(b / "meta.json"), {"labels": {"cbatch.instance": "inst", "cbatch.job": "1.vm"}})
+    (tmp_path / "runc").mkdir()
+    assert bundles.scan(str(tmp_path), {"cbatch.job": "1.vm"}, bundles.read_json) == ["c1"]
+    assert bundles.scan(str(tmp_path), {"cbatch.instance": "other"}, bundles.read_json) == []
+    assert bundles.instance_of(str(tmp_path), "c1") == "inst"
+    assert bundles.start_time(os.getpid()) is not None
