@@ -104,6 +104,7 @@ class QueuePolicy:
     prepull: Tuple[str, ...] = ()
     shm_size: Optional[int] = None
     tm: bool = True                     # a container job's own TM (pbsdsh) reaches pbs_mom (cbatch.daemon.tmrelay)
+    engine: str = "auto"        # direct | docker | auto (cbatch.engines.router)
 
 
 @dataclass(frozen=True)
@@ -173,7 +174,7 @@ def _builtin() -> Dict[str, Any]:
             "mounts": q.mounts, "user_mounts": {"allowed": False, "prefixes": ()},
             "network": q.network, "networks": q.networks, "allow_root": q.allow_root,
             "hardening": dict(Hardening().__dict__), "pull": q.pull, "prepull": q.prepull,
-            "shm_size": q.shm_size, "tm": q.tm}
+            "shm_size": q.shm_size, "tm": q.tm, "engine": q.engine}
 
 
 def _merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
@@ -202,7 +203,8 @@ def _build_queue(c: Ctx, name: str, merged: Dict[str, Any], own: Dict[str, Any],
                        user_mounts=UserMounts(**merged["user_mounts"]), network=merged["network"],
                        networks=merged["networks"], allow_root=merged["allow_root"],
                        hardening=Hardening(**merged["hardening"]), pull=merged["pull"],
-                       prepull=merged["prepull"], shm_size=merged["shm_size"], tm=merged["tm"])
+                       prepull=merged["prepull"], shm_size=merged["shm_size"], tm=merged["tm"],
+                       engine=merged["engine"])
 
 
 def normalize_reference(ref: str) -> str:

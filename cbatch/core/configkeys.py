@@ -239,8 +239,20 @@ QUEUE_KEYS: Dict[str, Callable[[Ctx, str, Any], Any]] = {
     "prepull": lambda c, k, v: list_of(c, k, v, ref),
     "shm_size": size,
     "tm": boolean,
+    "engine": lambda c, k, v: engine_choice(c, k, v),
 }
 MERGED_MAPS = ("env", "user_mounts", "hardening")
+
+
+ENGINE_CHOICES = ("auto", "direct", "docker")
+
+
+def engine_choice(c: Ctx, key: str, v: Any) -> str:
+    """Which engine runs a queue's containers: ``direct`` (runc on Docker's layers), ``docker``, or ``auto``
+    (direct where the storage driver and the network allow it, else docker with a logged reason)."""
+    if v not in ENGINE_CHOICES:
+        raise c.err(key, "not an engine", v, "one of " + ", ".join(ENGINE_CHOICES))
+    return v
 
 
 def url(c: Ctx, key: str, v: Any) -> str:

@@ -304,7 +304,8 @@ def _common(config: SiteConfig, job: JobContext, directives: Directives, resolve
         read_only_rootfs=directives.readonly or hard.read_only_rootfs,
         cpus=float(cpus) if cpus else None, memory_bytes=memory or None, cgroup_parent=job.cgroup_parent,
         pids_limit=hard.pids_limit, cap_drop_all=hard.cap_drop_all, no_new_privileges=hard.no_new_privileges,
-        init=hard.init, shm_bytes=policy.shm_size, umask=job.umask, layer_bytes=hard.layer_size)
+        init=hard.init, shm_bytes=policy.shm_size, umask=job.umask, layer_bytes=hard.layer_size,
+        engine=policy.engine)
 
 
 def decide(config: SiteConfig, job: JobContext, directives: Directives, resolve: Resolver,

@@ -85,6 +85,7 @@ class ContainerSpec:
     devices: Tuple[str, ...] = field(default=())
     umask: Optional[int] = None             # the caller's umask (pbs_mom gives jobs 0077), applied by the helper
     layer_bytes: Optional[int] = None       # bound on the writable layer (hardening.layer_size); None: unbounded
+    engine: str = "auto"                    # the queue's engine choice (cbatch.engines.router decides "auto")
 
     def env_dict(self) -> dict:
         """The environment as a dict (later pairs win, matching how the policy layered them)."""

@@ -28,7 +28,7 @@ from cbatch.host import cgroups
 from cbatch.host.paths import resolve_as_user
 from cbatch.daemon.streams import choose_stdio, say_nowait
 from cbatch.daemon.supervise import Session, supervise
-from cbatch.engines.docker import Stdio
+from cbatch.engines.base import Stdio
 
 log = logging.getLogger("cbatchd")
 MAX_SCRIPT = 1 << 20
@@ -276,7 +276,8 @@ def _launch(daemon, conn, peer, job, spec, stdio, pump, fds, kind: str, tty_fd=N
     pinned, pins = pinning.pin(spec, job.identity, daemon.mount_root,
                                daemon.config.queue(job.queue).mounts + (tm.mounts if tm else ()),
                                [fd for _attr, fd in spool])
-    staged = dataclasses.replace(stdio, **{attr: point for (attr, _fd), point in zip(spool, pins.held)})
+    staged = dataclasses.replace(stdio, fds=tuple(fds[:3]),
+                                 **{attr: point for (attr, _fd), point in zip(spool, pins.held)})
     limit = spec.memory_bytes or job.resources.memory_on(daemon.config.daemon.hostname or None)
     sess = Session(cid="", job_id=job.job_id, batch=job.batch, kind=kind, peer_pid=peer.pid, uid=peer.uid,
                    memory_limit=limit, pump_fds=pump, owned_fds=tuple(fds), name=spec.name, tty_fd=tty_fd,
@@ -296,6 +297,8 @@ def _launch(daemon, conn, peer, job, spec, stdio, pump, fds, kind: str, tty_fd=N
         daemon.registry.drop_container(job.job_id, pending)
         raise
     sess.cid = cid
+    if not daemon.engine.proxied(cid):
+        sess.pump_fds = (None, None, None)      # the container has the client's descriptors itself
     try:
         daemon.registry.add_container(job.job_id, cid, sess.record())
         daemon.registry.drop_container(job.job_id, pending)

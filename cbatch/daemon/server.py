@@ -46,7 +46,9 @@ from cbatch.daemon import cleanup, launch, limits, peers, recovery
 from cbatch.daemon.adoptions import Adoptions
 from cbatch.daemon.imagesync import ImageManager, handle_request
 from cbatch.daemon.registry import Registry
+from cbatch.engines.direct import DirectEngine
 from cbatch.engines.docker import Engine
+from cbatch.engines.router import Router, bundles_dir
 
 log = logging.getLogger("cbatchd")
 DEFAULT_CONFIG = "/etc/cbatch/cbatch.yaml"
@@ -76,7 +78,10 @@ class Daemon:
         self.config = config
         self.config_path = config_path
         self.instance = config.daemon.instance or config.daemon.hostname or socket.gethostname()
-        self.engine = Engine(config.engine.url, config.engine.timeout)
+        docker = Engine(config.engine.url, config.engine.timeout)
+        # Both engines always: a queue's engine key may change on reload, and recovery must find both kinds.
+        self.engine = Router(docker, DirectEngine(docker, bundles_dir(config.daemon.mount_dir), self.instance,
+                                                  timeout=config.engine.timeout))
         self.registry = Registry(config.daemon.state_dir)
         self.mount_root = os.path.join(config.daemon.mount_dir, self.instance)   # cbatch.daemon.pinning staging
         self.gate = limits.ConnectionGate(config.daemon.max_connections, config.daemon.max_connections_per_user)
@@ -95,6 +100,10 @@ class Daemon:
     def recover(self) -> None:
         """Reconcile the engine with the registry after a (re)start: :func:`cbatch.daemon.recovery.recover`."""
         recovery.recover(self)
+        try:
+            self.engine.direct.adopt()      # images of surviving direct containers stay held
+        except CbatchError as exc:
+            log.warning("recover: direct engine image holds: %s", exc)
 
     def forget_ended_jobs(self) -> None:
         """Unregister Torque jobs whose session ended while nobody could: :func:`cbatch.daemon.recovery.forget_ended_jobs`."""

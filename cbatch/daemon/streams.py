@@ -63,7 +63,7 @@ def file_path(fd: int, uid: int) -> Optional[str]:
 
 def choose_stdio(fds: Sequence[int], attach_stdin: bool, uid: int):
     """``(engine.Stdio, pump fds (stdin, stdout, stderr))`` for the client's fds 0, 1, 2 (client ``uid``)."""
-    from cbatch.engines.docker import Stdio
+    from cbatch.engines.base import Stdio
 
     out = file_path(fds[1], uid) if len(fds) > 1 else None
     err = file_path(fds[2], uid) if len(fds) > 2 else None

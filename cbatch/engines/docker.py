@@ -36,7 +36,6 @@ import os
 import signal as _signal
 import socket
 import time
-from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import docker
@@ -46,6 +45,7 @@ import requests.exceptions
 from cbatch.core.errors import EngineError
 from cbatch.core.spec import HELPER_PATH, INIT_PATH, LABEL_INSTANCE, STDERR_PATH, STDOUT_PATH, ContainerSpec
 from cbatch.engines import imagecheck, layer
+from cbatch.engines.base import ExitInfo, Stdio  # noqa: F401 - part of this engine's API
 from cbatch.engines.dockerexec import ExecOps
 from cbatch.engines.dockerimages import ImageInfo, ImageOps, _gone  # noqa: F401 - ImageInfo is part of the API
 from cbatch.engines.identity import (helper_argv, IDS_CAPS, UNPRIV_PORT_SYSCTL, helper_ids_args,
@@ -57,32 +57,6 @@ API_VERSION = "1.41"       # Debian 12's dockerd 20.10; newer engines still spea
 _HINT_DOWN = "is dockerd running? see cbatch check --node"
 STDIN_LINE_MAX = 60 * 1024  # cbatch-exec writes the line into a pipe before exec: it must fit the buffer
 VOLUME_TMPFS_BYTES = 64 * 1024 * 1024   # each image VOLUME becomes a tmpfs of at most this
-
-
-@dataclass(frozen=True)
-class Stdio:
-    """Where the job's stdio goes.
-
-    ``stdout_path``/``stderr_path``: host paths of existing regular files (the job's spool files); the
-    helper appends to them directly. ``None`` means that stream comes through the attach socket (when
-    ``attach``) or is discarded. ``attach``: the caller proxies stdio through :meth:`Engine.attach` and
-    :func:`cbatch.daemon.streams.pump`; the container's stdin is then the socket (unless ``spec.stdin_line`` feeds it).
-    """
-
-    stdout_path: Optional[str] = None
-    stderr_path: Optional[str] = None
-    attach: bool = False
-    tty: bool = False           # interactive jobs: the container gets a terminal; the attach stream is raw
-
-
-@dataclass(frozen=True)
-class ExitInfo:
-    """How a container ended: ``status`` as a shell reports it (128+N for signal N), OOM, engine error."""
-
-    status: int
-    oom_killed: bool = False
-    error: Optional[str] = None
-    notice: Optional[str] = None     # one complete ``cbatch: ...`` line for the job's error file
 
 
 class Engine(ExecOps, ImageOps):
@@ -358,6 +332,10 @@ class Engine(ExecOps, ImageOps):
         sock = getattr(sio, "_sock", sio)
         sock.settimeout(None)
         return sock
+
+    def proxied(self, cid: str) -> bool:  # noqa: ARG002 - the interface (cbatch.engines.base)
+        """Docker hands stdio that is not a bind-mounted file to the daemon's proxy (its attach stream)."""
+        return True
 
     def _drop_attach(self, cid: str) -> None:
         sio = self._attached.pop(cid, None)

@@ -177,7 +177,9 @@ def cpu_usage_file(pid: int, cid: str, root: str = CGROUP_ROOT, proc: str = "/pr
     found = []
     for line in lines:
         parts = line.split(":", 2)
-        if len(parts) != 3 or not {cid, f"docker-{cid}.scope"} & set(parts[2].split("/")):
+        # The direct engine's ids are "direct-<name>" and its cgroup leaf is the container's name.
+        names = {cid, f"docker-{cid}.scope", cid[len("direct-"):] if cid.startswith("direct-") else cid}
+        if len(parts) != 3 or not names & set(parts[2].split("/")):
             continue
         try:
             rel = _safe_parent(parts[2])

@@ -159,8 +159,18 @@ def images(test_images):
     return test_images
 
 
+ENGINES = tuple(e for e in os.environ.get("CBATCH_TEST_ENGINES", "direct docker").split() if e)
+
+
+@pytest.fixture(scope="session", params=ENGINES)
+def engine_name(request) -> str:
+    """Every test that starts a daemon runs once per engine (``CBATCH_TEST_ENGINES`` narrows the list):
+    the daemon's queues default to ``engine: <name>``."""
+    return request.param
+
+
 @pytest.fixture(scope="session")
-def daemon_factory(users, images, helper):
+def daemon_factory(users, images, helper, engine_name):
     started: List[Daemon] = []
     RUN_BASE.mkdir(mode=0o755, exist_ok=True)
     os.chmod(RUN_BASE, 0o755)
@@ -171,7 +181,10 @@ def daemon_factory(users, images, helper):
         shutil.rmtree(run_dir, ignore_errors=True)
         run_dir.mkdir(mode=0o755)
         instance = f"cbt-{os.getpid()}-{n}-{name}"
-        d = Daemon(name, _merge(base_config(run_dir, instance, helper), overrides), run_dir)
+        config = base_config(run_dir, instance, helper)
+        config["defaults"]["engine"] = engine_name
+        d = Daemon(name, _merge(config, overrides), run_dir)
+        d.engine_name = engine_name
         started.append(d)
         return d.start(wait=wait)
 

@@ -30,7 +30,7 @@ from cbatch.host import cgroups
 from cbatch.clients import client
 from cbatch.admin import install
 from cbatch.emulator.local import Mom
-from torque_helpers import cbatch_lines, job_containers, script, wait_until
+from torque_helpers import cbatch_lines, direct_containers, job_containers, script, wait_until
 
 ENGINE_URL = os.environ.get("CBATCH_ENGINE_URL", "unix:///var/run/docker.sock")
 MOMENTS = ["prologue", "container", "running", "exiting"]
@@ -84,6 +84,12 @@ def _reach(job, moment: str, instance: str, timeout: float) -> str:
                                                                 f"cbatch.job={job.job_id}"]})
             if found:
                 seen["state"] = found[0]["State"]
+            else:
+                # The direct engine's container: its bundle (meta.json written before anything is created).
+                direct = direct_containers({"cbatch.instance": instance, "cbatch.job": job.job_id})
+                if direct:
+                    seen["state"] = f"direct {direct[0]}"
+                    found = direct
             return bool(found)
         ok = wait_until(present, timeout, interval=0.005)
         assert job.peek()[0] == b"", "script output before the container moment"

@@ -15,7 +15,7 @@ import pytest
 from cbatch.core.spec import ContainerSpec, LABEL_INSTANCE
 from cbatch.engines import layer
 from cbatch.engines.docker import Engine, Stdio
-from torque_helpers import job_containers
+from torque_helpers import DIRECT_BUNDLES, job_containers
 
 LIMIT_MB = 32
 
@@ -23,13 +23,23 @@ LIMIT_MB = 32
 def _ours() -> list:
     """Mount points of every layer tmpfs cbatch has mounted on this node."""
     with open("/proc/self/mountinfo") as fh:
-        return [l.split()[4] for l in fh if " - tmpfs " + layer.SOURCE + " " in l]
+        points = [l.split()[4] for l in fh if " - tmpfs " + layer.SOURCE + " " in l]
+    # The direct engine's layers are under its bundles, per instance: other daemons' (tests running at the
+    # same time, the bench) are not this test's business.
+    if INSTANCE[1] == "direct":
+        return [p for p in points if p.startswith(f"{DIRECT_BUNDLES}/{INSTANCE[0]}/")]
+    return [p for p in points if not p.startswith(DIRECT_BUNDLES + "/")]
+
+
+INSTANCE = ["", "docker"]      # the layer daemon's instance and engine
 
 
 @pytest.fixture(scope="module")
 def ldaemon(daemon_factory):
-    return daemon_factory("layer", queues={
+    d = daemon_factory("layer", queues={
         "small": {"image": "cbatch-test/busybox:1", "hardening": {"layer_size": f"{LIMIT_MB}mb"}}})
+    INSTANCE[:] = [d.instance, d.engine_name]
+    return d
 
 
 @pytest.fixture(scope="module")

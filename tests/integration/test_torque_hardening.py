@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from torque_helpers import cbatch_lines, docker_inspect, job_containers, script
+from torque_helpers import cbatch_lines, direct_config, docker_inspect, job_containers, script
 
 
 def test_no_capabilities_no_new_privs(mom, alice):
@@ -34,10 +34,18 @@ def test_pids_limit(mom, daemon, alice, workdir):
     try:
         assert job.wait_output(b"ready\n", timeout=60), job.peek()
         (cid,) = job_containers(daemon.instance, job.job_id)
-        info = docker_inspect(cid)
+        info = direct_config(cid) if cid.startswith("direct-") else docker_inspect(cid)
     finally:
         (workdir / "go").touch()
     assert job.wait(60).exit_status == 0
+    if cid.startswith("direct-"):
+        # runc gets numeric ids and nothing to resolve; no capability at all, not even for the drop.
+        assert info["linux"]["resources"]["pids"] == {"limit": 256}
+        assert {"type": "network"} in info["linux"]["namespaces"]
+        assert info["process"]["user"]["uid"] == alice.uid and info["process"]["user"]["gid"] == alice.gid
+        assert all(caps == [] for caps in info["process"]["capabilities"].values())
+        assert info["process"]["noNewPrivileges"] is True and info["linux"]["seccomp"]["syscalls"]
+        return
     assert info["HostConfig"]["PidsLimit"] == 256
     assert info["HostConfig"]["NetworkMode"] == "none"
     assert info["HostConfig"]["Privileged"] is False

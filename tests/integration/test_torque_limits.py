@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cbatch.host import cgroups
-from torque_helpers import cbatch_lines, docker_inspect, job_containers, script
+from torque_helpers import cbatch_lines, direct_config, docker_inspect, job_containers, script
 
 MiB = 1 << 20
 
@@ -28,7 +28,16 @@ def test_limits_from_resources_without_batch_cgroups(mom, daemon, alice, workdir
     try:
         assert job.wait_output(b"ready\n", timeout=60), job.peek()
         (cid,) = job_containers(daemon.instance, job.job_id)
-        host = docker_inspect(cid)["HostConfig"]
+        if cid.startswith("direct-"):
+            # The same limits in the direct engine's OCI config, in Docker's terms.
+            oci = direct_config(cid)["linux"]
+            res = oci["resources"]
+            cpu = res.get("cpu") or {}
+            host = {"Memory": res["memory"]["limit"], "CpusetCpus": cpu.get("cpus"),
+                    "NanoCpus": cpu["quota"] * 10 ** 9 // cpu["period"] if cpu.get("quota") else None,
+                    "CgroupParent": None if oci["cgroupsPath"].startswith("/cbatch/") else oci["cgroupsPath"]}
+        else:
+            host = docker_inspect(cid)["HostConfig"]
     finally:
         (workdir / "go").touch()
     r = job.wait(60)

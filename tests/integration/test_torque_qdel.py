@@ -91,8 +91,7 @@ def _phase(api, daemon, job) -> str:
     ``registered`` (no container yet), ``container`` (it exists, the script printed nothing), ``running``."""
     if job.peek()[0]:
         return "running"
-    if api.containers(all=True, filters={"label": [f"cbatch.instance={daemon.instance}",
-                                                   f"cbatch.job={job.job_id}"]}):
+    if job_containers(daemon.instance, job.job_id):
         return "container"
     if any(j["job_id"] == job.job_id for j in client.call(daemon.socket, "status")["jobs"]):
         return "registered"

@@ -2,29 +2,76 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
-from typing import List, Optional
+from typing import Dict, List, Optional
+
+# The direct engine's bundles of every test daemon (they use the default daemon.mount_dir).
+DIRECT_BUNDLES = "/run/cbatch/direct"
+RUNC_ROOT = DIRECT_BUNDLES + "/runc"
+
+
+def direct_containers(labels: Dict[str, str]) -> List[str]:
+    """Ids of the direct engine's containers with ``labels`` (its bundles on disk, plus runc's own list)."""
+    inst = labels.get("cbatch.instance")
+    out = []
+    base = os.path.join(DIRECT_BUNDLES, inst) if inst else None
+    try:
+        names = os.listdir(base) if base else []
+    except FileNotFoundError:
+        names = []
+    for name in names:
+        try:
+            with open(os.path.join(base, name, "meta.json")) as fh:
+                meta = json.load(fh)
+        except (OSError, ValueError):
+            meta = {"labels": {"cbatch.instance": inst}}     # a bundle being made counts as a container
+        if all(meta.get("labels", {}).get(k) == v for k, v in labels.items()):
+            out.append("direct-" + name)
+    return out
 
 
 def instance_containers(instance: str) -> List[str]:
-    """Ids of every container (running or not) labelled with this daemon instance."""
+    """Ids of every container (running or not) labelled with this daemon instance, both engines."""
     out = subprocess.run(["docker", "ps", "-a", "-q", "--no-trunc", "--filter", f"label=cbatch.instance={instance}"],
                          check=True, capture_output=True, text=True).stdout
-    return out.split()
+    return out.split() + direct_containers({"cbatch.instance": instance})
 
 
 def job_containers(instance: str, job_id: str) -> List[str]:
-    """Ids of the containers of one job of this instance."""
+    """Ids of the containers of one job of this instance, both engines."""
     out = subprocess.run(["docker", "ps", "-a", "-q", "--no-trunc", "--filter", f"label=cbatch.instance={instance}",
                           "--filter", f"label=cbatch.job={job_id}"], check=True, capture_output=True, text=True).stdout
-    return out.split()
+    return out.split() + direct_containers({"cbatch.instance": instance, "cbatch.job": job_id})
+
+
+def direct_config(cid: str) -> dict:
+    """The OCI config.json the direct engine gave a running container."""
+    name = cid[len("direct-"):]
+    for inst in os.listdir(DIRECT_BUNDLES):
+        path = os.path.join(DIRECT_BUNDLES, inst, name, "config.json")
+        if os.path.exists(path):
+            with open(path) as fh:
+                return json.load(fh)
+    raise FileNotFoundError(cid)
 
 
 def remove_instance_containers(instance: str) -> List[str]:
-    """Remove this instance's containers (ours only: filtered by our unique label)."""
+    """Remove this instance's containers and image holders (ours only: filtered by our unique label)."""
     ids = instance_containers(instance)
-    if ids:
-        subprocess.run(["docker", "rm", "-f", *ids], capture_output=True)
+    docker_ids = [i for i in ids if not i.startswith("direct-")]
+    holders = subprocess.run(["docker", "ps", "-a", "-q", "--no-trunc", "--filter", f"label=cbatch.hold={instance}"],
+                             capture_output=True, text=True).stdout.split()
+    if docker_ids or holders:
+        subprocess.run(["docker", "rm", "-f", *docker_ids, *holders], capture_output=True)
+    if len(docker_ids) < len(ids):
+        from cbatch.engines.direct import DirectEngine
+        from cbatch.engines.docker import Engine
+        direct = DirectEngine(Engine(), DIRECT_BUNDLES, instance)
+        for cid in ids:
+            if cid.startswith("direct-"):
+                direct.remove(cid)
     return ids
 
 
@@ -70,9 +117,21 @@ def cbatch_lines(data: bytes) -> List[str]:
 
 
 def container_events(cid: str, since: float) -> List[dict]:
-    """The engine's events for one container since ``since`` (epoch seconds): action, signal, exit code."""
+    """The engine's events for one container since ``since`` (epoch seconds): action, signal, exit code.
+    Direct containers: the direct engine's own event record (``<bundles>/events/<instance>.jsonl``)."""
     import json
     import time
+    if cid.startswith("direct-"):
+        events = []
+        base = os.path.join(DIRECT_BUNDLES, "events")
+        for name in (os.listdir(base) if os.path.isdir(base) else []):
+            with open(os.path.join(base, name)) as fh:
+                for line in fh:
+                    e = json.loads(line)
+                    if e["id"] == cid and e["time"] >= since:
+                        events.append({"action": e["action"], "signal": e.get("signal"), "exit": e.get("exitCode"),
+                                       "time": e["time"]})
+        return events
     out = subprocess.run(["docker", "events", "--since", f"{since:.3f}", "--until", f"{time.time() + 0.5:.3f}",
                           "--filter", f"container={cid}", "--format", "{{json .}}"],
                          check=True, capture_output=True, text=True, timeout=30).stdout

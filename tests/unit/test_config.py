@@ -113,7 +113,7 @@ def test_example_site_config_is_valid_and_documents_every_key():
     for key in ("url:", "timeout:", "socket:", "state_dir:", "instance:", "stop_grace:", "helper:", "image:",
                 "images:", "native:", "env:", "env_drop:", "mounts:", "user_mounts:", "allowed:", "prefixes:",
                 "network:", "networks:", "allow_root:", "pids_limit:", "read_only_rootfs:", "no_new_privileges:",
-                "init:", "cap_drop_all:", "shm_size:", "pull:", "prepull:", "auth_file:", "prune_max_age_days:",
+                "init:", "cap_drop_all:", "shm_size:", "engine:", "pull:", "prepull:", "auth_file:", "prune_max_age_days:",
                 "default_queue:", "client:", "tm_max_connections:", "tm:"):
         assert key in text, key
 

@@ -1,0 +1,45 @@
+"""What the daemon needs from a container engine, whichever runs the job (``docker`` or ``direct``).
+
+An engine implements: ``start(spec, stdio, instance, helper) -> id`` (created and started, its mounts done
+before it returns, so pinned staging points may go), ``wait(id) -> ExitInfo`` (blocks, survives a daemon
+restart by asking again), ``signal(id, signum)``, ``stop(id, grace)``, ``running(id)``, ``status(id)``
+(``created``/``running``/``exited``/``gone``), ``container_pid(id)``, ``remove(id)`` (idempotent),
+``list_ids(labels)`` and ``cleanup(labels)`` (by cbatch's labels), and ``proxied(id)``: whether the
+daemon must proxy the stdio the engine could not hand over (:class:`Stdio`). Images are Docker's in both
+cases (:mod:`cbatch.engines.dockerimages`). :mod:`cbatch.engines.router` picks the engine per queue.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+ENGINES = ("docker", "direct")
+
+
+@dataclass(frozen=True)
+class Stdio:
+    """Where the job's stdio goes.
+
+    ``stdout_path``/``stderr_path``: host paths of existing regular files (the job's spool files, staged);
+    the Docker engine's helper appends to them. ``None`` means that stream comes through the attach socket
+    (when ``attach``) or is discarded. ``attach``: the caller proxies stdio through ``Engine.attach`` and
+    :class:`cbatch.daemon.streams.Pump`. ``fds``: the client's own descriptors (stdin, stdout, stderr): the
+    direct engine makes them the container process's stdio itself (no bind mount, no proxy).
+    """
+
+    stdout_path: Optional[str] = None
+    stderr_path: Optional[str] = None
+    attach: bool = False
+    tty: bool = False           # interactive jobs: the container gets a terminal; the attach stream is raw
+    fds: Tuple[Optional[int], ...] = ()
+
+
+@dataclass(frozen=True)
+class ExitInfo:
+    """How a container ended: ``status`` as a shell reports it (128+N for signal N), OOM, engine error."""
+
+    status: int
+    oom_killed: bool = False
+    error: Optional[str] = None
+    notice: Optional[str] = None     # one complete ``cbatch: ...`` line for the job's error file

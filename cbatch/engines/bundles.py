@@ -1,0 +1,127 @@
+"""The direct engine's state on disk, which is all a restarted daemon needs: one root-only bundle directory
+per container (``<bundles>/<instance>/<name>``: ``meta.json``, ``config.json``, ``pid``, ``status``), an
+event record per instance (``<bundles>/events/<instance>.jsonl``), and facts read from /proc.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import time
+from typing import Callable, Dict, List, Optional
+
+from cbatch.engines import ocispec
+
+log = logging.getLogger("cbatchd")
+NOT_INSTANCES = ("runc", "events")      # directories next to the instances' bundle directories
+
+
+def start_time(pid: int) -> Optional[str]:
+    """The process's start time (clock ticks since boot, /proc/<pid>/stat field 22): with the pid, an identity
+    no recycled pid can take over."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def rlimits(peer: Optional[int]) -> list:
+    """The client's own limits (the RLIMIT_* named in :data:`ocispec.RLIMITS`), as a native job has them."""
+    out = []
+    big = 2 ** 64 - 1
+    for name in ocispec.RLIMITS:
+        try:
+            soft, hard = (resource.prlimit(peer, getattr(resource, name)) if peer
+                          else resource.getrlimit(getattr(resource, name)))
+        except (OSError, ValueError):
+            continue
+        out.append((name, big if soft == resource.RLIM_INFINITY else soft,
+                    big if hard == resource.RLIM_INFINITY else hard))
+    return out
+
+
+def write_json(path: str, obj: dict) -> None:
+    """Write ``obj`` to ``path`` atomically (a temporary file renamed over it), root-only."""
+    tmp = path + ".tmp"
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600), "w") as fh:
+        json.dump(obj, fh)
+    os.rename(tmp, path)
+
+
+def read_json(path: str) -> Optional[dict]:
+    """The JSON object at ``path``, or None when it is missing or unreadable."""
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return None
+
+
+def read_status(bundle: str) -> Optional[dict]:
+    """What the shim recorded when the container ended (``status``, ``oom``, ``error``), or None yet."""
+    try:
+        with open(os.path.join(bundle, "status")) as fh:
+            text = fh.read()
+    except OSError:
+        return None
+    out: dict = {}
+    for ln in text.splitlines():
+        key, _sp, rest = ln.partition(" ")
+        if key == "status":
+            parts = rest.split()
+            out["status"] = int(parts[0])
+            out["oom"] = int(parts[2]) if len(parts) > 2 else 0
+        elif key == "error":
+            out["error"] = rest
+    return out
+
+
+def event(bundles: str, instance: str, cid: str, action: str, **attrs) -> None:
+    """Append what Docker's event stream would say (kill with its signal, die with its exit code, destroy)
+    to the instance's event record: what tests and admins read after the fact."""
+    try:
+        os.makedirs(os.path.join(bundles, "events"), mode=0o700, exist_ok=True)
+        line = json.dumps({"time": time.time(), "id": cid, "action": action, **attrs}) + "\n"
+        fd = os.open(os.path.join(bundles, "events", instance + ".jsonl"),
+                     os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        log.warning("direct engine: event %s %s not recorded: %s", action, cid, exc)
+
+
+def instance_of(bundles: str, name: str) -> Optional[str]:
+    """Which instance's directory holds the bundle ``name``."""
+    try:
+        for inst in os.listdir(bundles):
+            if inst not in NOT_INSTANCES and os.path.isdir(os.path.join(bundles, inst, name)):
+                return inst
+    except FileNotFoundError:
+        pass
+    return None
+
+
+def scan(bundles: str, labels: Dict[str, str], meta_of: Callable[[str], Optional[dict]]) -> List[str]:
+    """Names of the bundles whose ``meta.json`` labels include every one of ``labels``."""
+    out = []
+    try:
+        instances = [i for i in os.listdir(bundles) if i not in NOT_INSTANCES]
+    except FileNotFoundError:
+        return []
+    for inst in instances:
+        if labels.get("cbatch.instance") not in (None, inst):
+            continue
+        try:
+            names = os.listdir(os.path.join(bundles, inst))
+        except OSError:
+            continue
+        for name in names:
+            meta = meta_of(os.path.join(bundles, inst, name, "meta.json"))
+            if meta and all(meta.get("labels", {}).get(k) == v for k, v in labels.items()):
+                out.append(name)
+    return out

@@ -1,0 +1,235 @@
+/* cbatch-shim: the direct engine's per-container subreaper (see cbatch/engines/direct.py).
+ *
+ *   cbatch-shim BUNDLE RUNC RUNC_ROOT ID CGROUP_PATH
+ *
+ * stdin/stdout/stderr are the job's own descriptors; fd 3 is the daemon's ready pipe, fd 4 its go pipe: the
+ * shim creates nothing before the daemon, having recorded the shim's pid, writes "g" there (a daemon that
+ * dies before that leaves no container behind, only a status saying so). The shim becomes a
+ * child subreaper, runs `runc create` (the container's init is then reparented to the shim) and
+ * `runc start`, writes one byte to fd 3, then waits for the container's init. When it exits the shim reads
+ * the OOM-kill counter of the container's cgroup (before `runc delete` removes it), deletes the container
+ * and writes BUNDLE/status ("status N oom K\n", written to a temporary file and renamed). It runs in its
+ * own session and ignores the terminal/termination signals, so it outlives a cbatchd restart: a new daemon
+ * waits on it by pidfd and reads the same status file. Nothing in it decides anything.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <net/if.h>
+#include <sched.h>
+#include <sys/ioctl.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+static char *bundle;
+
+static void write_status(int status, long oom, const char *why)
+{
+	char tmp[4096], path[4096];
+	snprintf(tmp, sizeof tmp, "%s/status.tmp", bundle);
+	snprintf(path, sizeof path, "%s/status", bundle);
+	FILE *f = fopen(tmp, "w");
+	if (!f)
+		return;
+	fprintf(f, "status %d oom %ld\n", status, oom);
+	if (why)
+		fprintf(f, "error %s\n", why);
+	fflush(f);
+	fsync(fileno(f));
+	fclose(f);
+	rename(tmp, path);
+}
+
+/* Run argv to completion; its stdio is ours unless quiet (then /dev/null). Returns the wait status. */
+static int run(char *const argv[], int quiet)
+{
+	pid_t pid = fork();
+	if (pid < 0)
+		return -1;
+	if (pid == 0) {
+		close(3);
+		close(4);
+		if (quiet) {
+			int fd = open("/dev/null", O_RDWR);
+			if (fd >= 0) {
+				dup2(fd, 0);
+				dup2(fd, 1);
+				dup2(fd, 2);
+			}
+		}
+		signal(SIGTERM, SIG_DFL);
+		signal(SIGINT, SIG_DFL);
+		signal(SIGHUP, SIG_DFL);
+		execv(argv[0], argv);
+		_exit(127);
+	}
+	int st;
+	while (waitpid(pid, &st, 0) < 0)
+		if (errno != EINTR)
+			return -1;
+	return st;
+}
+
+static long counter(const char *path, const char *key)
+{
+	char line[256];
+	long value = -1;
+	size_t n = strlen(key);
+	FILE *f = fopen(path, "r");
+	if (!f)
+		return -1;
+	while (fgets(line, sizeof line, f))
+		if (!strncmp(line, key, n) && line[n] == ' ')
+			value = atol(line + n + 1);
+	fclose(f);
+	return value;
+}
+
+static long oom_kills(const char *cgroup)
+{
+	char path[4096];
+	long v;
+	snprintf(path, sizeof path, "/sys/fs/cgroup/memory%s/memory.oom_control", cgroup);
+	if ((v = counter(path, "oom_kill")) >= 0)
+		return v;
+	snprintf(path, sizeof path, "/sys/fs/cgroup%s/memory.events", cgroup);
+	if ((v = counter(path, "oom_kill")) >= 0)
+		return v;
+	return 0;
+}
+
+/* Network "none" as Docker gives it: the container's fresh network namespace with lo up. */
+static int lo_up(long cpid)
+{
+	pid_t pid = fork();
+	if (pid < 0)
+		return -1;
+	if (pid == 0) {
+		char path[64];
+		snprintf(path, sizeof path, "/proc/%ld/ns/net", cpid);
+		int ns = open(path, O_RDONLY | O_CLOEXEC);
+		if (ns < 0 || setns(ns, CLONE_NEWNET) != 0)
+			_exit(1);
+		int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+		struct ifreq ifr;
+		memset(&ifr, 0, sizeof ifr);
+		strcpy(ifr.ifr_name, "lo");
+		if (s < 0 || ioctl(s, SIOCGIFFLAGS, &ifr) != 0)
+			_exit(1);
+		ifr.ifr_flags |= IFF_UP | IFF_RUNNING;
+		_exit(ioctl(s, SIOCSIFFLAGS, &ifr) != 0);
+	}
+	int st;
+	while (waitpid(pid, &st, 0) < 0)
+		if (errno != EINTR)
+			return -1;
+	return WIFEXITED(st) && WEXITSTATUS(st) == 0 ? 0 : -1;
+}
+
+int main(int argc, char **argv)
+{
+	if (argc != 6) {
+		fprintf(stderr, "cbatch: shim: usage: cbatch-shim BUNDLE RUNC RUNC_ROOT ID CGROUP_PATH\n");
+		return 125;
+	}
+	bundle = argv[1];
+	char *runc = argv[2], *root = argv[3], *id = argv[4], *cgroup = argv[5];
+	char pidfile[4096];
+	snprintf(pidfile, sizeof pidfile, "%s/pid", bundle);
+
+	signal(SIGTERM, SIG_IGN);
+	signal(SIGINT, SIG_IGN);
+	signal(SIGHUP, SIG_IGN);
+	signal(SIGPIPE, SIG_IGN);
+	if (getsid(0) != getpid())
+		setsid();
+	if (prctl(PR_SET_CHILD_SUBREAPER, 1) != 0) {
+		write_status(125, 0, "prctl PR_SET_CHILD_SUBREAPER failed");
+		return 125;
+	}
+
+	char go = 0;
+	ssize_t got;
+	while ((got = read(4, &go, 1)) < 0 && errno == EINTR)
+		;
+	close(4);
+	if (got != 1 || go != 'g') {
+		write_status(125, 0, "cbatchd went away before the start");
+		return 0;
+	}
+
+	char *create[] = {runc, "--root", root, "create", "--bundle", bundle, "--pid-file", pidfile, id, NULL};
+	int st = run(create, 0);
+	if (st < 0 || !WIFEXITED(st) || WEXITSTATUS(st) != 0) {
+		char *del[] = {runc, "--root", root, "delete", "--force", id, NULL};
+		run(del, 1);
+		write_status(125, 0, "runc create failed");
+		return 0;
+	}
+	FILE *pf = fopen(pidfile, "r");
+	long cpid = 0;
+	if (!pf || fscanf(pf, "%ld", &cpid) != 1 || cpid <= 1) {
+		if (pf)
+			fclose(pf);
+		char *del[] = {runc, "--root", root, "delete", "--force", id, NULL};
+		run(del, 1);
+		write_status(125, 0, "no container pid");
+		return 0;
+	}
+	fclose(pf);
+
+	int started = lo_up(cpid) == 0;
+	if (started) {
+		char *start[] = {runc, "--root", root, "start", id, NULL};
+		st = run(start, 0);
+		started = st >= 0 && WIFEXITED(st) && WEXITSTATUS(st) == 0;
+	}
+	/* The job's descriptors belong to the container now: a reader of a pipe sees EOF when the job ends. */
+	int null = open("/dev/null", O_RDWR);
+	if (null >= 0) {
+		dup2(null, 0);
+		dup2(null, 1);
+		dup2(null, 2);
+		if (null > 3)
+			close(null);
+	}
+	if (write(3, started ? "s" : "f", 1) < 0) {
+		/* the daemon went away mid-start: the container is still the job's; carry on */
+	}
+	close(3);
+	if (!started) {
+		char *del[] = {runc, "--root", root, "delete", "--force", id, NULL};
+		run(del, 1);
+		write_status(125, 0, "runc start failed");
+		return 0;
+	}
+
+	int status = 125;
+	for (;;) {
+		pid_t p = waitpid(-1, &st, 0);
+		if (p < 0) {
+			if (errno == EINTR)
+				continue;
+			break; /* ECHILD: no child left */
+		}
+		if (p == (pid_t)cpid) {
+			if (WIFEXITED(st))
+				status = WEXITSTATUS(st);
+			else if (WIFSIGNALED(st))
+				status = 128 + WTERMSIG(st);
+			break;
+		}
+	}
+	long oom = oom_kills(cgroup);
+	char *del[] = {runc, "--root", root, "delete", "--force", id, NULL};
+	run(del, 1);
+	write_status(status, oom, NULL);
+	return 0;
+}

@@ -1,0 +1,122 @@
+"""The direct engine's own properties (the shared behaviour runs against both engines everywhere else):
+what a job inside it can and cannot do, the image hold, the shim's lifetime, the fallback to Docker."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import uuid
+
+import pytest
+
+import image_builder
+from torque_helpers import DIRECT_BUNDLES, job_containers, script, wait_until
+
+
+@pytest.fixture
+def direct_daemon(daemon_factory, engine_name):
+    if engine_name != "direct":
+        pytest.skip("direct engine only")
+    return daemon_factory("direct")
+
+
+@pytest.fixture
+def direct_mom(mom_factory, direct_daemon):
+    return mom_factory(direct_daemon)
+
+
+def _meta(cid: str) -> dict:
+    name = cid[len("direct-"):]
+    for inst in os.listdir(DIRECT_BUNDLES):
+        path = os.path.join(DIRECT_BUNDLES, inst, name, "meta.json")
+        if os.path.exists(path):
+            with open(path) as fh:
+                return json.load(fh)
+    raise FileNotFoundError(cid)
+
+
+def test_job_runs_direct_without_capabilities_namespaces_or_privileged_calls(direct_mom, direct_daemon, alice):
+    r = direct_mom.submit(script("""
+grep -E '^(Uid|Gid|CapEff|CapBnd|NoNewPrivs|Seccomp):' /proc/1/status | tr -s '\\t ' ' '
+cat /sys/class/net/lo/operstate
+ls /sys/class/net
+unshare -U true 2>/dev/null && echo unshare-allowed || echo unshare-refused
+mount -t tmpfs none /tmp 2>/dev/null && echo mount-allowed || echo mount-refused
+cat /proc/kcore >/dev/null 2>&1 && echo kcore-readable || echo kcore-masked
+umask
+"""), alice.name).wait(120)
+    assert r.exit_status == 0, r.stderr
+    lines = r.stdout.decode().splitlines()
+    assert f"Uid: {alice.uid} {alice.uid} {alice.uid} {alice.uid}" in lines        # PID 1 (tini) too
+    assert f"Gid: {alice.gid} {alice.gid} {alice.gid} {alice.gid}" in lines
+    assert "CapEff: 0000000000000000" in lines and "CapBnd: 0000000000000000" in lines
+    assert "NoNewPrivs: 1" in lines and "Seccomp: 2" in lines
+    assert "unknown" in lines and "lo" in lines and len([x for x in lines if x == "lo" or x.startswith("eth")]) == 1
+    assert "unshare-refused" in lines and "mount-refused" in lines and "kcore-masked" in lines
+    assert lines[-1] == "0077"
+    assert "engine docker instead of direct" not in direct_daemon.log()
+
+
+def test_image_is_held_while_a_direct_job_uses_it(direct_mom, direct_daemon, alice, workdir):
+    tag = f"direct-hold-{uuid.uuid4().hex[:8]}:1"
+    ref = image_builder.hostile_image(tag, files={"/etc/marker": "held\n"})
+    image_id = subprocess.run(["docker", "image", "inspect", "-f", "{{.Id}}", ref], check=True,
+                              capture_output=True, text=True).stdout.strip()
+    try:
+        job = direct_mom.submit(script("cat /etc/marker; while [ ! -e go ]; do sleep 0.1; done",
+                                       image=ref, shebang="#!/bin/sh"),
+                                alice.name, initdir=str(workdir), shell="/bin/sh")
+        assert job.wait_output(b"held\n", timeout=60), job.peek()
+        (cid,) = job_containers(direct_daemon.instance, job.job_id)
+        assert cid.startswith("direct-")
+        rm = subprocess.run(["docker", "rmi", "--no-prune", image_id], capture_output=True, text=True)
+        assert rm.returncode != 0 and "container" in rm.stderr, rm.stderr     # Docker refuses: it is held
+        (workdir / "go").touch()
+        assert job.wait(60).exit_status == 0
+        # Once prune asks what is in use (a dry run: nothing else is touched), the idle holder goes.
+        from cbatch.clients import client
+        client.call(direct_daemon.socket, "images", action="prune", dry_run=True)
+        assert wait_until(lambda: subprocess.run(["docker", "rmi", image_id], capture_output=True).returncode == 0,
+                          timeout=10) is not None
+    finally:
+        image_builder.remove(ref)
+
+
+def test_killed_shim_never_leaves_the_container_running(direct_mom, direct_daemon, alice):
+    job = direct_mom.submit(script("echo ready; sleep 300"), alice.name)
+    assert job.wait_output(b"ready\n", timeout=60), job.peek()
+    (cid,) = job_containers(direct_daemon.instance, job.job_id)
+    meta = _meta(cid)
+    init_pid = int(open(os.path.join(DIRECT_BUNDLES, direct_daemon.instance, meta["name"], "pid")).read())
+    os.kill(int(meta["shim"]), signal.SIGKILL)
+    r = job.wait(60)
+    assert r.exit_status != 0
+    assert wait_until(lambda: not os.path.exists(f"/proc/{init_pid}"), timeout=30) is not None
+    assert wait_until(lambda: not job_containers(direct_daemon.instance, job.job_id), timeout=30) is not None
+
+
+def test_running_direct_job_survives_a_daemon_restart(direct_mom, direct_daemon, alice, workdir):
+    job = direct_mom.submit(script("echo ready; while [ ! -e go ]; do sleep 0.1; done; echo done; exit 7"),
+                            alice.name, initdir=str(workdir))
+    assert job.wait_output(b"ready\n", timeout=60), job.peek()
+    (cid,) = job_containers(direct_daemon.instance, job.job_id)
+    shim = int(_meta(cid)["shim"])
+    direct_daemon.restart()
+    assert os.path.exists(f"/proc/{shim}")          # the shim outlived the daemon
+    (workdir / "go").touch()
+    r = job.wait(120)
+    assert r.exit_status == 7, r.stderr
+    assert r.stdout == b"ready\ndone\n"
+    assert wait_until(lambda: not job_containers(direct_daemon.instance, job.job_id), timeout=30) is not None
+
+
+def test_queue_that_needs_docker_falls_back_with_a_logged_reason(daemon_factory, mom_factory, engine_name, alice):
+    if engine_name != "direct":
+        pytest.skip("direct engine only")
+    d = daemon_factory("fallback", queues={"bridged": {"image": "cbatch-test/debian:12", "network": "bridge",
+                                                        "networks": ["bridge"], "engine": "direct"}})
+    r = mom_factory(d).submit(script("echo hi"), alice.name, queue="bridged").wait(120)
+    assert r.exit_status == 0, r.stderr
+    assert "engine docker instead of direct: network bridge" in d.log()
