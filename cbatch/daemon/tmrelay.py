@@ -54,7 +54,7 @@ _CLONE_NEWNET = 0x40000000
 
 def open_listener(pid: int, cid: str, port: int, backlog: int) -> socket.socket:
     """A non-blocking TCP socket listening on ``127.0.0.1:port`` in the network namespace of ``pid``, the
-    container ``cid``'s init. Raises DaemonError."""
+    init of the container whose cgroup path names ``cid`` (the engine's ``cgroup_name``). Raises DaemonError."""
     result: dict = {}
 
     def work() -> None:
@@ -311,8 +311,14 @@ def start(daemon, sess) -> Optional[Running]:
         pid = daemon.engine.container_pid(sess.cid)
         if not pid:
             return None                     # already exited: nothing to relay for
-        listener = open_listener(pid, sess.cid, port, min(bound, 128))
+        listener = open_listener(pid, daemon.engine.cgroup_name(sess.cid), port, min(bound, 128))
     except CbatchError as exc:
+        try:
+            gone = not daemon.engine.running(sess.cid)
+        except CbatchError:
+            gone = False
+        if gone:
+            return None                     # exited meanwhile (a short job): nothing to relay for
         log.error("job %s: container %s: no TM relay: %s", sess.job_id, sess.cid[:12], exc.message)
         return None
     relay = Relay(listener, ("127.0.0.1", port), bound, sess.job_id)

@@ -3,7 +3,8 @@
 An engine implements: ``start(spec, stdio, instance, helper) -> id`` (created and started, its mounts done
 before it returns, so pinned staging points may go), ``wait(id) -> ExitInfo`` (blocks, survives a daemon
 restart by asking again), ``signal(id, signum)``, ``stop(id, grace)``, ``running(id)``, ``status(id)``
-(``created``/``running``/``exited``/``gone``), ``container_pid(id)``, ``remove(id)`` (idempotent),
+(``created``/``running``/``exited``/``gone``), ``container_pid(id)``, ``cgroup_name(id)`` (what the
+container's cgroup path names it by: a pid is the container's only if its cgroup does), ``remove(id)`` (idempotent),
 ``list_ids(labels)`` and ``cleanup(labels)`` (by cbatch's labels), and ``proxied(id)``: whether the
 daemon must proxy the stdio the engine could not hand over (:class:`Stdio`). Images are Docker's in both
 cases (:mod:`cbatch.engines.dockerimages`). :mod:`cbatch.engines.router` picks the engine per queue.

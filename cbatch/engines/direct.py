@@ -252,6 +252,10 @@ class DirectEngine(DirectExecOps):
         except (OSError, ValueError):
             return 0
 
+    def cgroup_name(self, cid: str) -> str:
+        """What the container's own cgroup path names it by (``cgroupsPath`` ends in its name)."""
+        return cid[len(PREFIX):]
+
     def proxied(self, cid: str) -> bool:  # noqa: ARG002 - the interface (cbatch.engines.base)
         """Never: the container process has the client's own descriptors."""
         return False

@@ -57,3 +57,7 @@ class ExecOps:
         """The host pid of the container's init (0 when not running)."""
         return int(self._call("inspect", cid, self.api.inspect_container, cid)["State"]["Pid"])
 
+    def cgroup_name(self, cid: str) -> str:
+        """What the container's own cgroup path names it by (Docker: its full id)."""
+        return cid
+

@@ -19,7 +19,7 @@ from cbatch.engines.base import Stdio
 from cbatch.engines.direct import PREFIX, DirectEngine
 
 log = logging.getLogger("cbatchd")
-_PER_CONTAINER = ("wait", "signal", "stop", "running", "status", "container_pid", "remove", "attach",
+_PER_CONTAINER = ("wait", "signal", "stop", "running", "status", "container_pid", "cgroup_name", "remove", "attach",
                   "proxied", "resize", "exec_start", "exec_state", "stat")
 
 

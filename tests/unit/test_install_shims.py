@@ -62,6 +62,8 @@ def test_install_hooks_command_c_without_client_is_an_error(tmp_path, monkeypatc
     if os.geteuid() != 0:
         pytest.skip("install-hooks needs root")
     (tmp_path / "mom_priv").mkdir()
+    # Neither in --libexec nor installed (scripts/setup installs /usr/libexec/cbatch/cbatch-client).
+    monkeypatch.setattr(cclient, "INSTALLED", str(tmp_path / "not-installed" / cclient.CLIENT_NAME))
     args = types.SimpleNamespace(mom_priv=str(tmp_path / "mom_priv"), libexec=str(tmp_path / "libexec"),
                                  socket="/run/cbatch/cbatchd.sock", hooks="c", client=None, mom_config=None,
                                  no_mom_config=True)
