@@ -112,7 +112,7 @@ def test_pbsdsh_after_a_cbatchd_restart(torque, cbatchd, alice, wd):
         def relayed_again():
             new = open(cbatchd.log_path, "rb").read()[before:].decode(errors="replace")
             j = re.escape(job)
-            return re.search(rf"job {j}: container \w+: pid \d+ reattached.*job {j}: container \w+: TM relay on",
+            return re.search(rf"job {j}: container [\w-]+: pid \d+ reattached.*job {j}: container [\w-]+: TM relay on",
                              new, re.S)
         assert wait_until(relayed_again, 60), cbatchd.log()
         open(go, "w").close()

@@ -14,17 +14,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
+from torque_helpers import direct_containers
+
 VARIANTS = {"plain": ("/opt/torque", "/var/spool/torque"), "cg": ("/opt/torque-cg", "/var/spool/torque-cg")}
 _count = itertools.count(1)
 RUNUSER = shutil.which("runuser") or "/usr/sbin/runuser"
 
 
 def instance_containers(instance: str, job_id: Optional[str] = None):
-    """Container ids (running or not) of this cbatchd instance (and job)."""
-    argv = ["docker", "ps", "-a", "-q", "--no-trunc", "--filter", f"label=cbatch.instance={instance}"]
-    if job_id:
-        argv += ["--filter", f"label=cbatch.job={job_id}"]
-    return subprocess.run(argv, check=True, capture_output=True, text=True).stdout.split()
+    """Container ids (running or not) of this cbatchd instance (and job), both engines."""
+    labels = {"cbatch.instance": instance, **({"cbatch.job": job_id} if job_id else {})}
+    argv = ["docker", "ps", "-a", "-q", "--no-trunc"] + [a for k, v in labels.items() for a in ("--filter", f"label={k}={v}")]
+    return subprocess.run(argv, check=True, capture_output=True, text=True).stdout.split() + direct_containers(labels)
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.2):
