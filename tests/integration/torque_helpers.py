@@ -57,6 +57,15 @@ def direct_config(cid: str) -> dict:
     raise FileNotFoundError(cid)
 
 
+def container_cgroup(cid: str):
+    """(the container's cgroup parent, the name of its own cgroup directory), as its engine set them up."""
+    if cid.startswith("direct-"):
+        return tuple(direct_config(cid)["linux"]["cgroupsPath"].rsplit("/", 1))
+    parent = subprocess.run(["docker", "inspect", "-f", "{{.HostConfig.CgroupParent}}", cid],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    return parent, cid
+
+
 def remove_instance_containers(instance: str) -> List[str]:
     """Remove this instance's containers and image holders (ours only: filtered by our unique label)."""
     ids = instance_containers(instance)

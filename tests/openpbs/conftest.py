@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT / "tests" / "integration"))
 
 import users as users_mod  # noqa: E402
 import trq  # noqa: E402
+from torque_helpers import remove_instance_containers  # noqa: E402
 import opbs  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
@@ -87,9 +88,7 @@ def cbatchd(helper, test_images):
     d.wait_ready()
     yield d
     d.stop()
-    leftovers = trq.instance_containers(INSTANCE)
-    if leftovers:
-        subprocess.run(["docker", "rm", "-f", *leftovers], capture_output=True)
+    remove_instance_containers(INSTANCE)        # both engines' containers and the image holders
 
 
 @pytest.fixture(scope="session")

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import glob
 import os
-import subprocess
 
 import pytest
 
+from torque_helpers import container_cgroup
 from trq import instance_containers, wait_until
 
 CG = "/sys/fs/cgroup"
@@ -40,10 +40,9 @@ def test_container_nested_in_the_pbs_job_cgroup(pbs_cg, cbatchd, alice, wd):
     assert wait_until(lambda: b"ready" in _spool(job), 120), (pbs_cg.qstat(job), cbatchd.log()[-3000:])
     (cid,) = instance_containers(cbatchd.instance, job)
     try:
-        parent = subprocess.run(["docker", "inspect", "-f", "{{.HostConfig.CgroupParent}}", cid],
-                                capture_output=True, text=True, check=True).stdout.strip()
+        parent, leaf = container_cgroup(cid)
         assert parent == f"/pbs_jobs.service/jobid/{job}"
-        assert os.path.isdir(f"{CG}/memory/pbs_jobs.service/jobid/{job}/{cid}")
+        assert os.path.isdir(f"{CG}/memory/pbs_jobs.service/jobid/{job}/{leaf}")
         with open(f"{CG}/memory/pbs_jobs.service/jobid/{job}/memory.limit_in_bytes") as fh:
             assert int(fh.read()) == 200 << 20
     finally:

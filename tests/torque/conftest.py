@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT / "tests" / "integration"))
 
 import users as users_mod  # noqa: E402
 import trq  # noqa: E402
+from torque_helpers import remove_instance_containers  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
 RUN = Path("/run/cbatch-torque-test")
@@ -95,9 +96,7 @@ def cbatchd(helper, test_images):
     d.wait_ready()
     yield d
     d.stop()
-    leftovers = trq.instance_containers(INSTANCE)
-    if leftovers:
-        subprocess.run(["docker", "rm", "-f", *leftovers], capture_output=True)
+    remove_instance_containers(INSTANCE)        # both engines' containers and the image holders
 
 
 class _Ctl:

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import glob
 import os
-import subprocess
 
 import pytest
 
+from torque_helpers import container_cgroup
 from trq import instance_containers, wait_until
 
 TORQUE_CONTROLLERS = ("cpuacct", "cpuset", "memory", "devices")
@@ -41,8 +41,7 @@ def test_container_nested_in_every_torque_controller(torque_cg, cbatchd, alice, 
     assert wait_until(lambda: b"ready" in _spool(t, job), 120), (t.qstat(job), cbatchd.log())
     (cid,) = instance_containers(cbatchd.instance, job)
     try:
-        parent = subprocess.run(["docker", "inspect", "-f", "{{.HostConfig.CgroupParent}}", cid],
-                                capture_output=True, text=True, check=True).stdout.strip()
+        parent, leaf = container_cgroup(cid)
         assert parent == f"/torque/{job}"
         # Every controller pbs_mom was told about (PBS_HOME/trq-cgroup-paths, written by torque-up --cgroups).
         with open(os.path.join(t.home, "trq-cgroup-paths")) as fh:
@@ -50,10 +49,10 @@ def test_container_nested_in_every_torque_controller(torque_cg, cbatchd, alice, 
         assert set(TORQUE_CONTROLLERS) <= set(controllers)
         for c, mount in controllers.items():
             assert os.path.isdir(f"{mount}/torque/{job}"), f"{c}: pbs_mom made no /torque/{job}"
-            assert os.path.isdir(f"{mount}/torque/{job}/{cid}"), f"{c}: container not under /torque/{job}"
+            assert os.path.isdir(f"{mount}/torque/{job}/{leaf}"), f"{c}: container not under /torque/{job}"
         with open(f"{CG}/memory/torque/{job}/memory.limit_in_bytes") as fh:
             assert int(fh.read()) == 200 << 20
-        with open(f"{CG}/cpuset/torque/{job}/cpuset.cpus") as fh, open(f"{CG}/cpuset/torque/{job}/{cid}/cpuset.cpus") as gh:
+        with open(f"{CG}/cpuset/torque/{job}/cpuset.cpus") as fh, open(f"{CG}/cpuset/torque/{job}/{leaf}/cpuset.cpus") as gh:
             job_cpus, ctr_cpus = fh.read().strip(), gh.read().strip()
         assert job_cpus and ctr_cpus == job_cpus, (job_cpus, ctr_cpus)
     finally:
