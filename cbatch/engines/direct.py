@@ -17,6 +17,7 @@ on the shim by pidfd and reads the same status file (recovery is the same code f
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -63,7 +64,9 @@ class DirectEngine(DirectExecOps):
         self.runc = runc
         self.timeout = timeout
         self.holds = imagehold.Holds(docker, instance)
-        self._locks: Dict[str, threading.Lock] = {}     # one remove at a time per container
+        # One start or remove at a time per container: a job's cleanup (its epilogue) racing the start of its
+        # container must wait for the start and then remove what it made, not find half a bundle.
+        self._locks: Dict[str, list] = {}               # cid -> [RLock, holders]
         self._locks_lock = threading.Lock()
         self._execs: Dict[str, dict] = {}                  # TM tasks (cbatch.engines.directexec)
 
@@ -98,8 +101,13 @@ class DirectEngine(DirectExecOps):
     # -- start ----------------------------------------------------------------------------------------
     def start(self, spec: ContainerSpec, stdio: Stdio, instance: str, helper: str) -> str:
         """Create and start ``spec`` with the client's own descriptors (``stdio.fds``) as its stdio."""
-        t0 = t = time.monotonic()
+        t0 = time.monotonic()
         cid = PREFIX + spec.name
+        with self._exclusive(cid):
+            return self._start(cid, spec, stdio, instance, helper, t0)
+
+    def _start(self, cid: str, spec: ContainerSpec, stdio: Stdio, instance: str, helper: str, t0: float) -> str:
+        t = t0
         if stdio.tty:
             raise EngineError("direct engine", "no terminal support", spec.name, "use engine: docker")
         line = spec.stdin_line.encode() if spec.stdin_line is not None else None
@@ -322,13 +330,22 @@ class DirectEngine(DirectExecOps):
     def remove(self, cid: str) -> None:
         """Kill the container, wait for its shim, delete it, unmount, release the image (idempotent; a
         second caller waits for the first, so "removed" means gone for both)."""
+        with self._exclusive(cid):
+            self._remove(cid)
+
+    @contextlib.contextmanager
+    def _exclusive(self, cid: str):
+        """Hold ``cid``'s lock (re-entrant: a failed start removes what it made under the same hold)."""
         with self._locks_lock:
-            lock = self._locks.setdefault(cid, threading.Lock())
-        with lock:
-            try:
-                self._remove(cid)
-            finally:
-                with self._locks_lock:
+            entry = self._locks.setdefault(cid, [threading.RLock(), 0])
+            entry[1] += 1
+        try:
+            with entry[0]:
+                yield
+        finally:
+            with self._locks_lock:
+                entry[1] -= 1
+                if entry[1] == 0:
                     self._locks.pop(cid, None)
 
     def _remove(self, cid: str) -> None:
