@@ -12,6 +12,8 @@ cases (:mod:`cbatch.engines.dockerimages`). :mod:`cbatch.engines.router` picks t
 
 from __future__ import annotations
 
+import signal as _signal
+import time
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -44,3 +46,15 @@ class ExitInfo:
     oom_killed: bool = False
     error: Optional[str] = None
     notice: Optional[str] = None     # one complete ``cbatch: ...`` line for the job's error file
+
+
+def stop(engine, cid: str, grace: float) -> None:
+    """SIGTERM, then SIGKILL when ``cid`` still runs after ``grace`` seconds (a float, unlike docker stop):
+    the same for every engine, through its ``signal`` and ``running``."""
+    engine.signal(cid, _signal.SIGTERM)
+    deadline = time.monotonic() + max(0.0, grace)
+    while time.monotonic() < deadline:
+        if not engine.running(cid):
+            return
+        time.sleep(0.05)
+    engine.signal(cid, _signal.SIGKILL)

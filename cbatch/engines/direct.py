@@ -31,7 +31,7 @@ from typing import Dict, List, Optional
 
 from cbatch.core.errors import EngineError
 from cbatch.core.spec import LABEL_INSTANCE, ContainerSpec
-from cbatch.engines import bundles, imagehold, ocispec, rootfs, seccomp
+from cbatch.engines import base, bundles, imagehold, ocispec, rootfs, seccomp
 from cbatch.engines.base import ExitInfo, Stdio
 from cbatch.engines.directexec import DirectExecOps
 from cbatch.engines.identity import host_unprivileged_port_start, init_binary
@@ -315,13 +315,7 @@ class DirectEngine(DirectExecOps):
 
     def stop(self, cid: str, grace: float) -> None:
         """SIGTERM, then SIGKILL when still running after ``grace`` seconds."""
-        self.signal(cid, _signal.SIGTERM)
-        deadline = time.monotonic() + max(0.0, grace)
-        while time.monotonic() < deadline:
-            if not self.running(cid):
-                return
-            time.sleep(0.05)
-        self.signal(cid, _signal.SIGKILL)
+        base.stop(self, cid, grace)
 
     def _kill_all(self, meta: dict) -> None:
         self._runc("kill", "--all", meta["name"], "KILL")

@@ -33,7 +33,6 @@ image id). The image's VOLUMEs are each covered with a bounded tmpfs so no anony
 from __future__ import annotations
 
 import os
-import signal as _signal
 import socket
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -44,7 +43,7 @@ import requests.exceptions
 
 from cbatch.core.errors import EngineError
 from cbatch.core.spec import HELPER_PATH, INIT_PATH, LABEL_INSTANCE, STDERR_PATH, STDOUT_PATH, ContainerSpec
-from cbatch.engines import imagecheck, layer
+from cbatch.engines import base, imagecheck, layer
 from cbatch.engines.base import ExitInfo, Stdio  # noqa: F401 - part of this engine's API
 from cbatch.engines.dockerexec import ExecOps
 from cbatch.engines.dockerimages import ImageInfo, ImageOps, _gone  # noqa: F401 - ImageInfo is part of the API
@@ -374,13 +373,7 @@ class Engine(ExecOps, ImageOps):
 
     def stop(self, cid: str, grace: float) -> None:
         """SIGTERM, then SIGKILL when still running after ``grace`` seconds (a float, unlike docker stop)."""
-        self.signal(cid, _signal.SIGTERM)
-        deadline = time.monotonic() + max(0.0, grace)
-        while time.monotonic() < deadline:
-            if not self.running(cid):
-                return
-            time.sleep(0.05)
-        self.signal(cid, _signal.SIGKILL)
+        base.stop(self, cid, grace)
 
     def remove(self, cid: str) -> None:
         """Kill and remove the container; a container already gone (or being removed) is fine."""

@@ -55,26 +55,24 @@ def hierarchies(root: str = CGROUP_ROOT) -> List[str]:
     return out
 
 
-def torque_parent(job_id: str, root: str = CGROUP_ROOT) -> Optional[str]:
-    """``/torque/<jobid>`` if TORQUE made a cgroup for the job (memory or cpuset on v1, or v2), else None."""
+def _job_parent(job_id: str, rel: str, root: str) -> Optional[str]:
+    """``/<rel>`` if the batch system made that cgroup for the job (memory or cpuset on v1, or v2), else None."""
     if not _JOB_ID.match(job_id or ""):
         return None
-    rel = f"torque/{job_id}"
     for candidate in (os.path.join(root, "memory", rel), os.path.join(root, "cpuset", rel), os.path.join(root, rel)):
         if os.path.isdir(candidate):
             return "/" + rel
     return None
+
+
+def torque_parent(job_id: str, root: str = CGROUP_ROOT) -> Optional[str]:
+    """``/torque/<jobid>`` if TORQUE made a cgroup for the job, else None."""
+    return _job_parent(job_id, f"torque/{job_id}", root)
 
 
 def pbs_parent(job_id: str, root: str = CGROUP_ROOT) -> Optional[str]:
     """``/pbs_jobs.service/jobid/<jobid>`` if OpenPBS's pbs_cgroups hook made the job's cgroup, else None."""
-    if not _JOB_ID.match(job_id or ""):
-        return None
-    rel = f"pbs_jobs.service/jobid/{job_id}"
-    for candidate in (os.path.join(root, "memory", rel), os.path.join(root, "cpuset", rel), os.path.join(root, rel)):
-        if os.path.isdir(candidate):
-            return "/" + rel
-    return None
+    return _job_parent(job_id, f"pbs_jobs.service/jobid/{job_id}", root)
 
 
 def slurm_parent_of_pid(pid: int, proc: str = "/proc") -> Optional[str]:
