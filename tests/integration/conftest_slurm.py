@@ -28,6 +28,8 @@ from typing import Dict, List, Optional
 
 import pytest
 
+from torque_helpers import container_pid, direct_containers
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 CBATCH = "/opt/cbatch/venv/bin/cbatch"
@@ -115,12 +117,14 @@ class SlurmJob:
             return ""
 
     def containers(self, all_states: bool = True) -> List[str]:
-        """Ids of this job's containers started by the test daemon."""
-        argv = ["docker", "ps", "-q", "--no-trunc", "--filter", f"label=cbatch.instance={self.cluster.instance}",
-                "--filter", f"label=cbatch.job={self.job_id}"]
+        """Ids of this job's containers started by the test daemon (both engines; ``all_states=False``: only
+        those running, for the direct engine those whose init has a pid)."""
+        labels = {"cbatch.instance": self.cluster.instance, "cbatch.job": self.job_id}
+        argv = ["docker", "ps", "-q", "--no-trunc"] + [a for k, v in labels.items() for a in ("--filter", f"label={k}={v}")]
         if all_states:
             argv.insert(2, "-a")
-        return subprocess.run(argv, check=True, capture_output=True, text=True).stdout.split()
+        ids = subprocess.run(argv, check=True, capture_output=True, text=True).stdout.split()
+        return ids + [c for c in direct_containers(labels) if all_states or container_pid(c)]
 
     def cgroup_dirs(self) -> List[str]:
         """Every ``job_<id>`` directory of this job left in any cgroup hierarchy."""

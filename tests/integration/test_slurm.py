@@ -7,7 +7,6 @@ caller's cgroup ``/slurm_<node>/uid_<uid>/job_<id>`` and nests the container the
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import time
@@ -15,16 +14,11 @@ import time
 import pytest
 
 from conftest_slurm import CBATCH, slurm  # noqa: F401  (the fixture)
+from torque_helpers import container_pid
 
 pytestmark = [pytest.mark.slurm, pytest.mark.root, pytest.mark.docker]
 IMG = "cbatch-test/busybox:1"
 KILL_WAIT = 2.0     # KillWait in config/slurm/slurm.conf.in
-
-
-def _inspect_pid(cid: str) -> int:
-    out = subprocess.run(["docker", "inspect", "--format", "{{json .State}}", cid], check=True,
-                         capture_output=True, text=True).stdout
-    return int(json.loads(out)["Pid"])
 
 
 def _wait_containers(job, count: int = 1, timeout: float = 60.0):
@@ -80,7 +74,7 @@ def test_container_nested_in_job_cgroup_and_removed(slurm, users):
     alice = users["cbt-alice"]
     job = slurm.submit("cbt-alice", f"cbatch run --image {IMG} sh -c 'echo ready; sleep 5'\necho rc=$?\n")
     (cid,) = _wait_containers(job)
-    pid = _inspect_pid(cid)
+    pid = container_pid(cid)
     with open(f"/proc/{pid}/cgroup") as f:
         lines = f.read().splitlines()
     want = f"/slurm_{slurm.node}/uid_{alice.uid}/job_{job.job_id}/"

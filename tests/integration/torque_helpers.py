@@ -57,6 +57,21 @@ def direct_config(cid: str) -> dict:
     raise FileNotFoundError(cid)
 
 
+def container_pid(cid: str) -> int:
+    """The host pid of a container's init (0 while it has none: being made, or ended), either engine."""
+    if cid.startswith("direct-"):
+        name = cid[len("direct-"):]
+        for inst in os.listdir(DIRECT_BUNDLES):
+            try:
+                with open(os.path.join(DIRECT_BUNDLES, inst, name, "pid")) as fh:
+                    return int(fh.read().strip() or 0)
+            except (OSError, ValueError):
+                continue
+        return 0
+    out = subprocess.run(["docker", "inspect", "--format", "{{.State.Pid}}", cid], capture_output=True, text=True)
+    return int(out.stdout.strip() or 0) if out.returncode == 0 else 0
+
+
 def container_cgroup(cid: str):
     """(the container's cgroup parent, the name of its own cgroup directory), as its engine set them up."""
     if cid.startswith("direct-"):
