@@ -146,6 +146,7 @@ class Slurm:
         self.socket = daemon.socket
         self.instance = daemon.instance
         self._n = 0
+        self.submitted: List[str] = []
 
     def submit(self, user: str, body: str, *sbatch_args: str, env: Optional[Dict[str, str]] = None) -> SlurmJob:
         """``sbatch`` a bash script as ``user`` (non-root, via runuser); output files in the shared workdir."""
@@ -168,7 +169,14 @@ class Slurm:
         res = subprocess.run(argv, capture_output=True, text=True, cwd=str(d), timeout=30)
         assert res.returncode == 0, f"sbatch failed: {res.stderr}"
         job_id = res.stdout.strip().split(";")[0]
+        self.submitted.append(job_id)
         return SlurmJob(self, job_id, user, out, err)
+
+    def cancel_leftovers(self) -> None:
+        """scancel every job a test submitted (a failed test must not hold the node for the next ones)."""
+        jobs, self.submitted = self.submitted, []
+        if jobs:
+            subprocess.run(["scancel", *jobs], capture_output=True, timeout=30)
 
 
 @pytest.fixture(scope="session")

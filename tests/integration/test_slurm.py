@@ -21,6 +21,12 @@ IMG = "cbatch-test/busybox:1"
 KILL_WAIT = 2.0     # KillWait in config/slurm/slurm.conf.in
 
 
+@pytest.fixture(autouse=True)
+def _cancel_leftovers(slurm):
+    yield
+    slurm.cancel_leftovers()
+
+
 def _wait_containers(job, count: int = 1, timeout: float = 60.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
