@@ -13,6 +13,7 @@ from cbatch.admin import install
 from cbatch.admin import nodecheck
 
 
+# These check the Python shims (their interpreter line); the C shims have tests/unit/test_install_shims.py.
 def _install(tmp_path, socket_path):
     mom_priv = tmp_path / "mom_priv"
     libexec = tmp_path / "libexec"
@@ -20,14 +21,16 @@ def _install(tmp_path, socket_path):
     out = io.StringIO()
     old, sys.stdout = sys.stdout, out
     try:
-        rc = install.command(argparse.Namespace(mom_priv=str(mom_priv), libexec=str(libexec), socket=socket_path))
+        rc = install.command(argparse.Namespace(mom_priv=str(mom_priv), libexec=str(libexec), socket=socket_path,
+                                                hooks="python"))
     finally:
         sys.stdout = old
     return rc, mom_priv, libexec, out.getvalue()
 
 
 def _install_again(mom_priv, libexec, socket_path):
-    rc = install.command(argparse.Namespace(mom_priv=str(mom_priv), libexec=str(libexec), socket=socket_path))
+    rc = install.command(argparse.Namespace(mom_priv=str(mom_priv), libexec=str(libexec), socket=socket_path,
+                                            hooks="python"))
     return rc, mom_priv, libexec, ""
 
 
