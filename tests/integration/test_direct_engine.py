@@ -15,10 +15,12 @@ import image_builder
 from torque_helpers import DIRECT_BUNDLES, job_containers, script, wait_until
 
 
+ENGINES_ONLY = ("direct",)     # conftest deselects these tests for the other engines
+
+
 @pytest.fixture
 def direct_daemon(daemon_factory, engine_name):
-    if engine_name != "direct":
-        pytest.skip("direct engine only")
+    assert engine_name == "direct"
     return daemon_factory("direct")
 
 
