@@ -7,7 +7,9 @@ what is still there afterwards is returned as one error line each.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
 
 from cbatch.core.errors import CbatchError, DaemonError
@@ -18,6 +20,36 @@ from cbatch.host import cgroups
 
 log = logging.getLogger("cbatchd")
 UNREGISTER_SETTLE = 5.0     # seconds to wait for containers a session thread is already removing
+STARTS_SETTLE = 60.0        # seconds a job's cleanup waits for its container starts in flight (engine timeouts)
+
+
+class StartsInFlight:
+    """Container starts in progress, per job. A job's cleanup waits for them and then removes what they made:
+    racing a start, it found a container between create and start (not running, so its layer was released,
+    or runc's half-made bundle removed), and the start then ran the job in it anyway (both engines)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._count: dict = {}
+
+    @contextlib.contextmanager
+    def start(self, job_id: str):
+        """Held by a start from its record to its reply."""
+        with self._cond:
+            self._count[job_id] = self._count.get(job_id, 0) + 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._count[job_id] -= 1
+                if not self._count[job_id]:
+                    del self._count[job_id]
+                self._cond.notify_all()
+
+    def wait_idle(self, job_id: str, timeout: float) -> bool:
+        """Until no start of ``job_id`` is in flight (False when ``timeout`` ran out first)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: job_id not in self._count, timeout)
 
 
 def remove_container(daemon, job_id, cid: str) -> bool:
@@ -38,6 +70,9 @@ def forget_job(daemon, job_id: str) -> dict:
     rec = daemon.registry.get(job_id)
     errors = []
     labels = {LABEL_JOB: job_id, LABEL_INSTANCE: daemon.instance}
+    if not daemon.starts.wait_idle(job_id, STARTS_SETTLE):
+        log.warning("job %s: a container start still in flight after %.0f s: cleaning up anyway", job_id,
+                    STARTS_SETTLE)
     try:
         leftovers = daemon.engine.cleanup(labels)
         # pbs_mom runs the epilogue the moment the starter dies, while the session thread may still be

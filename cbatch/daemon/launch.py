@@ -287,34 +287,37 @@ def _launch(daemon, conn, peer, job, spec, stdio, pump, fds, kind: str, tty_fd=N
     # Recorded BEFORE the engine creates anything: a daemon that dies from here on leaves a record naming
     # the client and the container's labels, so its successor finds the container (however far the start
     # got) and the client can take it back (attach without an id) - no start-to-record window.
-    pending = recovery.pending_key(spec.name)
-    daemon.registry.add_container(job.job_id, pending, sess.record())
-    daemon.registry.drop_container(job.job_id, CLAIM)       # the pending start now stands for it
-    try:
-        cid = daemon.engine.start(pinned, staged, daemon.instance, daemon.config.daemon.helper)
-    except BaseException:
-        pinning.release(daemon.mount_root, spec.name)
-        daemon.registry.drop_container(job.job_id, pending)
-        raise
-    sess.cid = cid
-    if not daemon.engine.proxied(cid):
-        sess.pump_fds = (None, None, None)      # the container has the client's descriptors itself
-    try:
-        daemon.registry.add_container(job.job_id, cid, sess.record())
-        daemon.registry.drop_container(job.job_id, pending)
-        protocol.send(conn, {"ok": True, "event": "started", "id": cid, "job_id": job.job_id,
-                             "name": spec.name, "image": spec.image})
-    except BaseException:
+    # A job's cleanup (its epilogue: cleanup.forget_job) waits until this start is recorded and answered,
+    # then removes what it made; it never races a half-made container.
+    with daemon.starts.start(job.job_id):
+        pending = recovery.pending_key(spec.name)
+        daemon.registry.add_container(job.job_id, pending, sess.record())
+        daemon.registry.drop_container(job.job_id, CLAIM)       # the pending start now stands for it
         try:
-            daemon.engine.remove(cid)
-        except CbatchError as exc:
-            log.error("job %s: could not remove container %s: %s", job.job_id, cid[:12], exc)
-        daemon.registry.drop_container(job.job_id, cid)
-        daemon.registry.drop_container(job.job_id, pending)
-        raise
-    finally:
-        # Only once the container is recorded: its own mount namespace holds its mounts now.
-        pinning.release(daemon.mount_root, spec.name)
+            cid = daemon.engine.start(pinned, staged, daemon.instance, daemon.config.daemon.helper)
+        except BaseException:
+            pinning.release(daemon.mount_root, spec.name)
+            daemon.registry.drop_container(job.job_id, pending)
+            raise
+        sess.cid = cid
+        if not daemon.engine.proxied(cid):
+            sess.pump_fds = (None, None, None)      # the container has the client's descriptors itself
+        try:
+            daemon.registry.add_container(job.job_id, cid, sess.record())
+            daemon.registry.drop_container(job.job_id, pending)
+            protocol.send(conn, {"ok": True, "event": "started", "id": cid, "job_id": job.job_id,
+                                 "name": spec.name, "image": spec.image})
+        except BaseException:
+            try:
+                daemon.engine.remove(cid)
+            except CbatchError as exc:
+                log.error("job %s: could not remove container %s: %s", job.job_id, cid[:12], exc)
+            daemon.registry.drop_container(job.job_id, cid)
+            daemon.registry.drop_container(job.job_id, pending)
+            raise
+        finally:
+            # Only once the container is recorded: its own mount namespace holds its mounts now.
+            pinning.release(daemon.mount_root, spec.name)
     log.info("job %s: %s container %s (%s, image %s) for pid %d; stdout %s, stderr %s", job.job_id, kind,
              cid[:12], spec.name, spec.image, peer.pid, stdio.stdout_path or "proxied",
              stdio.stderr_path or "proxied")
