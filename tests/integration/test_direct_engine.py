@@ -3,7 +3,6 @@ what a job inside it can and cannot do, the image hold, the shim's lifetime, the
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -12,7 +11,7 @@ import uuid
 import pytest
 
 import image_builder
-from torque_helpers import DIRECT_BUNDLES, job_containers, script, wait_until
+from torque_helpers import DIRECT_BUNDLES, direct_json, job_containers, script, wait_until
 
 
 ENGINES_ONLY = ("direct",)     # conftest deselects these tests for the other engines
@@ -27,16 +26,6 @@ def direct_daemon(daemon_factory, engine_name):
 @pytest.fixture
 def direct_mom(mom_factory, direct_daemon):
     return mom_factory(direct_daemon)
-
-
-def _meta(cid: str) -> dict:
-    name = cid[len("direct-"):]
-    for inst in os.listdir(DIRECT_BUNDLES):
-        path = os.path.join(DIRECT_BUNDLES, inst, name, "meta.json")
-        if os.path.exists(path):
-            with open(path) as fh:
-                return json.load(fh)
-    raise FileNotFoundError(cid)
 
 
 def test_job_runs_direct_without_capabilities_namespaces_or_privileged_calls(direct_mom, direct_daemon, alice):
@@ -90,7 +79,7 @@ def test_killed_shim_never_leaves_the_container_running(direct_mom, direct_daemo
     job = direct_mom.submit(script("echo ready; sleep 300"), alice.name)
     assert job.wait_output(b"ready\n", timeout=60), job.peek()
     (cid,) = job_containers(direct_daemon.instance, job.job_id)
-    meta = _meta(cid)
+    meta = direct_json(cid, "meta.json")
     init_pid = int(open(os.path.join(DIRECT_BUNDLES, direct_daemon.instance, meta["name"], "pid")).read())
     os.kill(int(meta["shim"]), signal.SIGKILL)
     r = job.wait(60)
@@ -104,7 +93,7 @@ def test_running_direct_job_survives_a_daemon_restart(direct_mom, direct_daemon,
                             alice.name, initdir=str(workdir))
     assert job.wait_output(b"ready\n", timeout=60), job.peek()
     (cid,) = job_containers(direct_daemon.instance, job.job_id)
-    shim = int(_meta(cid)["shim"])
+    shim = int(direct_json(cid, "meta.json")["shim"])
     direct_daemon.restart()
     assert os.path.exists(f"/proc/{shim}")          # the shim outlived the daemon
     (workdir / "go").touch()

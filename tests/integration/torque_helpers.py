@@ -46,28 +46,39 @@ def job_containers(instance: str, job_id: str) -> List[str]:
     return out.split() + direct_containers({"cbatch.instance": instance, "cbatch.job": job_id})
 
 
-def direct_config(cid: str) -> dict:
-    """The OCI config.json the direct engine gave a running container."""
+def direct_bundle_file(cid: str, filename: str) -> Optional[str]:
+    """The path of ``filename`` in the direct container ``cid``'s bundle (whichever instance made it), or None."""
     name = cid[len("direct-"):]
     for inst in os.listdir(DIRECT_BUNDLES):
-        path = os.path.join(DIRECT_BUNDLES, inst, name, "config.json")
+        path = os.path.join(DIRECT_BUNDLES, inst, name, filename)
         if os.path.exists(path):
-            with open(path) as fh:
-                return json.load(fh)
-    raise FileNotFoundError(cid)
+            return path
+    return None
+
+
+def direct_json(cid: str, filename: str) -> dict:
+    """A JSON file of the direct container's bundle (``config.json``: its OCI spec; ``meta.json``: cbatch's)."""
+    path = direct_bundle_file(cid, filename)
+    if path is None:
+        raise FileNotFoundError(cid)
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def direct_config(cid: str) -> dict:
+    """The OCI config.json the direct engine gave a running container."""
+    return direct_json(cid, "config.json")
 
 
 def container_pid(cid: str) -> int:
     """The host pid of a container's init (0 while it has none: being made, or ended), either engine."""
     if cid.startswith("direct-"):
-        name = cid[len("direct-"):]
-        for inst in os.listdir(DIRECT_BUNDLES):
-            try:
-                with open(os.path.join(DIRECT_BUNDLES, inst, name, "pid")) as fh:
-                    return int(fh.read().strip() or 0)
-            except (OSError, ValueError):
-                continue
-        return 0
+        path = direct_bundle_file(cid, "pid")
+        try:
+            with open(path or "") as fh:
+                return int(fh.read().strip() or 0)
+        except (OSError, ValueError):
+            return 0
     out = subprocess.run(["docker", "inspect", "--format", "{{.State.Pid}}", cid], capture_output=True, text=True)
     return int(out.stdout.strip() or 0) if out.returncode == 0 else 0
 
