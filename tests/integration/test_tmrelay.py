@@ -159,7 +159,8 @@ def relay_factory(container):
     def make(target_port: int, **kw) -> tmrelay.Relay:
         cid, pid = container
         listener = tmrelay.open_listener(pid, cid, TM_PORT, 16)
-        relay = tmrelay.Relay(listener, ("127.0.0.1", target_port), kw.pop("max_connections", 32), "t.job", **kw)
+        relay = tmrelay.Relay(listener, ("127.0.0.1", target_port), kw.pop("max_connections", 32),
+                              kw.pop("job_id", "t.job"), **kw)
         thread = threading.Thread(target=relay.run, daemon=True)
         thread.start()
         relay.test_thread = thread
@@ -279,3 +280,49 @@ def test_listener_only_for_the_container_it_names(container):
         tmrelay.open_listener(pid, "0" * 64, TM_PORT, 4)       # the pid is not that container's
     with pytest.raises(DaemonError):
         tmrelay.open_listener(os.getpid(), cid, TM_PORT, 4)    # a process outside the container
+
+
+def _pbs_packet(job: bytes, command: bytes = b"3+100", rest: bytes = b"!") -> bytes:
+    """One OpenPBS TM packet (tests/unit/test_tmproto.py checks the format against the real pbsdsh)."""
+    data = b"+2+2" + b"+%d" % len(job) + job + b"2+32" + b"C" * 32 + command + rest
+    return b"PKTV1\0\0" + len(data).to_bytes(4, "big") + data
+
+
+def test_pbs_tm_packets_of_the_job_go_to_the_mom_and_back(container, mom, relay_factory):
+    relay = relay_factory(mom.port, job_id="7.vm", batch="pbs")
+    s = connect_in(container[1])
+    first, second = _pbs_packet(b"7.vm"), _pbs_packet(b"7.vm", b"3+102", b"+0+1+9/bin/true!")
+    s.sendall(first[:9])
+    s.sendall(first[9:] + second)
+    line = s.makefile("rb").readline()
+    assert line.startswith(b"mom-saw:" + first[:12]) and relay.relayed == 1, line
+    wait_for(lambda: mom.received and mom.received[0] == first + second, "both packets reached the mom")
+
+
+@pytest.mark.parametrize("later", [_pbs_packet(b"8.vm"),                          # another job's
+                                   _pbs_packet(b"7.vm", b"3+113"),                # TM_ATTACH
+                                   b"PKTV1\0\0\0\0\0\x09+1+1+3abc",               # RM
+                                   b"GET / HTTP/1.0\r\n\r\n"])
+def test_pbs_relay_checks_every_packet(container, mom, relay_factory, later):
+    """A good first request opens the connection; a later packet that is not a TM request of this job closes
+    it before any of its bytes reach the mom."""
+    relay = relay_factory(mom.port, job_id="7.vm", batch="pbs")
+    s = connect_in(container[1])
+    first = _pbs_packet(b"7.vm")
+    s.sendall(first)
+    assert s.makefile("rb").readline().startswith(b"mom-saw:")
+    s.sendall(later)
+    assert read_to_end(s) == b""
+    assert relay.refused["header"] == 1
+    wait_for(lambda: mom.open == 0, "the mom's end was closed")
+    assert mom.received == [first]
+
+
+@pytest.mark.parametrize("first", [_pbs_packet(b"8.vm"), b"+2+2+47.vm", b"+5+2+4job1!",
+                                   b"PKTV1\0\0\0\0\0\x09+1+1+3abc"])
+def test_pbs_relay_never_connects_for_anything_else(container, mom, relay_factory, first):
+    relay = relay_factory(mom.port, job_id="7.vm", batch="pbs")
+    s = connect_in(container[1])
+    s.sendall(first)
+    assert read_to_end(s) == b""
+    assert relay.refused["header"] == 1 and relay.relayed == 0 and mom.received == []
