@@ -14,14 +14,12 @@ batch-system lock and never while TORQUE is up (same ports): ``scripts/openpbs-u
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
@@ -67,25 +65,7 @@ def users():
 @pytest.fixture(scope="session")
 def cbatchd(helper, test_images):
     """A real cbatchd on the default socket with the test site config (session)."""
-    RUN.mkdir(mode=0o755, exist_ok=True)
-    os.chmod(RUN, 0o755)
-    probe = socket.socket(socket.AF_UNIX)
-    try:
-        probe.connect(DEFAULT_SOCKET)
-        pytest.fail(f"a cbatchd already serves {DEFAULT_SOCKET}: stop it (scripts/cbatchd-down) first")
-    except OSError:
-        pass
-    finally:
-        probe.close()
-    cfg = RUN / "cbatch.yaml"
-    cfg.write_text(yaml.safe_dump(site_config(helper), sort_keys=False))
-    os.chmod(cfg, 0o644)
-    log = open(RUN / "cbatchd.log", "ab")
-    proc = subprocess.Popen([str(VENV_BIN / "cbatchd"), "--foreground", "--config", str(cfg)],
-                            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    log.close()
-    d = trq.Daemon(proc, DEFAULT_SOCKET, INSTANCE, cfg, RUN / "cbatchd.log")
-    d.wait_ready()
+    d = trq.start_cbatchd(RUN, site_config(helper), INSTANCE, DEFAULT_SOCKET)
     yield d
     d.stop()
     remove_instance_containers(INSTANCE)        # both engines' containers and the image holders
