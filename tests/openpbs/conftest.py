@@ -8,7 +8,8 @@ batch-system lock and never while TORQUE is up (same ports): ``scripts/openpbs-u
 - ``pbs``: OpenPBS up (``scripts/openpbs-up``; the hooks point at the venv running the tests, the job
   starter in ``<venv>/../libexec``), a real cbatchd on the default socket with the test site config below.
   Stopped at the end of the session (``scripts/openpbs-down``).
-- queue ``workq`` is native by default, ``short`` runs in cbatch-test/debian:12 by default.
+- queue ``workq`` is native by default, ``short`` runs in cbatch-test/debian:12 by default; the engine is
+  ``auto`` unless ``CBATCH_TEST_ENGINES`` names one (``CBATCH_TEST_ENGINES=docker``: the Docker engine).
 """
 
 from __future__ import annotations
@@ -46,13 +47,20 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(getattr(pytest.mark, mark))
 
 
+def queue_engine() -> str:
+    """The queues' engine: ``CBATCH_TEST_ENGINES`` naming one engine (as for the integration suite) runs
+    these tests on it; otherwise ``auto`` (direct for their jobs)."""
+    engines = os.environ.get("CBATCH_TEST_ENGINES", "").split()
+    return engines[0] if len(engines) == 1 else "auto"
+
+
 def site_config(helper: str) -> dict:
     return {
         "engine": {"url": "unix:///var/run/docker.sock", "timeout": 60},
         "daemon": {"socket": DEFAULT_SOCKET, "state_dir": str(RUN / "state"), "instance": INSTANCE,
                    "stop_grace": 1.0, "helper": helper},
         "defaults": {"image": "native", "images": ["cbatch-test/*"], "native": True,
-                     "hardening": {"pids_limit": 512}},
+                     "hardening": {"pids_limit": 512}, "engine": queue_engine()},
         "queues": {"workq": {}, "short": {"image": "cbatch-test/debian:12"}},
     }
 
