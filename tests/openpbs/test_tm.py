@@ -9,13 +9,14 @@ not got it) and a marker file no host has: a task that prints the marker ran in 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import tempfile
 import uuid
 
 import pytest
 
-from trq import instance_containers
+from trq import instance_containers, wait_until
 
 IMAGE = "cbatch-test/pbs-tm:1"
 RECIPE = "pbs-tm-1"
@@ -91,3 +92,28 @@ def test_a_wrong_request_spawns_nothing(pbs, cbatchd, alice, wd, tm_image):
     finally:
         if os.path.exists(spawned):
             os.unlink(spawned)
+
+
+def test_pbsdsh_after_a_cbatchd_restart(pbs, cbatchd, alice, wd, tm_image):
+    """The relay lives in cbatchd: after a restart the reattached session re-creates it with OpenPBS's gate
+    (the batch system is in the session's record), and the job's next pbsdsh works. The job waits for a
+    file the test creates once the starter has reattached."""
+    tag = uuid.uuid4().hex[:12]
+    up, go = os.path.join(alice.home, f"pbs-tm-up-{tag}"), os.path.join(alice.home, f"pbs-tm-go-{tag}")
+    job = _job(pbs, alice, wd, f"touch {up}\nwhile [ ! -e {go} ]; do sleep 0.2; done\n"
+               f"{PBSDSH} -- /bin/sh -c 'cat {MARKER}'\necho rc=$?\n")
+    try:
+        assert wait_until(lambda: os.path.exists(up), 120), "the job never started"
+        before = cbatchd.log_size()
+        cbatchd.restart()
+        j = re.escape(job)
+        assert wait_until(lambda: re.search(rf"job {j}: container [\w-]+: pid \d+ reattached.*job {j}: container "
+                                            rf"[\w-]+: TM relay on .*OpenPBS TM packets", cbatchd.log_since(before),
+                                            re.S), 60), cbatchd.log()
+        open(go, "w").close()
+        r = pbs.wait(job)
+        assert r.exit_status == 0 and r.stdout.decode().splitlines() == [MARK, "rc=0"], (r.stdout, r.stderr)
+    finally:
+        for path in (up, go):
+            if os.path.exists(path):
+                os.unlink(path)

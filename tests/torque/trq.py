@@ -73,6 +73,23 @@ class Daemon:
                 self.proc.kill()
                 self.proc.wait()
 
+    def restart(self) -> None:
+        """SIGTERM cbatchd (it leaves containers running) and start it again on the same config."""
+        self.stop()
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([self.proc.args[0], "--foreground", "--config", str(self.config_path)],
+                                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        log.close()
+        self.wait_ready()
+
+    def log_since(self, offset: int) -> str:
+        """The log written after byte ``offset`` (a :meth:`log_size` taken before)."""
+        return Path(self.log_path).read_bytes()[offset:].decode(errors="replace")
+
+    def log_size(self) -> int:
+        return Path(self.log_path).stat().st_size
+
     def log(self) -> str:
         try:
             return Path(self.log_path).read_text(errors="replace")[-6000:]
