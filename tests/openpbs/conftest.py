@@ -28,9 +28,8 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT / "tests" / "torque"))
 sys.path.insert(0, str(ROOT / "tests" / "integration"))
 
-import users as users_mod  # noqa: E402
-import trq  # noqa: E402
-from torque_helpers import remove_instance_containers  # noqa: E402
+import batchfixtures  # noqa: E402
+from batchfixtures import alice, bob, carol, users  # noqa: E402,F401 - fixtures
 import opbs  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
@@ -65,18 +64,7 @@ def site_config(helper: str) -> dict:
     }
 
 
-@pytest.fixture(scope="session")
-def users():
-    return users_mod.ensure()
-
-
-@pytest.fixture(scope="session")
-def cbatchd(helper, test_images):
-    """A real cbatchd on the default socket with the test site config (session)."""
-    d = trq.start_cbatchd(RUN, site_config(helper), INSTANCE, DEFAULT_SOCKET)
-    yield d
-    d.stop()
-    remove_instance_containers(INSTANCE)        # both engines' containers and the image holders
+cbatchd = batchfixtures.cbatchd_fixture(RUN, site_config, INSTANCE, DEFAULT_SOCKET)
 
 
 @pytest.fixture(scope="session")
@@ -104,11 +92,6 @@ def pbs_cg(pbs):
     if r.returncode != 0:
         pytest.fail(f"openpbs-up --cgroups failed ({r.returncode}):\n{r.stderr[-4000:]}")
     return pbs
-
-
-@pytest.fixture
-def alice(users):
-    return users["cbt-alice"]
 
 
 @pytest.fixture

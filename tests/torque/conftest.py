@@ -26,9 +26,9 @@ ROOT = HERE.parent.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT / "tests" / "integration"))
 
-import users as users_mod  # noqa: E402
 import trq  # noqa: E402
-from torque_helpers import remove_instance_containers  # noqa: E402
+import batchfixtures  # noqa: E402
+from batchfixtures import alice, bob, carol, users  # noqa: E402,F401 - fixtures
 
 VENV_BIN = Path(sys.executable).parent
 RUN = Path("/run/cbatch-torque-test")
@@ -65,18 +65,7 @@ def site_config(helper: str) -> dict:
     }
 
 
-@pytest.fixture(scope="session")
-def users():
-    return users_mod.ensure()
-
-
-@pytest.fixture(scope="session")
-def cbatchd(helper, test_images):
-    """A real cbatchd on the default socket with the test site config (session)."""
-    d = trq.start_cbatchd(RUN, site_config(helper), INSTANCE, DEFAULT_SOCKET)
-    yield d
-    d.stop()
-    remove_instance_containers(INSTANCE)        # both engines' containers and the image holders
+cbatchd = batchfixtures.cbatchd_fixture(RUN, site_config, INSTANCE, DEFAULT_SOCKET)
 
 
 class _Ctl:
@@ -121,18 +110,3 @@ def torque(torque_ctl, users) -> trq.Torque:
 def torque_cg(torque_ctl, users) -> trq.Torque:
     """The cgroup TORQUE build, up, with cbatch's hooks (tests using it run last)."""
     return torque_ctl.up("cg")
-
-
-@pytest.fixture
-def alice(users):
-    return users["cbt-alice"]
-
-
-@pytest.fixture
-def bob(users):
-    return users["cbt-bob"]
-
-
-@pytest.fixture
-def carol(users):
-    return users["cbt-carol"]
