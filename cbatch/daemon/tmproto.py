@@ -5,9 +5,11 @@ gate *before* passing it on; :meth:`feed` answers :data:`NEED` (hold: the first 
 yet), :data:`PASS` (send it on) or :data:`BAD` (close the connection). Both clients write DIS ("data is
 strings") integers and counted strings; a request starts with the protocol and its version.
 
-- TORQUE 6.1 (``src/lib/Libifl/tm.c`` ``startcom``): a plain byte stream starting ``+5+2`` (``TM_PROTOCOL`` 5,
-  ``TM_PROTOCOL_VER`` 2). Only the first request can be found without parsing every request type, so only
-  it is checked; pbs_mom checks job id and cookie of each.
+- TORQUE 6.1 (``src/lib/Libifl/tm.c`` ``startcom``): a plain byte stream; a request starts ``+5+2``
+  (``TM_PROTOCOL`` 5, ``TM_PROTOCOL_VER`` 2), the job id, the cookie, the command. Only the first request
+  can be found without parsing every request type, so only it is checked (the relay's own job id, a bounded
+  cookie, a command from ``TM_INIT`` to ``TM_FINALIZE``, never ``TM_ADOPT_*`` 113/114); pbs_mom checks job
+  id and cookie of each.
 - OpenPBS 23.06 (``src/lib/Libifl/tm.c`` ``localmom``/``startcom``, ``src/lib/Libdis/dis_helpers.c``,
   ``src/resmom/mom_main.c`` ``do_tcp``, ``mom_comm.c`` ``tm_request``): the client connects to
   ``localhost:$PBS_MOMPORT`` (pbs_mom's manager port, 15003, where pbs_mom also answers resource-monitor
@@ -36,6 +38,7 @@ PBS_MAGIC = b"PKTV1\0"      # dis_helpers.c PKT_MAGIC with its NUL (PKT_MAGIC_SZ
 PBS_HEAD = len(PBS_MAGIC) + 1 + 4
 PBS_TM = b"+2+2"            # diswsi(TM_PROTOCOL=2), diswsi(TM_PROTOCOL_VER=2): OpenPBS net_connect.h, tm.c
 PBS_COMMANDS = range(100, 113)      # TM_INIT .. TM_FINALIZE (tm_.h); TM_ATTACH (113) is not relayed
+TORQUE_COMMANDS = range(100, 113)   # TM_INIT .. TM_FINALIZE (TORQUE tm_.h); not TM_ADOPT_ALTID/JOBID (113, 114)
 MAX_PACKET = 8 << 20        # a TM_SPAWN carries argv and environment (the kernel caps both at 2 MiB)
 MAX_COOKIE = 1024           # PBS makes a 32-character hex cookie
 MAX_DIGITS = 10             # a DIS number of 32 bits has at most 10 digits
@@ -66,13 +69,13 @@ def dis_int(buf: bytes, pos: int) -> Union[str, Tuple[int, int]]:
     return BAD
 
 
-def pbs_request(data: bytes, job_id: bytes) -> str:
-    """Whether ``data`` (the start of one packet's data) starts an OpenPBS TM request of job ``job_id``
-    (see the module docstring): PASS, NEED (too short to tell) or BAD."""
-    n = min(len(data), len(PBS_TM))
-    if data[:n] != PBS_TM[:n]:
+def tm_request(data: bytes, job_id: bytes, header: bytes = PBS_TM, commands=PBS_COMMANDS) -> str:
+    """Whether ``data`` starts a TM request (``header``, job id, cookie, command) of job ``job_id`` with one of
+    ``commands`` (see the module docstring): PASS, NEED (too short to tell) or BAD."""
+    n = min(len(data), len(header))
+    if data[:n] != header[:n]:
         return BAD
-    pos = len(PBS_TM)
+    pos = len(header)
     for field in ("job id", "cookie"):
         got = dis_int(data, pos)
         if not isinstance(got, tuple):
@@ -92,13 +95,19 @@ def pbs_request(data: bytes, job_id: bytes) -> str:
     got = dis_int(data, pos)
     if not isinstance(got, tuple):
         return got
-    return PASS if got[0] in PBS_COMMANDS else BAD
+    return PASS if got[0] in commands else BAD
+
+
+def _max_start(job_id: bytes) -> int:
+    """The longest request start that can still pass: header, job id, cookie, command (with DIS counts)."""
+    return len(PBS_TM) + 3 * 16 + len(job_id) + MAX_COOKIE
 
 
 class TorqueGate:
-    """TORQUE: the first four bytes are ``+5+2``; everything after them passes."""
+    """TORQUE: the first request is one of this job's (see the module docstring); everything after it passes."""
 
-    def __init__(self, job_id: str = "") -> None:
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id.encode("utf-8", "surrogateescape")
         self.head = b""
         self.opened = False
 
@@ -106,13 +115,13 @@ class TorqueGate:
         """See the module docstring."""
         if self.opened:
             return PASS
-        self.head += data[:len(TORQUE_HEADER) - len(self.head)]
-        if self.head != TORQUE_HEADER[:len(self.head)]:
+        limit = _max_start(self.job_id)
+        self.head += data[:limit - len(self.head)]
+        verdict = tm_request(self.head, self.job_id, TORQUE_HEADER, TORQUE_COMMANDS)
+        if verdict == NEED and len(self.head) >= limit:
             return BAD
-        if len(self.head) < len(TORQUE_HEADER):
-            return NEED
-        self.opened = True
-        return PASS
+        self.opened = verdict == PASS
+        return verdict
 
 
 class PbsGate:
@@ -124,8 +133,7 @@ class PbsGate:
         self.buf = b""
         self.left = 0
         self.opened = False
-        # The longest request start that can still pass: header, job id, cookie, command (with DIS counts).
-        self.max_start = len(PBS_TM) + 3 * 16 + len(self.job_id) + MAX_COOKIE
+        self.max_start = _max_start(self.job_id)
 
     def feed(self, data: bytes) -> str:
         """See the module docstring."""
@@ -149,7 +157,7 @@ class PbsGate:
                 i += len(take)
                 self.left -= len(take)
                 self.buf += take
-                verdict = pbs_request(self.buf, self.job_id)
+                verdict = tm_request(self.buf, self.job_id)
                 if verdict == BAD or (verdict == NEED and (self.left == 0 or len(self.buf) >= self.max_start)):
                     return BAD
                 if verdict == PASS:
@@ -171,4 +179,4 @@ def gate_for(batch: str, job_id: str):
 
 def describe(batch: Optional[str]) -> str:
     """What the relay passes, for the log."""
-    return "OpenPBS TM packets of this job" if batch == "pbs" else "TORQUE TM requests"
+    return "OpenPBS TM packets of this job" if batch == "pbs" else "TORQUE TM requests of this job"

@@ -1,5 +1,5 @@
 """cbatch.daemon.tmproto: the TM relay's gates. OpenPBS: every packet must be a TM request of the relay's own
-job (never RM, never another job, never TM_ATTACH, bounded); TORQUE: the first request's header. The real
+job (never RM, never another job, never TM_ATTACH, bounded); TORQUE: the first request, the same way. The real
 clients' bytes are taken from the real pbsdsh where it is installed (it dials a listener of this test)."""
 
 import os
@@ -113,14 +113,23 @@ def test_the_request_start_is_bounded():
     assert tmproto.PbsGate(JOB).feed(packet(tmproto.PBS_TM + b"9" * 2000, length=10 ** 6)) == BAD
 
 
-def test_torque_gate_checks_the_first_header_only():
-    g = tmproto.TorqueGate()
-    assert [g.feed(b"+"), g.feed(b"5"), g.feed(b"+2+4job!")] == [NEED, NEED, PASS]
-    assert g.feed(b"+1+1anything") == PASS
-    for first in (b"+1+2", b"+3+2", b"+5+1", b"GET /"):
-        assert tmproto.TorqueGate().feed(first) == BAD
+def test_torque_gate_checks_the_first_request_only():
+    first = request(proto=tmproto.TORQUE_HEADER, rest=b"+1+1")
+    g = tmproto.TorqueGate(JOB)
+    assert [g.feed(first[:1]), g.feed(first[1:9]), g.feed(first[9:])] == [NEED, NEED, PASS]
+    assert g.feed(b"+1+1anything") == PASS                  # later requests are not parsed (TORQUE: no framing)
     assert tmproto.gate_for("torque", JOB).__class__ is tmproto.TorqueGate
     assert tmproto.gate_for("pbs", JOB).__class__ is tmproto.PbsGate
+
+
+@pytest.mark.parametrize("first", [b"+1+2", b"+3+2", b"+5+1", b"GET /",                # RM, IM, old TM, HTTP
+                                   request(proto=b"+5+2", job="13.vm"),                 # another job's
+                                   request(proto=b"+5+2", command=113),                 # TM_ADOPT_ALTID
+                                   request(proto=b"+5+2", command=114),                 # TM_ADOPT_JOBID
+                                   request(proto=b"+5+2", cookie=b"c" * 2000),
+                                   packet(request())])                                  # OpenPBS's TM
+def test_torque_gate_refuses_anything_but_a_tm_request_of_the_job(first):
+    assert tmproto.TorqueGate(JOB).feed(first) == BAD
 
 
 def _first_bytes_of(argv, env) -> bytes:
@@ -163,7 +172,7 @@ def test_real_openpbs_pbsdsh_request_passes_for_its_job_only():
     assert wire.startswith(tmproto.PBS_MAGIC), wire[:40]
     assert tmproto.PbsGate(JOB).feed(wire) == PASS
     assert tmproto.PbsGate("13.vm").feed(wire) == BAD
-    assert tmproto.TorqueGate().feed(wire) == BAD           # a TORQUE relay never passes PBS's TM
+    assert tmproto.TorqueGate(JOB).feed(wire) == BAD        # a TORQUE relay never passes PBS's TM
 
 
 @pytest.mark.skipif(not os.access("/opt/torque/bin/pbsdsh", os.X_OK), reason="TORQUE not built here")
@@ -174,5 +183,6 @@ def test_real_torque_pbsdsh_request_passes_the_torque_gate_only():
     wire = _first_bytes_of(["/opt/torque/bin/pbsdsh", "-u", "/bin/true"], env)
     if not wire:
         pytest.skip("this TORQUE pbsdsh sent nothing outside a job")
-    assert tmproto.TorqueGate().feed(wire) == PASS
+    assert tmproto.TorqueGate("7.host").feed(wire) == PASS
+    assert tmproto.TorqueGate("8.host").feed(wire) == BAD
     assert tmproto.PbsGate("7.host").feed(wire) == BAD
