@@ -1,20 +1,25 @@
-"""What a TORQUE container job needs for its own TM tasks (``pbsdsh``, an ``mpiexec`` using TM).
+"""What a TORQUE or OpenPBS container job needs for its own TM tasks (``pbsdsh``, ``pbs_tmrsh``, an ``mpiexec``
+using TM).
 
-A job's TM client (libtorque's ``tm_init``) connects to ``localhost:$PBS_MOMPORT``, the pbs_mom that runs
-the job. Inside a container with network ``none`` that address is the container's own loopback, and the
-image has no TORQUE client. So for a TORQUE container job of a queue with ``tm: true`` (and
-``torque.client: auto``) cbatchd
+A job's TM client (libtorque's or OpenPBS libpbs's ``tm_init``) connects to ``localhost:$PBS_MOMPORT``, the
+pbs_mom that runs the job. Inside a container with network ``none`` that address is the container's own
+loopback, and the image has no PBS client. So for a TORQUE or PBS container job of a queue with ``tm: true``
+(and ``torque.client: auto``; the section is TORQUE's by name, it serves both) cbatchd
 
 - finds the job's pbs_mom from /proc: the nearest ancestor of the job starter whose executable is a root-owned
   ``pbs_mom`` (the starter's parent for batch jobs; the pty session leader, a pbs_mom fork, sits between for
   interactive jobs), and climbs to the daemon itself (the last ``pbs_mom`` in the chain);
 - takes ``PREFIX`` from that executable (``PREFIX/sbin/pbs_mom``) and mounts ``PREFIX/bin`` and ``PREFIX/lib``
   read-only at the same paths, only when they and every parent directory are root-owned and not group- or
-  world-writable (the job would run whatever is there);
+  world-writable (the job would run whatever is there). For OpenPBS ``PREFIX`` must also be ``PBS_EXEC`` of
+  ``/etc/pbs.conf``, which must itself be a root-owned file nobody else can write; it is mounted read-only
+  too (libpbs's other clients read it; ``pbsdsh`` and ``pbs_tmrsh`` need only ``PBS_MOMPORT``);
 - relays the TM port (:mod:`cbatch.daemon.tmrelay`): the port is the job's ``PBS_MOMPORT`` only when the
-  pbs_mom process itself listens on it (the environment is the user's: it may not pick another host port).
+  pbs_mom process itself listens on it (the environment is the user's: it may not pick another host port);
+  for OpenPBS it must also be pbs.conf's ``PBS_MANAGER_SERVICE_PORT`` (default 15003, where PBS's mom
+  serves TM: ``src/resmom/mom_main.c`` ``pbs_rm_port``), never the mom's batch port.
 
-Nothing here trusts the job's environment for a path. Stdlib only; reads /proc.
+Nothing here trusts the job's environment for a path. Stdlib only; reads /proc and /etc/pbs.conf.
 """
 
 from __future__ import annotations
@@ -30,6 +35,9 @@ from cbatch.core.spec import Mount
 log = logging.getLogger("cbatchd")
 MOM_NAME = "pbs_mom"
 MAX_ANCESTORS = 4       # starter -> (pty session leader) -> pbs_mom fork(s) -> pbs_mom; bounded walk
+PBS_CONF = "/etc/pbs.conf"
+PBS_MANAGER_PORT = 15003    # OpenPBS include/pbs_internal.h PBS_MANAGER_SERVICE_PORT
+MAX_CONF = 65536
 
 
 @dataclass(frozen=True)
@@ -153,14 +161,71 @@ def tm_port(env: dict, mom: Mom) -> Optional[int]:
     return port if port in listening_ports(mom.pid) else None
 
 
+def _trusted_file(path: str) -> bool:
+    """True if ``path`` is a regular file owned by root, not g/o-writable, in a trusted directory."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return (stat.S_ISREG(st.st_mode) and st.st_uid == 0 and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+            and _trusted_dir(os.path.dirname(path)))
+
+
+def pbs_conf(path: str = PBS_CONF) -> Optional[dict]:
+    """``KEY=VALUE`` lines of OpenPBS's pbs.conf when it is a trusted file (see :func:`_trusted_file`), else None."""
+    if not _trusted_file(path):
+        return None
+    try:
+        with open(path, "rb") as fh:
+            text = fh.read(MAX_CONF).decode("utf-8", "replace")
+    except OSError:
+        return None
+    conf = {}
+    for line in text.splitlines():
+        key, eq, value = line.strip().partition("=")
+        if eq and not key.startswith("#"):
+            conf[key.strip()] = value.strip()
+    return conf
+
+
+def _pbs_plan(mom: Mom, env: dict, conf_path: str = PBS_CONF) -> Optional[TmPlan]:
+    """The OpenPBS side of :func:`plan` (see the module docstring)."""
+    conf = pbs_conf(conf_path)
+    if conf is None:
+        log.warning("cbatch: PBS client: not mounted, no TM relay: %s is not a root-owned file only root can "
+                    "write", conf_path)
+        return None
+    pbs_exec = os.path.realpath(conf.get("PBS_EXEC", "") or "/nonexistent")
+    if pbs_exec != mom.prefix:
+        log.warning("cbatch: PBS client: not mounted, no TM relay: pbs_mom (pid %d) runs from %s, %s names "
+                    "PBS_EXEC=%s", mom.pid, mom.prefix, conf_path, conf.get("PBS_EXEC"))
+        return None
+    mounts = client_mounts(mom.prefix)
+    if mounts:
+        mounts += (Mount(conf_path, PBS_CONF, True),)
+    else:
+        log.warning("cbatch: PBS client: not mounted: %s/bin or %s/lib is not a root-owned directory "
+                    "(torque.client: auto mounts only those)", mom.prefix, mom.prefix)
+    value = conf.get("PBS_MANAGER_SERVICE_PORT", "")
+    manager = int(value) if value.isdigit() and 0 < int(value) < 65536 else PBS_MANAGER_PORT
+    port = tm_port(env, mom)
+    if port != manager:
+        log.warning("cbatch: TM relay: no relay: PBS_MOMPORT %r is not pbs.conf's manager port %d on which "
+                    "pbs_mom (pid %d) listens", env.get("PBS_MOMPORT"), manager, mom.pid)
+        port = None
+    return TmPlan(mounts, port) if mounts or port else None
+
+
 def plan(config, queue_policy, batch: str, peer_pid: int, env: dict) -> Optional[TmPlan]:
     """The TM plan of a container job started by ``peer_pid``, or None (not wanted, or not under a pbs_mom
     cbatch can trust). ``env`` is the job's environment as the starter reported it."""
-    if batch != "torque" or config.torque.client != "auto" or not queue_policy.tm:
+    if batch not in ("torque", "pbs") or config.torque.client != "auto" or not queue_policy.tm:
         return None
     mom = find_mom(peer_pid)
     if mom is None:
         return None
+    if batch == "pbs":
+        return _pbs_plan(mom, env)
     mounts = client_mounts(mom.prefix)
     if not mounts:
         log.warning("cbatch: torque client: not mounted: %s/bin or %s/lib is not a root-owned directory "

@@ -1,9 +1,10 @@
-"""The TM relay: a container job's own ``pbsdsh`` reaches the pbs_mom running the job.
+"""The TM relay: a container job's own ``pbsdsh`` reaches the pbs_mom running the job (TORQUE or OpenPBS).
 
-libtorque's TM client connects to ``localhost:$PBS_MOMPORT``; a container with network ``none`` has only its
-own loopback. One :class:`Relay` per container job listens on ``127.0.0.1:<tm port>`` *inside the container's
-network namespace* and forwards each accepted connection to ``127.0.0.1:<tm port>`` on the host, where
-pbs_mom checks the job id and job cookie of every request as it does for a native job.
+The TM client (libtorque's or OpenPBS's libpbs ``tm_init``) connects to ``localhost:$PBS_MOMPORT``; a
+container with network ``none`` has only its own loopback. One :class:`Relay` per container job listens on
+``127.0.0.1:<tm port>`` *inside the container's network namespace* and forwards each accepted connection to
+``127.0.0.1:<tm port>`` on the host, where pbs_mom checks the job id and job cookie of every request as it
+does for a native job.
 
 The listening socket is made by a short-lived thread of its own (:func:`open_listener`): it enters the
 container's namespace with ``setns(2)`` (which moves only the calling thread), creates, binds and listens,
@@ -12,19 +13,19 @@ through a ``/proc/<pid>`` directory fd whose cgroup names the container, so a re
 
 What the relay lets through (the container is hostile):
 
-- only TM: the first bytes of a connection must be TORQUE's TM request header, the DIS integers
-  ``TM_PROTOCOL`` 5 and ``TM_PROTOCOL_VER`` 2 (``+5+2``, libtorque's ``startcom``); anything else is closed
-  before the host is connected to, so the job cannot speak the mom's resource-monitor or inter-mom
-  protocols through cbatchd. Later requests on an accepted connection are not parsed; they come from
-  an unprivileged port of the host's loopback, exactly as a native job's would;
+- only TM: every byte from the job goes through its connection's gate (:mod:`cbatch.daemon.tmproto`: TORQUE's
+  first request header, or every OpenPBS packet with this job's id) before it is passed on; a connection
+  whose first request is not TM is closed before the host is connected to, so the job cannot speak the
+  mom's resource-monitor or inter-mom protocols through cbatchd. The mom's side comes from an unprivileged
+  port of the host's loopback, exactly as a native job's would;
 - at most ``torque.tm_max_connections`` connections at once per job (more are accepted and closed at once,
-  so the backlog cannot hold them), at most :data:`ACCEPT_RATE` accepts a second, and the header within
-  :data:`HEADER_TIMEOUT` seconds;
+  so the backlog cannot hold them), at most :data:`ACCEPT_RATE` accepts a second, and the first request
+  within :data:`HEADER_TIMEOUT` seconds;
 - bounded memory: each direction holds at most one read (64 KiB) not yet written.
 
 A :class:`Relay` is a :class:`cbatch.daemon.streams.Stoppable`: started and stopped with the job's session
 (:func:`start`/:func:`stop`, called by :mod:`cbatch.daemon.supervise`), re-created when a restarted cbatchd's
-client reattaches (the port is in the session's record). Stdlib only.
+client reattaches (the port and the batch system are in the session's record). Stdlib only.
 """
 
 from __future__ import annotations
@@ -40,10 +41,9 @@ import time
 from typing import Optional
 
 from cbatch.core.errors import CbatchError, DaemonError
-from cbatch.daemon import streams
+from cbatch.daemon import streams, tmproto
 
 log = logging.getLogger("cbatchd")
-TM_HEADER = b"+5+2"         # diswsi(TM_PROTOCOL=5), diswsi(TM_PROTOCOL_VER=2): net_connect.h, tm.c startcom()
 HEADER_TIMEOUT = 10.0       # seconds a connection may take to send the header
 ACCEPT_RATE = 20.0          # accepts a second (and burst), per job
 CONNECT_TIMEOUT = 5.0       # to pbs_mom on the host's loopback
@@ -109,8 +109,9 @@ def open_listener(pid: int, cid: str, port: int, backlog: int) -> socket.socket:
 class _Conn:
     """One relayed connection: the job's end, pbs_mom's end once the header passed, and what is in flight."""
 
-    def __init__(self, client: socket.socket, deadline: float) -> None:
+    def __init__(self, client: socket.socket, deadline: float, gate) -> None:
         self.client = client
+        self.gate = gate
         self.mom: Optional[socket.socket] = None
         self.deadline = deadline
         self.head = b""
@@ -130,7 +131,8 @@ class Relay(streams.Stoppable):
     then :meth:`stop`, join, :meth:`close`."""
 
     def __init__(self, listener: socket.socket, target: tuple, max_connections: int, job_id: str = "",
-                 header_timeout: float = HEADER_TIMEOUT, accept_rate: float = ACCEPT_RATE) -> None:
+                 header_timeout: float = HEADER_TIMEOUT, accept_rate: float = ACCEPT_RATE,
+                 batch: str = "torque") -> None:
         super().__init__()
         self.listener = listener
         self._opened.append(listener)
@@ -139,6 +141,7 @@ class Relay(streams.Stoppable):
         self.job_id = job_id
         self.header_timeout = header_timeout
         self.accept_rate = accept_rate
+        self.batch = batch                  # which TM the gates check (tmproto.gate_for)
         self.conns: list = []
         self.refused = {"header": 0, "bound": 0, "mom": 0}      # counts, for the log and the tests
         self.relayed = 0
@@ -210,7 +213,8 @@ class Relay(streams.Stoppable):
             client.close()
             return 1
         client.setblocking(False)
-        self.conns.append(_Conn(client, time.monotonic() + self.header_timeout))
+        self.conns.append(_Conn(client, time.monotonic() + self.header_timeout,
+                                tmproto.gate_for(self.batch, self.job_id)))
         return 1
 
     def _drop(self, c: _Conn, why: Optional[str] = None) -> None:
@@ -230,12 +234,17 @@ class Relay(streams.Stoppable):
                     data = c.client.recv(_CHUNK)
                     if not data:
                         c.client_eof = True
-                    elif c.mom is None:
-                        c.head += data
-                        if not self._check_head(c):
-                            return
                     else:
-                        c.to_mom = data
+                        verdict = c.gate.feed(data)
+                        if verdict == tmproto.BAD:
+                            self._drop(c, "header")
+                            return
+                        if c.mom is None:
+                            c.head += data
+                            if verdict == tmproto.NEED or not self._connect(c):
+                                return
+                        else:
+                            c.to_mom = data
                 if c.to_client and ev & select.POLLOUT:
                     c.to_client = c.to_client[c.client.send(c.to_client):]
             else:
@@ -266,14 +275,8 @@ class Relay(streams.Stoppable):
         elif c.mom_eof and not c.to_client and c.client_eof:
             self._drop(c)
 
-    def _check_head(self, c: _Conn) -> bool:
-        """Connect to pbs_mom once the header is complete and right; False when ``c`` was dropped."""
-        n = len(TM_HEADER)
-        if c.head[:n] != TM_HEADER[:len(c.head[:n])]:
-            self._drop(c, "header")
-            return False
-        if len(c.head) < n:
-            return True
+    def _connect(self, c: _Conn) -> bool:
+        """Connect to pbs_mom once the gate passed the first request; False when ``c`` was dropped."""
         try:
             mom = socket.create_connection(self.target, timeout=CONNECT_TIMEOUT)
         except OSError:
@@ -321,7 +324,8 @@ def start(daemon, sess) -> Optional[Running]:
             return None                     # exited meanwhile (a short job): nothing to relay for
         log.error("job %s: container %s: no TM relay: %s", sess.job_id, sess.cid[:12], exc.message)
         return None
-    relay = Relay(listener, ("127.0.0.1", port), bound, sess.job_id)
+    batch = getattr(sess, "batch", "torque")
+    relay = Relay(listener, ("127.0.0.1", port), bound, sess.job_id, batch=batch)
 
     def run() -> None:
         try:
@@ -330,8 +334,8 @@ def start(daemon, sess) -> Optional[Running]:
             log.error("job %s: TM relay failed: %s", sess.job_id, exc)
     thread = threading.Thread(target=run, name=f"tm-{sess.cid[:12]}", daemon=True)
     thread.start()
-    log.info("job %s: container %s: TM relay on 127.0.0.1:%d (at most %d connections)", sess.job_id,
-             sess.cid[:12], port, bound)
+    log.info("job %s: container %s: TM relay on 127.0.0.1:%d (at most %d connections; %s)", sess.job_id,
+             sess.cid[:12], port, bound, tmproto.describe(batch))
     return Running(relay, thread)
 
 

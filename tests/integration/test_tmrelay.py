@@ -30,6 +30,13 @@ TM_PORT = 15003                  # inside the container: the port libtorque dial
 WAIT = 60.0                      # upper bound of a wait for a moment (never asserted as a duration)
 
 
+def req(tag: bytes) -> bytes:
+    """A TORQUE TM request of the relay's job ``t.job`` (TM_INIT) whose 4-byte cookie is ``tag``, ending in the
+    fake mom's ``!`` (tests/unit/test_tmproto.py checks the format against the real pbsdsh)."""
+    assert len(tag) == 4
+    return b"+5+2+5t.job+4" + tag + b"3+100!"
+
+
 class FakeMom:
     """A loopback TCP server: records each connection's bytes; answers ``mom-saw:<bytes>\\n`` once it has
     seen a ``!`` (the tests' end of request), then keeps the connection open until the peer closes it."""
@@ -159,7 +166,8 @@ def relay_factory(container):
     def make(target_port: int, **kw) -> tmrelay.Relay:
         cid, pid = container
         listener = tmrelay.open_listener(pid, cid, TM_PORT, 16)
-        relay = tmrelay.Relay(listener, ("127.0.0.1", target_port), kw.pop("max_connections", 32), "t.job", **kw)
+        relay = tmrelay.Relay(listener, ("127.0.0.1", target_port), kw.pop("max_connections", 32),
+                              kw.pop("job_id", "t.job"), **kw)
         thread = threading.Thread(target=relay.run, daemon=True)
         thread.start()
         relay.test_thread = thread
@@ -175,11 +183,11 @@ def test_tm_request_goes_to_the_mom_and_back_end_to_end(container, mom, relay_fa
     mom's answer; nothing on the host's side is reachable from the container otherwise (network none)."""
     relay_factory(mom.port)
     cid, _pid = container
-    script = (f"exec 3<>/dev/tcp/127.0.0.1/{TM_PORT} && printf '+5+2+4job1!' >&3 && read -r line <&3 && "
+    script = (f"exec 3<>/dev/tcp/127.0.0.1/{TM_PORT} && printf '{req(b'job1').decode()}' >&3 && read -r line <&3 && "
               "echo \"$line\"")
     r = subprocess.run(["docker", "exec", "--user", f"{UID}:{GID}", cid, "bash", "-c", script],
                        capture_output=True, timeout=WAIT)
-    assert r.returncode == 0 and r.stdout == b"mom-saw:+5+2+4job1!\n", (r.stdout, r.stderr)
+    assert r.returncode == 0 and r.stdout == b"mom-saw:" + req(b"job1") + b"\n", (r.stdout, r.stderr)
     # Without the relay the same is refused: the container's loopback has nothing else on that port.
     r = subprocess.run(["docker", "exec", "--user", f"{UID}:{GID}", cid, "bash", "-c",
                         f"exec 3<>/dev/tcp/127.0.0.1/{mom.port}"], capture_output=True, timeout=WAIT)
@@ -189,16 +197,18 @@ def test_tm_request_goes_to_the_mom_and_back_end_to_end(container, mom, relay_fa
 def test_a_tm_header_split_over_reads_is_relayed(container, mom, relay_factory):
     relay_factory(mom.port)
     s = connect_in(container[1])
-    for part in (b"+", b"5", b"+2", b"+4job2!"):
+    for part in (b"+", b"5", b"+2", req(b"job2")[4:9], req(b"job2")[9:]):
         s.sendall(part)
         time.sleep(0.01)        # separate segments (not a timing assertion: only how the bytes arrive)
-    assert s.makefile("rb").readline() == b"mom-saw:+5+2+4job2!\n"
+    assert s.makefile("rb").readline() == b"mom-saw:" + req(b"job2") + b"\n"
     s.close()
 
 
 @pytest.mark.parametrize("first", [b"+1+2+4job1",           # RM (resource monitor: momctl's) protocol
                                    b"+3+2+4job1",           # IM (inter-mom)
                                    b"+5+1+4job1",           # TM, another version
+                                   b"+5+2+5x.job+4cook3+100!",  # TM of another job
+                                   b"+5+2+5t.job+4cook3+113!",  # TM_ADOPT (a pid of another namespace)
                                    b"GET / HTTP/1.0\r\n\r\n"])
 def test_anything_but_tm_never_reaches_the_mom(container, mom, relay_factory, first):
     relay = relay_factory(mom.port)
@@ -221,17 +231,17 @@ def test_connections_are_bounded_per_job(container, mom, relay_factory):
     relay = relay_factory(mom.port, max_connections=2)
     held = [connect_in(container[1]) for _ in range(2)]
     for i, s in enumerate(held):
-        s.sendall(b"+5+2+4job%d!" % i)
+        s.sendall(req(b"job%d" % i))
         assert s.makefile("rb").readline().startswith(b"mom-saw:+5+2")
     extra = connect_in(container[1])               # accepted by the kernel, closed by the relay
-    extra.sendall(b"+5+2+4job9!")
+    extra.sendall(req(b"job9"))
     assert read_to_end(extra) == b""
     assert relay.refused["bound"] == 1 and mom.open == 2 and len(mom.received) == 2
     held[0].close()                                # one slot frees up...
     wait_for(lambda: len(relay.conns) == 1 and mom.open == 1, "the relay dropped the closed pair")
     again = connect_in(container[1])               # ...and is usable again
-    again.sendall(b"+5+2+4job3!")
-    assert again.makefile("rb").readline() == b"mom-saw:+5+2+4job3!\n"
+    again.sendall(req(b"job3"))
+    assert again.makefile("rb").readline() == b"mom-saw:" + req(b"job3") + b"\n"
 
 
 def test_accepts_are_rate_bounded(container, mom, relay_factory):
@@ -240,17 +250,17 @@ def test_accepts_are_rate_bounded(container, mom, relay_factory):
     relay = relay_factory(mom.port, accept_rate=5.0, max_connections=64)
     socks = [connect_in(container[1]) for _ in range(12)]
     for i, s in enumerate(socks):
-        s.sendall(b"+5+2+4j%03d!" % i)
+        s.sendall(req(b"j%03d" % i))
     for i, s in enumerate(socks):
-        assert s.makefile("rb").readline() == b"mom-saw:+5+2+4j%03d!\n" % i
+        assert s.makefile("rb").readline() == b"mom-saw:" + req(b"j%03d" % i) + b"\n"
     assert relay.relayed == 12 and relay.refused == {"header": 0, "bound": 0, "mom": 0}
 
 
 def test_stop_closes_the_listener_and_every_connection(container, mom, relay_factory):
     relay = relay_factory(mom.port)
     s = connect_in(container[1])
-    s.sendall(b"+5+2+4job1!")
-    assert s.makefile("rb").readline() == b"mom-saw:+5+2+4job1!\n"
+    s.sendall(req(b"job1"))
+    assert s.makefile("rb").readline() == b"mom-saw:" + req(b"job1") + b"\n"
     relay.stop()
     relay.test_thread.join(WAIT)
     assert not relay.test_thread.is_alive() and relay.conns == []
@@ -267,7 +277,7 @@ def test_mom_unreachable_closes_the_connection(container, relay_factory):
     port = dead.getsockname()[1]
     relay = relay_factory(port)
     s = connect_in(container[1])
-    s.sendall(b"+5+2+4job1!")
+    s.sendall(req(b"job1"))
     assert read_to_end(s) == b""
     assert relay.refused["mom"] == 1
     dead.close()
@@ -279,3 +289,49 @@ def test_listener_only_for_the_container_it_names(container):
         tmrelay.open_listener(pid, "0" * 64, TM_PORT, 4)       # the pid is not that container's
     with pytest.raises(DaemonError):
         tmrelay.open_listener(os.getpid(), cid, TM_PORT, 4)    # a process outside the container
+
+
+def _pbs_packet(job: bytes, command: bytes = b"3+100", rest: bytes = b"!") -> bytes:
+    """One OpenPBS TM packet (tests/unit/test_tmproto.py checks the format against the real pbsdsh)."""
+    data = b"+2+2" + b"+%d" % len(job) + job + b"2+32" + b"C" * 32 + command + rest
+    return b"PKTV1\0\0" + len(data).to_bytes(4, "big") + data
+
+
+def test_pbs_tm_packets_of_the_job_go_to_the_mom_and_back(container, mom, relay_factory):
+    relay = relay_factory(mom.port, job_id="7.vm", batch="pbs")
+    s = connect_in(container[1])
+    first, second = _pbs_packet(b"7.vm"), _pbs_packet(b"7.vm", b"3+102", b"+0+1+9/bin/true!")
+    s.sendall(first[:9])
+    s.sendall(first[9:] + second)
+    line = s.makefile("rb").readline()
+    assert line.startswith(b"mom-saw:" + first[:12]) and relay.relayed == 1, line
+    wait_for(lambda: mom.received and mom.received[0] == first + second, "both packets reached the mom")
+
+
+@pytest.mark.parametrize("later", [_pbs_packet(b"8.vm"),                          # another job's
+                                   _pbs_packet(b"7.vm", b"3+113"),                # TM_ATTACH
+                                   b"PKTV1\0\0\0\0\0\x09+1+1+3abc",               # RM
+                                   b"GET / HTTP/1.0\r\n\r\n"])
+def test_pbs_relay_checks_every_packet(container, mom, relay_factory, later):
+    """A good first request opens the connection; a later packet that is not a TM request of this job closes
+    it before any of its bytes reach the mom."""
+    relay = relay_factory(mom.port, job_id="7.vm", batch="pbs")
+    s = connect_in(container[1])
+    first = _pbs_packet(b"7.vm")
+    s.sendall(first)
+    assert s.makefile("rb").readline().startswith(b"mom-saw:")
+    s.sendall(later)
+    assert read_to_end(s) == b""
+    assert relay.refused["header"] == 1
+    wait_for(lambda: mom.open == 0, "the mom's end was closed")
+    assert mom.received == [first]
+
+
+@pytest.mark.parametrize("first", [_pbs_packet(b"8.vm"), b"+2+2+47.vm", b"+5+2+4job1!",
+                                   b"PKTV1\0\0\0\0\0\x09+1+1+3abc"])
+def test_pbs_relay_never_connects_for_anything_else(container, mom, relay_factory, first):
+    relay = relay_factory(mom.port, job_id="7.vm", batch="pbs")
+    s = connect_in(container[1])
+    s.sendall(first)
+    assert read_to_end(s) == b""
+    assert relay.refused["header"] == 1 and relay.relayed == 0 and mom.received == []

@@ -8,20 +8,19 @@ batch-system lock and never while TORQUE is up (same ports): ``scripts/openpbs-u
 - ``pbs``: OpenPBS up (``scripts/openpbs-up``; the hooks point at the venv running the tests, the job
   starter in ``<venv>/../libexec``), a real cbatchd on the default socket with the test site config below.
   Stopped at the end of the session (``scripts/openpbs-down``).
-- queue ``workq`` is native by default, ``short`` runs in cbatch-test/debian:12 by default.
+- queue ``workq`` is native by default, ``short`` runs in cbatch-test/debian:12 by default; the engine is
+  ``auto`` unless ``CBATCH_TEST_ENGINES`` names one (``CBATCH_TEST_ENGINES=docker``: the Docker engine).
 """
 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
@@ -29,9 +28,8 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT / "tests" / "torque"))
 sys.path.insert(0, str(ROOT / "tests" / "integration"))
 
-import users as users_mod  # noqa: E402
-import trq  # noqa: E402
-from torque_helpers import remove_instance_containers  # noqa: E402
+import batchfixtures  # noqa: E402
+from batchfixtures import alice, bob, carol, users  # noqa: E402,F401 - fixtures
 import opbs  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
@@ -48,47 +46,25 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(getattr(pytest.mark, mark))
 
 
+def queue_engine() -> str:
+    """The queues' engine: ``CBATCH_TEST_ENGINES`` naming one engine (as for the integration suite) runs
+    these tests on it; otherwise ``auto`` (direct for their jobs)."""
+    engines = os.environ.get("CBATCH_TEST_ENGINES", "").split()
+    return engines[0] if len(engines) == 1 else "auto"
+
+
 def site_config(helper: str) -> dict:
     return {
         "engine": {"url": "unix:///var/run/docker.sock", "timeout": 60},
         "daemon": {"socket": DEFAULT_SOCKET, "state_dir": str(RUN / "state"), "instance": INSTANCE,
                    "stop_grace": 1.0, "helper": helper},
         "defaults": {"image": "native", "images": ["cbatch-test/*"], "native": True,
-                     "hardening": {"pids_limit": 512}},
+                     "hardening": {"pids_limit": 512}, "engine": queue_engine()},
         "queues": {"workq": {}, "short": {"image": "cbatch-test/debian:12"}},
     }
 
 
-@pytest.fixture(scope="session")
-def users():
-    return users_mod.ensure()
-
-
-@pytest.fixture(scope="session")
-def cbatchd(helper, test_images):
-    """A real cbatchd on the default socket with the test site config (session)."""
-    RUN.mkdir(mode=0o755, exist_ok=True)
-    os.chmod(RUN, 0o755)
-    probe = socket.socket(socket.AF_UNIX)
-    try:
-        probe.connect(DEFAULT_SOCKET)
-        pytest.fail(f"a cbatchd already serves {DEFAULT_SOCKET}: stop it (scripts/cbatchd-down) first")
-    except OSError:
-        pass
-    finally:
-        probe.close()
-    cfg = RUN / "cbatch.yaml"
-    cfg.write_text(yaml.safe_dump(site_config(helper), sort_keys=False))
-    os.chmod(cfg, 0o644)
-    log = open(RUN / "cbatchd.log", "ab")
-    proc = subprocess.Popen([str(VENV_BIN / "cbatchd"), "--foreground", "--config", str(cfg)],
-                            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    log.close()
-    d = trq.Daemon(proc, DEFAULT_SOCKET, INSTANCE, cfg, RUN / "cbatchd.log")
-    d.wait_ready()
-    yield d
-    d.stop()
-    remove_instance_containers(INSTANCE)        # both engines' containers and the image holders
+cbatchd = batchfixtures.cbatchd_fixture(RUN, site_config, INSTANCE, DEFAULT_SOCKET)
 
 
 @pytest.fixture(scope="session")
@@ -116,11 +92,6 @@ def pbs_cg(pbs):
     if r.returncode != 0:
         pytest.fail(f"openpbs-up --cgroups failed ({r.returncode}):\n{r.stderr[-4000:]}")
     return pbs
-
-
-@pytest.fixture
-def alice(users):
-    return users["cbt-alice"]
 
 
 @pytest.fixture

@@ -15,22 +15,20 @@ At the end of the session TORQUE is stopped (``scripts/torque-down``) and cbatch
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT / "tests" / "integration"))
 
-import users as users_mod  # noqa: E402
 import trq  # noqa: E402
-from torque_helpers import remove_instance_containers  # noqa: E402
+import batchfixtures  # noqa: E402
+from batchfixtures import alice, bob, carol, users  # noqa: E402,F401 - fixtures
 
 VENV_BIN = Path(sys.executable).parent
 RUN = Path("/run/cbatch-torque-test")
@@ -67,36 +65,7 @@ def site_config(helper: str) -> dict:
     }
 
 
-@pytest.fixture(scope="session")
-def users():
-    return users_mod.ensure()
-
-
-@pytest.fixture(scope="session")
-def cbatchd(helper, test_images):
-    """A real cbatchd on the default socket with the test site config (session)."""
-    RUN.mkdir(mode=0o755, exist_ok=True)
-    os.chmod(RUN, 0o755)
-    probe = socket.socket(socket.AF_UNIX)
-    try:
-        probe.connect(DEFAULT_SOCKET)
-        pytest.fail(f"a cbatchd already serves {DEFAULT_SOCKET}: stop it (scripts/cbatchd-down) first")
-    except OSError:
-        pass
-    finally:
-        probe.close()
-    cfg = RUN / "cbatch.yaml"
-    cfg.write_text(yaml.safe_dump(site_config(helper), sort_keys=False))
-    os.chmod(cfg, 0o644)
-    log = open(RUN / "cbatchd.log", "ab")
-    proc = subprocess.Popen([str(VENV_BIN / "cbatchd"), "--foreground", "--config", str(cfg)],
-                            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    log.close()
-    d = trq.Daemon(proc, DEFAULT_SOCKET, INSTANCE, cfg, RUN / "cbatchd.log")
-    d.wait_ready()
-    yield d
-    d.stop()
-    remove_instance_containers(INSTANCE)        # both engines' containers and the image holders
+cbatchd = batchfixtures.cbatchd_fixture(RUN, site_config, INSTANCE, DEFAULT_SOCKET)
 
 
 class _Ctl:
@@ -141,18 +110,3 @@ def torque(torque_ctl, users) -> trq.Torque:
 def torque_cg(torque_ctl, users) -> trq.Torque:
     """The cgroup TORQUE build, up, with cbatch's hooks (tests using it run last)."""
     return torque_ctl.up("cg")
-
-
-@pytest.fixture
-def alice(users):
-    return users["cbt-alice"]
-
-
-@pytest.fixture
-def bob(users):
-    return users["cbt-bob"]
-
-
-@pytest.fixture
-def carol(users):
-    return users["cbt-carol"]

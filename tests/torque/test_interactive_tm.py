@@ -85,17 +85,6 @@ def test_a_wrong_cookie_gets_nothing_and_mom_logs_are_root_only(torque, cbatchd,
     assert read.returncode != 0 and b"Permission denied" in read.stderr, read
 
 
-def _restart(cbatchd) -> None:
-    """SIGTERM cbatchd (it leaves containers running) and start it again on the same config."""
-    cbatchd.stop()
-    log = open(cbatchd.log_path, "ab")
-    cbatchd.proc = subprocess.Popen([cbatchd.proc.args[0], "--foreground", "--config", str(cbatchd.config_path)],
-                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
-    log.close()
-    cbatchd.wait_ready()
-
-
 def test_pbsdsh_after_a_cbatchd_restart(torque, cbatchd, alice, wd):
     """The relay lives in cbatchd: after a restart the reattached session re-creates it, and the job's next
     pbsdsh works. The job waits for a file the test creates once the starter has reattached."""
@@ -106,11 +95,11 @@ def test_pbsdsh_after_a_cbatchd_restart(torque, cbatchd, alice, wd):
                       "echo rc=$?\n", ["-q", "short"], wd)
     try:
         assert wait_until(lambda: os.path.exists(up), 120), "the job never started"
-        before = len(open(cbatchd.log_path, "rb").read())
-        _restart(cbatchd)
+        before = cbatchd.log_size()
+        cbatchd.restart()
 
         def relayed_again():
-            new = open(cbatchd.log_path, "rb").read()[before:].decode(errors="replace")
+            new = cbatchd.log_since(before)
             j = re.escape(job)
             return re.search(rf"job {j}: container [\w-]+: pid \d+ reattached.*job {j}: container [\w-]+: TM relay on",
                              new, re.S)

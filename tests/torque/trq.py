@@ -1,5 +1,7 @@
-"""Helpers for the real-TORQUE tests: submit with the real qsub as a real user, read ``qstat -f -x``, wait
-for completion and read the delivered .o/.e files."""
+"""Helpers for the real-batch-system tests (TORQUE here, OpenPBS in tests/openpbs/opbs.py): the session's
+cbatchd on the default socket (:func:`start_cbatchd`), and :class:`BatchSystem`, what both batch systems'
+helpers share (a job user's workdir, qdel, the session id, the delivered .o/.e files). TORQUE's own: submit
+with the real qsub as a real user, read ``qstat -f -x``, wait for completion."""
 
 from __future__ import annotations
 
@@ -71,11 +73,118 @@ class Daemon:
                 self.proc.kill()
                 self.proc.wait()
 
+    def restart(self) -> None:
+        """SIGTERM cbatchd (it leaves containers running) and start it again on the same config."""
+        self.stop()
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([self.proc.args[0], "--foreground", "--config", str(self.config_path)],
+                                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        log.close()
+        self.wait_ready()
+
+    def log_since(self, offset: int) -> str:
+        """The log written after byte ``offset`` (a :meth:`log_size` taken before)."""
+        return Path(self.log_path).read_bytes()[offset:].decode(errors="replace")
+
+    def log_size(self) -> int:
+        return Path(self.log_path).stat().st_size
+
     def log(self) -> str:
         try:
             return Path(self.log_path).read_text(errors="replace")[-6000:]
         except OSError:
             return ""
+
+
+def start_cbatchd(run: Path, config: dict, instance: str, socket_path: str) -> Daemon:
+    """A real cbatchd (this venv's) on ``socket_path`` with ``config`` written to ``run``/cbatch.yaml; fails the
+    session when another daemon already serves that socket."""
+    import socket
+    import sys
+    import pytest
+    import yaml
+    run.mkdir(mode=0o755, exist_ok=True)
+    os.chmod(run, 0o755)
+    probe = socket.socket(socket.AF_UNIX)
+    try:
+        probe.connect(socket_path)
+        pytest.fail(f"a cbatchd already serves {socket_path}: stop it (scripts/cbatchd-down) first")
+    except OSError:
+        pass
+    finally:
+        probe.close()
+    cfg = run / "cbatch.yaml"
+    cfg.write_text(yaml.safe_dump(config, sort_keys=False))
+    os.chmod(cfg, 0o644)
+    log = open(run / "cbatchd.log", "ab")
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "cbatchd"), "--foreground", "--config", str(cfg)],
+                            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()
+    d = Daemon(proc, socket_path, instance, cfg, run / "cbatchd.log")
+    d.wait_ready()
+    return d
+
+
+class BatchSystem:
+    """What the TORQUE and the OpenPBS helpers share; a subclass sets ``prefix`` and ``workdir_tag``."""
+
+    prefix = ""
+    workdir_tag = "batch"
+
+    def bin(self, name: str) -> str:
+        for sub in ("bin", "sbin"):
+            path = os.path.join(self.prefix, sub, name)
+            if os.path.exists(path):
+                return path
+        raise FileNotFoundError(name)
+
+    def env_for(self, user) -> Dict[str, str]:
+        """A login-like environment for the batch system's clients as ``user`` (its bin first: another
+        batch system's commands may share the names)."""
+        return {"PATH": f"{self.prefix}/bin:/usr/bin:/bin", "HOME": user.home, "USER": user.name,
+                "LOGNAME": user.name, "LANG": "C.UTF-8", "SHELL": user.shell}
+
+    def workdir(self, user) -> Path:
+        """A fresh directory under /var/tmp owned by ``user`` (0755), removed by :meth:`cleanup`."""
+        path = Path(f"/var/tmp/cbt-{self.workdir_tag}-{os.getpid()}-{next(_count)}")
+        path.mkdir(mode=0o755)
+        os.chown(path, user.uid, user.gid)
+        os.chmod(path, 0o755)
+        return path
+
+    def qstat(self, job_id: str) -> Dict:
+        raise NotImplementedError
+
+    def wait_state(self, job_id: str, states: str, timeout: float = 120) -> Dict:
+        attrs = wait_until(lambda: (lambda a: a if a.get("job_state", "") in states else None)(self.qstat(job_id)),
+                           timeout)
+        assert attrs, f"{job_id} not in {states} after {timeout}s: {self.qstat(job_id)}"
+        return attrs
+
+    @staticmethod
+    def _delivered(spec: str) -> bytes:
+        path = spec.split(":", 1)[-1]
+        if not path:
+            return b""
+        wait_until(lambda: os.path.exists(path), 20)
+        try:
+            return Path(path).read_bytes()
+        except FileNotFoundError:
+            return b"<not delivered>"
+
+    def qdel(self, user, job_id: str) -> None:
+        subprocess.run([RUNUSER, "-u", user.name, "--", self.bin("qdel"), job_id], env=self.env_for(user),
+                       check=True, capture_output=True, timeout=60)
+
+    def session_of(self, job_id: str, timeout: float = 60) -> int:
+        attrs = wait_until(lambda: (lambda a: a if a.get("session_id") else None)(self.qstat(job_id)), timeout)
+        assert attrs, self.qstat(job_id)
+        return int(attrs["session_id"])
+
+    @staticmethod
+    def cleanup(path: Path) -> None:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @dataclass
@@ -92,8 +201,10 @@ class Done:
         return int(self.attrs["exit_status"])
 
 
-class Torque:
+class Torque(BatchSystem):
     """One TORQUE install (prefix, PBS_HOME) that is up."""
+
+    workdir_tag = "trq"
 
     def __init__(self, variant: str, prefix: str, home: str, libexec: str):
         self.variant, self.prefix, self.home, self.libexec = variant, prefix, home, libexec
@@ -104,18 +215,6 @@ class Torque:
         prefix, home = VARIANTS[variant]
         return cls(variant, prefix, home, libexec)
 
-    def bin(self, name: str) -> str:
-        for sub in ("bin", "sbin"):
-            path = os.path.join(self.prefix, sub, name)
-            if os.path.exists(path):
-                return path
-        raise FileNotFoundError(name)
-
-    def env_for(self, user) -> Dict[str, str]:
-        """A login-like environment for running TORQUE clients as ``user``."""
-        return {"PATH": f"{self.prefix}/bin:/usr/bin:/bin", "HOME": user.home, "USER": user.name,
-                "LOGNAME": user.name, "LANG": "C.UTF-8", "SHELL": user.shell}
-
     def install_submit_filter(self, run_dir: Path, config_path, venv_bin: Path) -> str:
         """Write the filter wrapper (cbatch's own installer) and name it in PBS_HOME/torque.cfg."""
         path = str(run_dir / "submit-filter")
@@ -124,14 +223,6 @@ class Torque:
         cfg = Path(self.home, "torque.cfg")
         cfg.write_text(f"SUBMITFILTER {path}\n")
         os.chmod(cfg, 0o644)
-        return path
-
-    def workdir(self, user) -> Path:
-        """A fresh directory under /var/tmp owned by ``user`` (0755), removed by the caller's cleanup."""
-        path = Path(f"/var/tmp/cbt-trq-{os.getpid()}-{next(_count)}")
-        path.mkdir(mode=0o755)
-        os.chown(path, user.uid, user.gid)
-        os.chmod(path, 0o755)
         return path
 
     def write_script(self, user, workdir: Path, body, name: str = "job.sh") -> Path:
@@ -175,42 +266,12 @@ class Torque:
     def state(self, job_id: str) -> str:
         return self.qstat(job_id).get("job_state", "")
 
-    def wait_state(self, job_id: str, states: str, timeout: float = 120) -> Dict[str, str]:
-        attrs = wait_until(lambda: (lambda a: a if a.get("job_state", "") in states else None)(self.qstat(job_id)),
-                           timeout)
-        assert attrs, f"{job_id} not in {states} after {timeout}s: {self.qstat(job_id)}"
-        return attrs
-
     def wait(self, job_id: str, timeout: float = 180) -> Done:
         """Until the job is C; then read the delivered .o/.e (Output_Path/Error_Path)."""
         attrs = self.wait_state(job_id, "C", timeout)
         out = self._delivered(attrs.get("Output_Path", ""))
         err = self._delivered(attrs.get("Error_Path", ""))
         return Done(job_id, attrs, out, err)
-
-    @staticmethod
-    def _delivered(spec: str) -> bytes:
-        path = spec.split(":", 1)[-1]
-        if not path:
-            return b""
-        wait_until(lambda: os.path.exists(path), 20)
-        try:
-            return Path(path).read_bytes()
-        except FileNotFoundError:
-            return b"<not delivered>"
-
-    def qdel(self, user, job_id: str) -> None:
-        subprocess.run([RUNUSER, "-u", user.name, "--", self.bin("qdel"), job_id], env=self.env_for(user),
-                       check=True, capture_output=True, timeout=60)
-
-    def session_of(self, job_id: str, timeout: float = 60) -> int:
-        attrs = wait_until(lambda: (lambda a: a if a.get("session_id") else None)(self.qstat(job_id)), timeout)
-        assert attrs, self.qstat(job_id)
-        return int(attrs["session_id"])
-
-    @staticmethod
-    def cleanup(path: Path) -> None:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def qsub_interactive(torque: Torque, user, args: Sequence[str], send: bytes, workdir: Path,

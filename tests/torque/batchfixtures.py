@@ -1,0 +1,44 @@
+"""Fixtures both real-batch-system suites use (tests/torque, tests/openpbs): the test users and the session's
+cbatchd on the default socket. A conftest imports the user fixtures by name and makes its cbatchd fixture
+with :func:`cbatchd_fixture` (its own run directory, site config and instance)."""
+
+from __future__ import annotations
+
+import pytest
+
+import trq
+import users as users_mod
+from torque_helpers import remove_instance_containers
+
+
+def cbatchd_fixture(run, site_config, instance: str, socket_path: str):
+    """A session fixture ``cbatchd``: a real cbatchd on ``socket_path`` with ``site_config(helper)``; at the end
+    it is stopped and every container of ``instance`` (both engines, and the image holders) removed."""
+    @pytest.fixture(scope="session")
+    def cbatchd(helper, test_images):
+        """A real cbatchd on the default socket with the test site config (session)."""
+        d = trq.start_cbatchd(run, site_config(helper), instance, socket_path)
+        yield d
+        d.stop()
+        remove_instance_containers(instance)
+    return cbatchd
+
+
+@pytest.fixture(scope="session")
+def users():
+    return users_mod.ensure()
+
+
+@pytest.fixture
+def alice(users):
+    return users["cbt-alice"]
+
+
+@pytest.fixture
+def bob(users):
+    return users["cbt-bob"]
+
+
+@pytest.fixture
+def carol(users):
+    return users["cbt-carol"]
