@@ -7,7 +7,7 @@ containers. Per container it keeps a bundle directory ``<bundles>/<instance>/<na
 
 Start: ``libexec/cbatch-shim`` (a subreaper in its own session, spawned with the job's own descriptors as
 its stdio - the spool files or pipes the client passed, so no byte of output passes through cbatchd) runs
-``runc create`` and ``runc start`` and says so on a pipe; only then does :meth:`DirectEngine.start` return, so
+``runc run --detach`` (one runc process) and says so on a pipe; only then does :meth:`DirectEngine.start` return, so
 the pinned mounts are in the container's mount namespace. The shim waits for the container's init, records
 its status and OOM-kill count and deletes it. It outlives cbatchd: a restarted daemon lists bundles, waits
 on the shim by pidfd and reads the same status file (recovery is the same code for both engines).
