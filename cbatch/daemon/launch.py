@@ -25,7 +25,7 @@ from cbatch.core.job import Identity, JobContext
 from cbatch.core.resources import parse_resource_list
 from cbatch.core.spec import Native
 from cbatch.host import cgroups
-from cbatch.host.paths import resolve_as_user
+from cbatch.host.paths import batch_resolver
 from cbatch.daemon.streams import choose_stdio, say_nowait
 from cbatch.daemon.supervise import Session, supervise
 from cbatch.engines.base import Stdio
@@ -67,6 +67,12 @@ def read_script(path: str, uid: int) -> bytes:
         raise JobError("job script", "cannot read", f"{path}: {exc.strerror}") from exc
     finally:
         os.close(fd)
+
+
+def _resolver(job: JobContext):
+    """The policy's resolver with the job's own paths resolved up front in one child (one fork per start,
+    not one per path: the forks were most of the decision's time)."""
+    return batch_resolver((job.script_path, job.node_file, job.tmpdir, job.identity.home, job.cwd), job.identity)
 
 
 def _cgroup_parent(reg, peer_pid: int):
@@ -191,7 +197,7 @@ def _decide_start(daemon, peer, reg, argv, cwd, env, line, interactive):
                                peers.umask_of(peer.pid))
     if script_gone:         # nothing to mount: the policy mounts the job script only when there is one
         job = dataclasses.replace(job, script_path="")
-    return policy.decide(daemon.config, job, directives, resolve_as_user, _tags_of(daemon)), job
+    return policy.decide(daemon.config, job, directives, _resolver(job), _tags_of(daemon)), job
 
 
 def run(daemon, conn, peer, msg: dict, fds) -> dict | None:
@@ -232,7 +238,7 @@ def _prepare_run(daemon, conn, peer, rec, msg, fds):
     shell = identity.shell if identity.shell.startswith("/") else "/bin/sh"
     job = JobContext.for_start(reg, identity, shell, "", cwd, env, _cgroup_parent(reg, peer.pid),
                                peers.umask_of(peer.pid))
-    decision = policy.decide_run(daemon.config, job, directives, argv, resolve_as_user, next(_RUN_INDEX),
+    decision = policy.decide_run(daemon.config, job, directives, argv, _resolver(job), next(_RUN_INDEX),
                                  _tags_of(daemon))
     if isinstance(decision, Native):
         return {"mode": "native", "reason": decision.reason}
