@@ -273,7 +273,8 @@ def _launch(daemon, conn, peer, job, spec, stdio, pump, fds, kind: str, tty_fd=N
     # Present, or pulled now when the queue says pull: missing; else one "not on this node" line.
     info = daemon.images.ensure(spec.image, daemon.config.queue(job.queue), _progress(fds[2]))
     env += tuple(daemon.images.job_env(spec.image, info))
-    spec = dataclasses.replace(spec, env=env, labels=tuple(spec.labels) + ((LABEL_PEER, str(peer.pid)),))
+    spec = dataclasses.replace(spec, env=env, labels=tuple(spec.labels) + ((LABEL_PEER, str(peer.pid)),),
+                               image_id=getattr(info, "id", None) or None)
     spec, tm = _with_tm(daemon, job, spec, peer, kind)
     # Docker mounts root-owned staging points holding the exact objects checked as the user (no path it
     # re-resolves is one the user can swap); site mounts come from the root-owned config and are not pinned.

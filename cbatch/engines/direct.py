@@ -31,7 +31,7 @@ from typing import Dict, List, Optional
 
 from cbatch.core.errors import EngineError
 from cbatch.core.spec import LABEL_INSTANCE, ContainerSpec
-from cbatch.engines import base, bundles, imagehold, ocispec, rootfs, seccomp
+from cbatch.engines import base, bundles, imagefacts, imagehold, ocispec, rootfs, seccomp
 from cbatch.engines.base import ExitInfo, Stdio
 from cbatch.engines.directexec import DirectExecOps
 from cbatch.engines.identity import host_unprivileged_port_start, init_binary
@@ -64,6 +64,7 @@ class DirectEngine(DirectExecOps):
         self.runc = runc
         self.timeout = timeout
         self.holds = imagehold.Holds(docker, instance)
+        self.facts = imagefacts.Facts(docker)
         # One start or remove at a time per container: a job's cleanup (its epilogue) racing the start of its
         # container must wait for the start and then remove what it made, not find half a bundle.
         self._locks: Dict[str, list] = {}               # cid -> [RLock, holders]
@@ -113,9 +114,7 @@ class DirectEngine(DirectExecOps):
         line = spec.stdin_line.encode() if spec.stdin_line is not None else None
         if line is not None and len(line) > STDIN_LINE_MAX:
             raise EngineError("stdin line", "too long", f"{len(line)} bytes", f"at most {STDIN_LINE_MAX}")
-        attrs = self.docker._call("inspect image", spec.image, self.docker.api.inspect_image, spec.image)
-        conf, image_id = attrs.get("Config") or {}, attrs["Id"]
-        dirs = rootfs.lower_dirs(attrs)
+        image_id, conf, dirs = self.facts.get(spec.image_id or spec.image)
         t = _timing("inspect", t)
         bundle = os.path.join(self.bundles, instance, spec.name)
         os.makedirs(os.path.dirname(bundle), mode=0o700, exist_ok=True)
@@ -131,8 +130,7 @@ class DirectEngine(DirectExecOps):
                 "cgroup": cgroups_path, "created": time.time()}
         bundles.write_json(os.path.join(bundle, "meta.json"), meta)
         try:
-            self.holds.hold(image_id, cid, [os.path.normpath("/" + str(v).lstrip("/"))
-                                            for v in sorted(conf.get("Volumes") or {})])
+            self.holds.hold(image_id, cid, imagefacts.volumes(conf))
             t = _timing("hold", t)
             root = rootfs.mount(bundle, dirs, spec.layer_bytes)
             t = _timing("rootfs", t)

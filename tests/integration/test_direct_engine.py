@@ -75,6 +75,53 @@ def test_image_is_held_while_a_direct_job_uses_it(direct_mom, direct_daemon, ali
         image_builder.remove(ref)
 
 
+def test_image_in_use_is_kept_by_prune_and_held_across_a_daemon_restart(direct_mom, direct_daemon, alice, workdir):
+    tag = f"direct-keep-{uuid.uuid4().hex[:8]}:1"
+    ref = image_builder.hostile_image(tag, files={"/etc/marker": "kept\n"})
+    image_id = _image_id(ref)
+    from cbatch.clients import client
+    try:
+        job = direct_mom.submit(script("cat /etc/marker; while [ ! -e go ]; do sleep 0.1; done; cat /etc/marker",
+                                       image=ref, shebang="#!/bin/sh"),
+                                alice.name, initdir=str(workdir), shell="/bin/sh")
+        assert job.wait_output(b"kept\n", timeout=60), job.peek()
+        direct_daemon.restart()
+        # The restarted daemon rebuilt the hold from the running container: prune (which drops idle holders
+        # first; a dry run, so no other image on this shared machine is touched) keeps it, and Docker still
+        # refuses to remove the image.
+        reply = client.call(direct_daemon.socket, "images", action="prune", dry_run=True)
+        assert ref not in reply["removed"] and _image_id(ref) == image_id
+        rm = subprocess.run(["docker", "rmi", "--no-prune", image_id], capture_output=True, text=True)
+        assert rm.returncode != 0 and "container" in rm.stderr, rm.stderr
+        (workdir / "go").touch()
+        r = job.wait(60)
+        assert r.exit_status == 0 and r.stdout == b"kept\nkept\n", (r.stdout, r.stderr)
+    finally:
+        image_builder.remove(ref)
+
+
+def _image_id(ref: str) -> str:
+    return subprocess.run(["docker", "image", "inspect", "-f", "{{.Id}}", ref], check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+
+def test_a_retagged_name_runs_the_image_it_names_now(direct_mom, alice):
+    # The engine caches image facts by id: moving a tag to another image must start that other image.
+    name = f"cbatch-test/direct-retag-{uuid.uuid4().hex[:8]}:1"
+    first = image_builder.hostile_image(f"direct-retag-a-{uuid.uuid4().hex[:8]}:1", files={"/etc/marker": "A\n"})
+    second = image_builder.hostile_image(f"direct-retag-b-{uuid.uuid4().hex[:8]}:1", files={"/etc/marker": "B\n"})
+    try:
+        body = 'cat /etc/marker; echo "$CBATCH_IMAGE_ID"'
+        for ref, marker in ((first, b"A"), (second, b"B"), (first, b"A")):
+            subprocess.run(["docker", "tag", ref, name], check=True)
+            r = direct_mom.submit(script(body, image=name, shebang="#!/bin/sh"), alice.name, shell="/bin/sh").wait(120)
+            assert r.exit_status == 0, r.stderr
+            assert r.stdout.decode().splitlines() == [marker.decode(), _image_id(ref)]
+    finally:
+        for ref in (name, first, second):
+            image_builder.remove(ref)
+
+
 def test_killed_shim_never_leaves_the_container_running(direct_mom, direct_daemon, alice):
     job = direct_mom.submit(script("echo ready; sleep 300"), alice.name)
     assert job.wait_output(b"ready\n", timeout=60), job.peek()
