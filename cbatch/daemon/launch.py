@@ -141,12 +141,13 @@ def _prepare_start(daemon, conn, peer, rec, msg, fds, interactive: bool):
         raise protocol.bad_field("argv", "[starter, shell]")
     if interactive and len(argv) < 2:
         raise protocol.bad_field("argv", "[starter, shell, args...]")
-    if not daemon.registry.claim_start(reg.job_id):
-        raise AccessDenied("start", "job already started", reg.job_id, "a job starts once")
     # Until the start is answered (native) or its container recorded (_launch), a restarted daemon finds
-    # this entry and releases the start, so the starter may ask again (recovery._resolve_pending).
-    daemon.registry.add_container(reg.job_id, CLAIM, {"peer": peer.pid, "peer_start": peers.start_time(peer.pid),
-                                                      "kind": "job", "uid": peer.uid, "batch": reg.batch})
+    # the claim entry (written with the claim itself) and releases the start, so the starter may ask again
+    # (recovery._resolve_pending).
+    claim = {"peer": peer.pid, "peer_start": peers.start_time(peer.pid), "kind": "job", "uid": peer.uid,
+             "batch": reg.batch}
+    if not daemon.registry.claim_start(reg.job_id, (CLAIM, claim)):
+        raise AccessDenied("start", "job already started", reg.job_id, "a job starts once")
     try:
         decision, job = _decide_start(daemon, peer, reg, argv, cwd, env, line, interactive)
         if isinstance(decision, Native):
@@ -298,8 +299,7 @@ def _launch(daemon, conn, peer, job, spec, stdio, pump, fds, kind: str, tty_fd=N
     # then removes what it made; it never races a half-made container.
     with daemon.starts.start(job.job_id):
         pending = recovery.pending_key(spec.name)
-        daemon.registry.add_container(job.job_id, pending, sess.record())
-        daemon.registry.drop_container(job.job_id, CLAIM)       # the pending start now stands for it
+        daemon.registry.replace_container(job.job_id, CLAIM, pending, sess.record())    # it stands for the claim
         try:
             cid = daemon.engine.start(pinned, staged, daemon.instance, daemon.config.daemon.helper)
         except BaseException:
@@ -310,8 +310,7 @@ def _launch(daemon, conn, peer, job, spec, stdio, pump, fds, kind: str, tty_fd=N
         if not daemon.engine.proxied(cid):
             sess.pump_fds = (None, None, None)      # the container has the client's descriptors itself
         try:
-            daemon.registry.add_container(job.job_id, cid, sess.record())
-            daemon.registry.drop_container(job.job_id, pending)
+            daemon.registry.replace_container(job.job_id, pending, cid, sess.record())
             protocol.send(conn, {"ok": True, "event": "started", "id": cid, "job_id": job.job_id,
                                  "name": spec.name, "image": spec.image})
         except BaseException:

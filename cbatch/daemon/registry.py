@@ -17,7 +17,7 @@ import os
 import re
 import threading
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from cbatch.core.errors import CbatchError, DaemonError
 from cbatch.core.job import Registration
@@ -139,13 +139,16 @@ class Registry:
             _unlink(self._path(job_id))
             return rec
 
-    def claim_start(self, job_id: str) -> bool:
-        """Mark the job started; False if it already was (one start per job, across restarts too)."""
+    def claim_start(self, job_id: str, entry: Optional[Tuple[str, dict]] = None) -> bool:
+        """Mark the job started; False if it already was (one start per job, across restarts too).
+        ``entry`` (key, info): a container entry recorded in the same write (the start's claim)."""
         with self._lock:
             rec = self._jobs.get(job_id)
             if rec is None or rec.started:
                 return False
             rec.started = True
+            if entry is not None:
+                rec.containers[entry[0]] = dict(entry[1])
             self._save(rec)
             return True
 
@@ -163,6 +166,16 @@ class Registry:
         with self._lock:
             rec = self._jobs.get(job_id)
             if rec is not None:
+                rec.containers[cid] = dict(info)
+                self._save(rec)
+
+    def replace_container(self, job_id: str, old: str, cid: str, info: dict) -> None:
+        """Record ``cid`` and forget ``old`` in ONE write (a start's claim -> its pending container -> the
+        container): the file never lacks both, and a start costs one fsync per step, not two."""
+        with self._lock:
+            rec = self._jobs.get(job_id)
+            if rec is not None:
+                rec.containers.pop(old, None)
                 rec.containers[cid] = dict(info)
                 self._save(rec)
 
