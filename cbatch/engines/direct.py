@@ -117,12 +117,18 @@ class DirectEngine(DirectExecOps):
         image_id, conf, dirs = self.facts.get(spec.image_id or spec.image)
         t = _timing("inspect", t)
         bundle = os.path.join(self.bundles, instance, spec.name)
-        os.makedirs(os.path.dirname(bundle), mode=0o700, exist_ok=True)
         os.makedirs(self.root, mode=0o700, exist_ok=True)
-        try:
-            os.mkdir(bundle, 0o700)
-        except FileExistsError as exc:
-            raise EngineError("container", "name in use", spec.name) from exc
+        for attempt in range(3):
+            os.makedirs(os.path.dirname(bundle), mode=0o700, exist_ok=True)
+            try:
+                os.mkdir(bundle, 0o700)
+                break
+            except FileExistsError as exc:
+                raise EngineError("container", "name in use", spec.name) from exc
+            except FileNotFoundError:
+                # Another container's removal took the (then empty) instance directory: make it again.
+                if attempt == 2:
+                    raise
         labels = spec.label_dict()
         labels[LABEL_INSTANCE] = instance
         cgroups_path = f"{(spec.cgroup_parent or '/cbatch').rstrip('/')}/{spec.name}"
@@ -358,6 +364,7 @@ class DirectEngine(DirectExecOps):
         if any(os.path.ismount(os.path.join(bundle, n)) for n in ("rootfs", "layer")):
             raise EngineError("container", "remove failed", cid, "its root filesystem is still mounted")
         shutil.rmtree(bundle, ignore_errors=True)
+        bundles.drop_instance_dir(self.bundles, os.path.basename(os.path.dirname(bundle)))
         self._event(cid, "destroy")
         if meta.get("image_id"):
             self.holds.release(meta["image_id"], cid)
@@ -378,6 +385,7 @@ class DirectEngine(DirectExecOps):
             if meta.get("image_id"):
                 self.holds.adopt(meta["image_id"], cid)
         self.holds.sweep()
+        bundles.sweep(self.bundles, self.instance)
 
 
 def _reaper(pid: int) -> None:

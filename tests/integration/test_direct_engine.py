@@ -136,6 +136,18 @@ def test_a_retagged_name_runs_the_image_it_names_now(direct_mom, alice):
             image_builder.remove(ref)
 
 
+def test_a_removed_container_leaves_no_directory_behind(direct_mom, direct_daemon, alice):
+    r = direct_mom.submit(script("echo hi"), alice.name).wait(120)
+    assert r.exit_status == 0 and r.stdout == b"hi\n", r.stderr
+    instance_dir = os.path.join(DIRECT_BUNDLES, direct_daemon.instance)
+    # The epilogue removed the container; with it went its bundle and the (now empty) instance directory.
+    assert wait_until(lambda: not os.path.exists(instance_dir), timeout=30) is not None, os.listdir(instance_dir)
+    assert "destroy" in open(os.path.join(DIRECT_BUNDLES, "events", direct_daemon.instance + ".jsonl")).read()
+    # A second job of the same instance makes it again.
+    r = direct_mom.submit(script("echo again"), alice.name).wait(120)
+    assert r.exit_status == 0 and r.stdout == b"again\n", r.stderr
+
+
 def test_killed_shim_never_leaves_the_container_running(direct_mom, direct_daemon, alice):
     job = direct_mom.submit(script("echo ready; sleep 300"), alice.name)
     assert job.wait_output(b"ready\n", timeout=60), job.peek()
