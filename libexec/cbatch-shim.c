@@ -7,8 +7,9 @@
  * dies before that leaves no container behind, only a status saying so). The shim becomes a
  * child subreaper, runs `runc run --detach` (one runc process; the container's init is then reparented to
  * the shim), writes one byte to fd 3, then waits for the container's init. When it exits the shim reads
- * the OOM-kill counter of the container's cgroup (before `runc delete` removes it), deletes the container
- * and writes BUNDLE/status ("status N oom K\n", written to a temporary file and renamed). It runs in its
+ * the OOM-kill counter, CPU time and peak memory of the container's cgroup (before `runc delete` removes
+ * it), deletes the container and writes BUNDLE/status ("status N oom K cpu_us C peak_bytes P\n", -1 where
+ * the cgroup does not report one; written to a temporary file and renamed). It runs in its
  * own session and ignores the terminal/termination signals, so it outlives a cbatchd restart: a new daemon
  * waits on it by pidfd and reads the same status file. Nothing in it decides anything.
  */
@@ -26,6 +27,9 @@
 
 static char *bundle;
 
+/* What the container's cgroup used, read before `runc delete` removes it (-1: not reported). */
+static long long cpu_us = -1, peak_bytes = -1;
+
 static void write_status(int status, long oom, const char *why)
 {
 	char tmp[4096], path[4096];
@@ -34,7 +38,7 @@ static void write_status(int status, long oom, const char *why)
 	FILE *f = fopen(tmp, "w");
 	if (!f)
 		return;
-	fprintf(f, "status %d oom %ld\n", status, oom);
+	fprintf(f, "status %d oom %ld cpu_us %lld peak_bytes %lld\n", status, oom, cpu_us, peak_bytes);
 	if (why)
 		fprintf(f, "error %s\n", why);
 	fflush(f);
@@ -99,6 +103,40 @@ static long oom_kills(const char *cgroup)
 	if ((v = counter(path, "oom_kill")) >= 0)
 		return v;
 	return 0;
+}
+
+static long long number(const char *path)
+{
+	long long v = -1;
+	FILE *f = fopen(path, "r");
+	if (!f)
+		return -1;
+	if (fscanf(f, "%lld", &v) != 1)
+		v = -1;
+	fclose(f);
+	return v;
+}
+
+/* CPU time and peak memory of the container's own cgroup (v1: cpuacct, memory; v2: cpu.stat, memory.peak). */
+static void usage(const char *cgroup)
+{
+	char path[4096];
+	long long v;
+	snprintf(path, sizeof path, "/sys/fs/cgroup/cpuacct%s/cpuacct.usage", cgroup);
+	if ((v = number(path)) >= 0)
+		cpu_us = v / 1000;
+	else {
+		snprintf(path, sizeof path, "/sys/fs/cgroup%s/cpu.stat", cgroup);
+		if ((v = counter(path, "usage_usec")) >= 0)
+			cpu_us = v;
+	}
+	snprintf(path, sizeof path, "/sys/fs/cgroup/memory%s/memory.max_usage_in_bytes", cgroup);
+	if ((v = number(path)) >= 0)
+		peak_bytes = v;
+	else {
+		snprintf(path, sizeof path, "/sys/fs/cgroup%s/memory.peak", cgroup);
+		peak_bytes = number(path);
+	}
 }
 
 int main(int argc, char **argv)
@@ -182,6 +220,7 @@ int main(int argc, char **argv)
 		}
 	}
 	long oom = oom_kills(cgroup);
+	usage(cgroup);
 	char *del[] = {runc, "--root", root, "delete", "--force", id, NULL};
 	run(del, 1);
 	write_status(status, oom, NULL);

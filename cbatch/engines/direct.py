@@ -301,8 +301,10 @@ class DirectEngine(DirectExecOps):
             notice = EngineError("container", "writable layer full", f"{rootfs.layer_mib(bundle)} MiB",
                                  "writes into the image's filesystem are bounded by hardening.layer_size; put big"
                                  " files in $TMPDIR, the working directory or a mounted directory").message
+        cpu_us = status.get("cpu_us")
         return ExitInfo(status=status["status"], oom_killed=status.get("oom", 0) > 0, error=status.get("error"),
-                        notice=notice)
+                        notice=notice, cpu_s=None if cpu_us is None else round(cpu_us / 1e6, 3),
+                        peak_bytes=status.get("peak_bytes"))
 
     def _runc(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run([self.runc, "--root", self.root, *args], stdin=subprocess.DEVNULL,

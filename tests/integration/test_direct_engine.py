@@ -148,6 +148,27 @@ def test_a_removed_container_leaves_no_directory_behind(direct_mom, direct_daemo
     assert r.exit_status == 0 and r.stdout == b"again\n", r.stderr
 
 
+def test_audit_line_has_the_containers_cpu_time_and_peak_memory(direct_mom, direct_daemon, alice):
+    import re
+    # ~40 MB held by the shell and some CPU burnt: the container's cgroup must report both before it goes.
+    r = direct_mom.submit(script("""
+x=$(head -c 40000000 /dev/zero | tr '\\0' a)
+i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done
+echo ${#x}
+"""), alice.name).wait(120)
+    assert r.exit_status == 0 and r.stdout == b"40000000\n", (r.stdout, r.stderr)
+    def end_lines():
+        return [ln for ln in direct_daemon.log().splitlines()
+                if "audit: " in ln and f"job={r.job_id} " in ln and "event=end " in ln]
+    # The line follows the container's removal, which may come after the client has its exit status.
+    assert wait_until(end_lines, timeout=30) is not None, direct_daemon.log()[-2000:]
+    end = end_lines()
+    assert len(end) == 1, end
+    fields = dict(re.findall(r"(\w+)=(\"[^\"]*\"|\S+)", end[0].split("audit: ", 1)[1]))
+    assert float(fields["cpu_s"]) > 0.05, fields
+    assert int(fields["peak_bytes"]) >= 40_000_000, fields
+
+
 def test_killed_shim_never_leaves_the_container_running(direct_mom, direct_daemon, alice):
     job = direct_mom.submit(script("echo ready; sleep 300"), alice.name)
     assert job.wait_output(b"ready\n", timeout=60), job.peek()
