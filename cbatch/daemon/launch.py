@@ -141,12 +141,12 @@ def _prepare_start(daemon, conn, peer, rec, msg, fds, interactive: bool):
         raise protocol.bad_field("argv", "[starter, shell]")
     if interactive and len(argv) < 2:
         raise protocol.bad_field("argv", "[starter, shell, args...]")
-    # Until the start is answered (native) or its container recorded (_launch), a restarted daemon finds
-    # the claim entry (written with the claim itself) and releases the start, so the starter may ask again
-    # (recovery._resolve_pending).
+    # The claim is written with the pending start that replaces it (_launch), or with its drop (native, or
+    # refused): a daemon that dies before finds the job unstarted, so the starter may ask again - what
+    # recovery._resolve_pending would make of a written claim. One fsync less per start.
     claim = {"peer": peer.pid, "peer_start": peers.start_time(peer.pid), "kind": "job", "uid": peer.uid,
              "batch": reg.batch}
-    if not daemon.registry.claim_start(reg.job_id, (CLAIM, claim)):
+    if not daemon.registry.claim_start(reg.job_id, (CLAIM, claim), write=False):
         raise AccessDenied("start", "job already started", reg.job_id, "a job starts once")
     try:
         decision, job = _decide_start(daemon, peer, reg, argv, cwd, env, line, interactive)

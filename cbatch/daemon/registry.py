@@ -139,9 +139,11 @@ class Registry:
             _unlink(self._path(job_id))
             return rec
 
-    def claim_start(self, job_id: str, entry: Optional[Tuple[str, dict]] = None) -> bool:
+    def claim_start(self, job_id: str, entry: Optional[Tuple[str, dict]] = None, write: bool = True) -> bool:
         """Mark the job started; False if it already was (one start per job, across restarts too).
-        ``entry`` (key, info): a container entry recorded in the same write (the start's claim)."""
+        ``entry`` (key, info): a container entry recorded with it (the start's claim). ``write=False``: in
+        memory only, written with the record's next change (a start's pending entry, or the claim's drop):
+        a daemon that dies before that finds the job unstarted - what recovery makes of a claim anyway."""
         with self._lock:
             rec = self._jobs.get(job_id)
             if rec is None or rec.started:
@@ -149,7 +151,8 @@ class Registry:
             rec.started = True
             if entry is not None:
                 rec.containers[entry[0]] = dict(entry[1])
-            self._save(rec)
+            if write:
+                self._save(rec)
             return True
 
     def release_start(self, job_id: str) -> None:

@@ -361,7 +361,10 @@ class DirectEngine(DirectExecOps):
                     os.kill(int(meta["shim"]), _signal.SIGKILL)
             finally:
                 os.close(fd)
-        self._runc("delete", "--force", meta["name"])
+        # runc keeps a container's state in <root>/<id>: once the shim's own delete removed it there is
+        # nothing left to delete (one runc process less at every job's end).
+        if os.path.lexists(os.path.join(self.root, meta["name"])):
+            self._runc("delete", "--force", meta["name"])
         rootfs.release(bundle)
         if any(os.path.ismount(os.path.join(bundle, n)) for n in ("rootfs", "layer")):
             raise EngineError("container", "remove failed", cid, "its root filesystem is still mounted")
