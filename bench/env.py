@@ -284,9 +284,12 @@ class Bench:
             Engine(ENGINE_URL).cleanup({LABEL_INSTANCE: self.daemon.instance})
         except Exception as exc:  # noqa: BLE001 - report, keep tidying
             print(f"bench: cleanup of {self.daemon.instance}: {exc}", file=sys.stderr)
-        # docker-run baseline containers (--rm, so only ones whose CLI was killed are left)
+        # docker-run baseline containers (--rm, so only ones whose CLI was killed are left), and the direct
+        # engine's image holders of this run's instance (they outlive their last job until prune asks)
         left = subprocess.run(["docker", "ps", "-aq", "--filter", "label=cbatch-bench=1"],
                               capture_output=True, text=True).stdout.split()
+        left += subprocess.run(["docker", "ps", "-aq", "--filter", f"label=cbatch.hold={self.daemon.instance}"],
+                               capture_output=True, text=True).stdout.split()
         if left:
             subprocess.run(["docker", "rm", "-f", *left], capture_output=True)
         shutil.rmtree(self.mom_dir, ignore_errors=True)

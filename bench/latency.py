@@ -135,12 +135,13 @@ def _hook_times(bench, n: int) -> dict:
 
 
 def _policy_times(bench, n: int) -> list:
-    """``policy.decide`` for a job like the benchmark's, with the daemon's resolver (forks as the user)."""
+    """``policy.decide`` for a job like the benchmark's, with the daemon's resolver (the job's paths resolved
+    as the user in one child, :func:`cbatch.daemon.launch._resolver`)."""
     from cbatch.core import config as configmod
     from cbatch.core import policy
     from cbatch.core.directives import parse_script
     from cbatch.core.job import Identity, JobContext, Registration
-    from cbatch.host.paths import resolve_as_user
+    from cbatch.daemon.launch import _resolver
 
     user = bench.user
     with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
@@ -158,7 +159,7 @@ def _policy_times(bench, n: int) -> list:
         def decide() -> None:
             directives = parse_script(script.read_bytes())
             job = JobContext.for_start(reg, identity, "/bin/sh", f"{script}\n", user.pw_dir, env)
-            policy.decide(cfg, job, directives, resolve_as_user)
+            policy.decide(cfg, job, directives, _resolver(job))
 
         return _timed(decide, n)
 

@@ -66,9 +66,11 @@ def install() -> None:
     for owner, attr, name in (
             (peers, "start_job", "start.peer_check"), (registry.Registry, "claim_start", "start.registry_claim"),
             (launch, "read_script", "start.read_script"), (directives, "parse_script", "start.parse_script"),
-            (policy, "decide", "start.policy_decide"), (launch, "_cgroup_parent", "start.cgroup_parent"),
+            (policy, "decide", "start.policy_decide"), (launch, "_resolver", "start.resolve_paths"),
+            (launch, "_cgroup_parent", "start.cgroup_parent"),
             (imagesync.ImageManager, "ensure", "start.image_check"), (engine.Engine, "start", "start.engine_start"),
             (registry.Registry, "add_container", "start.registry_add_container"),
+            (registry.Registry, "replace_container", "start.registry_replace_container"),
             (engine.Engine, "remove", "end.engine_remove"), (engine.Engine, "cleanup", "end.engine_cleanup"),
             (registry.Registry, "register", "registry.register"),
             (registry.Registry, "unregister", "registry.unregister"),

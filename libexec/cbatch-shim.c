@@ -5,10 +5,11 @@
  * stdin/stdout/stderr are the job's own descriptors; fd 3 is the daemon's ready pipe, fd 4 its go pipe: the
  * shim creates nothing before the daemon, having recorded the shim's pid, writes "g" there (a daemon that
  * dies before that leaves no container behind, only a status saying so). The shim becomes a
- * child subreaper, runs `runc create` (the container's init is then reparented to the shim) and
- * `runc start`, writes one byte to fd 3, then waits for the container's init. When it exits the shim reads
- * the OOM-kill counter of the container's cgroup (before `runc delete` removes it), deletes the container
- * and writes BUNDLE/status ("status N oom K\n", written to a temporary file and renamed). It runs in its
+ * child subreaper, runs `runc run --detach` (one runc process; the container's init is then reparented to
+ * the shim), writes one byte to fd 3, then waits for the container's init. When it exits the shim reads
+ * the OOM-kill counter, CPU time and peak memory of the container's cgroup (before `runc delete` removes
+ * it), deletes the container and writes BUNDLE/status ("status N oom K cpu_us C peak_bytes P\n", -1 where
+ * the cgroup does not report one; written to a temporary file and renamed). It runs in its
  * own session and ignores the terminal/termination signals, so it outlives a cbatchd restart: a new daemon
  * waits on it by pidfd and reads the same status file. Nothing in it decides anything.
  */
@@ -19,16 +20,15 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <net/if.h>
-#include <sched.h>
-#include <sys/ioctl.h>
 #include <sys/prctl.h>
-#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 static char *bundle;
+
+/* What the container's cgroup used, read before `runc delete` removes it (-1: not reported). */
+static long long cpu_us = -1, peak_bytes = -1;
 
 static void write_status(int status, long oom, const char *why)
 {
@@ -38,7 +38,7 @@ static void write_status(int status, long oom, const char *why)
 	FILE *f = fopen(tmp, "w");
 	if (!f)
 		return;
-	fprintf(f, "status %d oom %ld\n", status, oom);
+	fprintf(f, "status %d oom %ld cpu_us %lld peak_bytes %lld\n", status, oom, cpu_us, peak_bytes);
 	if (why)
 		fprintf(f, "error %s\n", why);
 	fflush(f);
@@ -105,32 +105,38 @@ static long oom_kills(const char *cgroup)
 	return 0;
 }
 
-/* Network "none" as Docker gives it: the container's fresh network namespace with lo up. */
-static int lo_up(long cpid)
+static long long number(const char *path)
 {
-	pid_t pid = fork();
-	if (pid < 0)
+	long long v = -1;
+	FILE *f = fopen(path, "r");
+	if (!f)
 		return -1;
-	if (pid == 0) {
-		char path[64];
-		snprintf(path, sizeof path, "/proc/%ld/ns/net", cpid);
-		int ns = open(path, O_RDONLY | O_CLOEXEC);
-		if (ns < 0 || setns(ns, CLONE_NEWNET) != 0)
-			_exit(1);
-		int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-		struct ifreq ifr;
-		memset(&ifr, 0, sizeof ifr);
-		strcpy(ifr.ifr_name, "lo");
-		if (s < 0 || ioctl(s, SIOCGIFFLAGS, &ifr) != 0)
-			_exit(1);
-		ifr.ifr_flags |= IFF_UP | IFF_RUNNING;
-		_exit(ioctl(s, SIOCSIFFLAGS, &ifr) != 0);
+	if (fscanf(f, "%lld", &v) != 1)
+		v = -1;
+	fclose(f);
+	return v;
+}
+
+/* CPU time and peak memory of the container's own cgroup (v1: cpuacct, memory; v2: cpu.stat, memory.peak). */
+static void usage(const char *cgroup)
+{
+	char path[4096];
+	long long v;
+	snprintf(path, sizeof path, "/sys/fs/cgroup/cpuacct%s/cpuacct.usage", cgroup);
+	if ((v = number(path)) >= 0)
+		cpu_us = v / 1000;
+	else {
+		snprintf(path, sizeof path, "/sys/fs/cgroup%s/cpu.stat", cgroup);
+		if ((v = counter(path, "usage_usec")) >= 0)
+			cpu_us = v;
 	}
-	int st;
-	while (waitpid(pid, &st, 0) < 0)
-		if (errno != EINTR)
-			return -1;
-	return WIFEXITED(st) && WEXITSTATUS(st) == 0 ? 0 : -1;
+	snprintf(path, sizeof path, "/sys/fs/cgroup/memory%s/memory.max_usage_in_bytes", cgroup);
+	if ((v = number(path)) >= 0)
+		peak_bytes = v;
+	else {
+		snprintf(path, sizeof path, "/sys/fs/cgroup%s/memory.peak", cgroup);
+		peak_bytes = number(path);
+	}
 }
 
 int main(int argc, char **argv)
@@ -165,31 +171,17 @@ int main(int argc, char **argv)
 		return 0;
 	}
 
-	char *create[] = {runc, "--root", root, "create", "--bundle", bundle, "--pid-file", pidfile, id, NULL};
-	int st = run(create, 0);
-	if (st < 0 || !WIFEXITED(st) || WEXITSTATUS(st) != 0) {
-		char *del[] = {runc, "--root", root, "delete", "--force", id, NULL};
-		run(del, 1);
-		write_status(125, 0, "runc create failed");
-		return 0;
-	}
-	FILE *pf = fopen(pidfile, "r");
+	/* One runc process: `run --detach` creates and starts (runc itself brings the new netns's lo up); its
+	 * init is reparented to us, the subreaper, when runc exits. */
+	char *runit[] = {runc, "--root", root, "run", "--detach", "--bundle", bundle, "--pid-file", pidfile, id, NULL};
+	int st = run(runit, 0);
+	int started = st >= 0 && WIFEXITED(st) && WEXITSTATUS(st) == 0;
 	long cpid = 0;
-	if (!pf || fscanf(pf, "%ld", &cpid) != 1 || cpid <= 1) {
+	if (started) {
+		FILE *pf = fopen(pidfile, "r");
+		started = pf && fscanf(pf, "%ld", &cpid) == 1 && cpid > 1;
 		if (pf)
 			fclose(pf);
-		char *del[] = {runc, "--root", root, "delete", "--force", id, NULL};
-		run(del, 1);
-		write_status(125, 0, "no container pid");
-		return 0;
-	}
-	fclose(pf);
-
-	int started = lo_up(cpid) == 0;
-	if (started) {
-		char *start[] = {runc, "--root", root, "start", id, NULL};
-		st = run(start, 0);
-		started = st >= 0 && WIFEXITED(st) && WEXITSTATUS(st) == 0;
 	}
 	/* The job's descriptors belong to the container now: a reader of a pipe sees EOF when the job ends. */
 	int null = open("/dev/null", O_RDWR);
@@ -207,7 +199,7 @@ int main(int argc, char **argv)
 	if (!started) {
 		char *del[] = {runc, "--root", root, "delete", "--force", id, NULL};
 		run(del, 1);
-		write_status(125, 0, "runc start failed");
+		write_status(125, 0, "runc run failed");
 		return 0;
 	}
 
@@ -228,6 +220,7 @@ int main(int argc, char **argv)
 		}
 	}
 	long oom = oom_kills(cgroup);
+	usage(cgroup);
 	char *del[] = {runc, "--root", root, "delete", "--force", id, NULL};
 	run(del, 1);
 	write_status(status, oom, NULL);

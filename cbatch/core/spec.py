@@ -86,6 +86,8 @@ class ContainerSpec:
     umask: Optional[int] = None             # the caller's umask (pbs_mom gives jobs 0077), applied by the helper
     layer_bytes: Optional[int] = None       # bound on the writable layer (hardening.layer_size); None: unbounded
     engine: str = "auto"                    # the queue's engine choice (cbatch.engines.router decides "auto")
+    image_id: Optional[str] = None          # the local image id the daemon checked (images.ensure): the direct
+                                            # engine starts exactly it, whatever ``image`` names by then
 
     def env_dict(self) -> dict:
         """The environment as a dict (later pairs win, matching how the policy layered them)."""

@@ -6,10 +6,12 @@ the fixed prefix ``audit:``, values with spaces quoted, so a site's log tooling 
 
 ``audit: job=12.node event=end user=alice uid=1001 queue=batch batch=torque kind=job mode=container
 container=3f2a... image=debian:12 image_id=sha256:... status=0 oom=no signal=- wall_s=12.3
-cgroup_cpu_s=11.9 cgroup_peak_bytes=123456789``
+cgroup_cpu_s=11.9 cgroup_peak_bytes=123456789 cpu_s=11.8 peak_bytes=120000000``
 
 ``cgroup_*`` are the job's cgroup (``--cgroup-parent``, cgroup v2) totals when the container ended - the
-container's own cgroup is gone by then; ``-`` where nothing reports them.
+container's own cgroup is gone by then; ``-`` where nothing reports them. ``cpu_s`` and ``peak_bytes`` are
+the container's own cgroup's (v1 or v2), read just before it went: the direct engine's shim reads them; the
+Docker engine reports ``-``.
 """
 
 from __future__ import annotations
@@ -56,14 +58,16 @@ def cgroup_usage(parent: Optional[str], root: str = CGROUP_ROOT) -> tuple:
     return cpu, peak
 
 
-def job_end(sess, status: Optional[int], oom: bool, wall: float, note: str = "") -> None:
-    """The line for a container that ended (``status`` None: killed because its client went away)."""
+def job_end(sess, status: Optional[int], oom: bool, wall: float, note: str = "", info=None) -> None:
+    """The line for a container that ended (``status`` None: killed because its client went away);
+    ``info``: the engine's ExitInfo (its container's own CPU time and peak memory, where it read them)."""
     cpu, peak = cgroup_usage(sess.cgroup_parent)
     signal = status - 128 if status is not None and 128 < status < 128 + 65 else None
     fields = dict(job=sess.job_id, event="end", user=sess.user, uid=sess.uid, queue=sess.queue,
                   batch=sess.batch, kind=sess.kind, mode="container", container=sess.cid[:12], image=sess.image,
                   image_id=sess.image_id, status=status, oom="yes" if oom else "no", signal=signal,
-                  wall_s=round(wall, 3), cgroup_cpu_s=cpu, cgroup_peak_bytes=peak)
+                  wall_s=round(wall, 3), cgroup_cpu_s=cpu, cgroup_peak_bytes=peak,
+                  cpu_s=getattr(info, "cpu_s", None), peak_bytes=getattr(info, "peak_bytes", None))
     if note:
         fields["note"] = note
     log.info("%s", line(**fields))

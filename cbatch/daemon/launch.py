@@ -25,7 +25,7 @@ from cbatch.core.job import Identity, JobContext
 from cbatch.core.resources import parse_resource_list
 from cbatch.core.spec import Native
 from cbatch.host import cgroups
-from cbatch.host.paths import resolve_as_user
+from cbatch.host.paths import batch_resolver
 from cbatch.daemon.streams import choose_stdio, say_nowait
 from cbatch.daemon.supervise import Session, supervise
 from cbatch.engines.base import Stdio
@@ -67,6 +67,12 @@ def read_script(path: str, uid: int) -> bytes:
         raise JobError("job script", "cannot read", f"{path}: {exc.strerror}") from exc
     finally:
         os.close(fd)
+
+
+def _resolver(job: JobContext):
+    """The policy's resolver with the job's own paths resolved up front in one child (one fork per start,
+    not one per path: the forks were most of the decision's time)."""
+    return batch_resolver((job.script_path, job.node_file, job.tmpdir, job.identity.home, job.cwd), job.identity)
 
 
 def _cgroup_parent(reg, peer_pid: int):
@@ -135,12 +141,13 @@ def _prepare_start(daemon, conn, peer, rec, msg, fds, interactive: bool):
         raise protocol.bad_field("argv", "[starter, shell]")
     if interactive and len(argv) < 2:
         raise protocol.bad_field("argv", "[starter, shell, args...]")
-    if not daemon.registry.claim_start(reg.job_id):
+    # The claim is written with the pending start that replaces it (_launch), or with its drop (native, or
+    # refused): a daemon that dies before finds the job unstarted, so the starter may ask again - what
+    # recovery._resolve_pending would make of a written claim. One fsync less per start.
+    claim = {"peer": peer.pid, "peer_start": peers.start_time(peer.pid), "kind": "job", "uid": peer.uid,
+             "batch": reg.batch}
+    if not daemon.registry.claim_start(reg.job_id, (CLAIM, claim), write=False):
         raise AccessDenied("start", "job already started", reg.job_id, "a job starts once")
-    # Until the start is answered (native) or its container recorded (_launch), a restarted daemon finds
-    # this entry and releases the start, so the starter may ask again (recovery._resolve_pending).
-    daemon.registry.add_container(reg.job_id, CLAIM, {"peer": peer.pid, "peer_start": peers.start_time(peer.pid),
-                                                      "kind": "job", "uid": peer.uid, "batch": reg.batch})
     try:
         decision, job = _decide_start(daemon, peer, reg, argv, cwd, env, line, interactive)
         if isinstance(decision, Native):
@@ -191,7 +198,7 @@ def _decide_start(daemon, peer, reg, argv, cwd, env, line, interactive):
                                peers.umask_of(peer.pid))
     if script_gone:         # nothing to mount: the policy mounts the job script only when there is one
         job = dataclasses.replace(job, script_path="")
-    return policy.decide(daemon.config, job, directives, resolve_as_user, _tags_of(daemon)), job
+    return policy.decide(daemon.config, job, directives, _resolver(job), _tags_of(daemon)), job
 
 
 def run(daemon, conn, peer, msg: dict, fds) -> dict | None:
@@ -232,7 +239,7 @@ def _prepare_run(daemon, conn, peer, rec, msg, fds):
     shell = identity.shell if identity.shell.startswith("/") else "/bin/sh"
     job = JobContext.for_start(reg, identity, shell, "", cwd, env, _cgroup_parent(reg, peer.pid),
                                peers.umask_of(peer.pid))
-    decision = policy.decide_run(daemon.config, job, directives, argv, resolve_as_user, next(_RUN_INDEX),
+    decision = policy.decide_run(daemon.config, job, directives, argv, _resolver(job), next(_RUN_INDEX),
                                  _tags_of(daemon))
     if isinstance(decision, Native):
         return {"mode": "native", "reason": decision.reason}
@@ -267,7 +274,8 @@ def _launch(daemon, conn, peer, job, spec, stdio, pump, fds, kind: str, tty_fd=N
     # Present, or pulled now when the queue says pull: missing; else one "not on this node" line.
     info = daemon.images.ensure(spec.image, daemon.config.queue(job.queue), _progress(fds[2]))
     env += tuple(daemon.images.job_env(spec.image, info))
-    spec = dataclasses.replace(spec, env=env, labels=tuple(spec.labels) + ((LABEL_PEER, str(peer.pid)),))
+    spec = dataclasses.replace(spec, env=env, labels=tuple(spec.labels) + ((LABEL_PEER, str(peer.pid)),),
+                               image_id=getattr(info, "id", None) or None)
     spec, tm = _with_tm(daemon, job, spec, peer, kind)
     # Docker mounts root-owned staging points holding the exact objects checked as the user (no path it
     # re-resolves is one the user can swap); site mounts come from the root-owned config and are not pinned.
@@ -291,8 +299,7 @@ def _launch(daemon, conn, peer, job, spec, stdio, pump, fds, kind: str, tty_fd=N
     # then removes what it made; it never races a half-made container.
     with daemon.starts.start(job.job_id):
         pending = recovery.pending_key(spec.name)
-        daemon.registry.add_container(job.job_id, pending, sess.record())
-        daemon.registry.drop_container(job.job_id, CLAIM)       # the pending start now stands for it
+        daemon.registry.replace_container(job.job_id, CLAIM, pending, sess.record())    # it stands for the claim
         try:
             cid = daemon.engine.start(pinned, staged, daemon.instance, daemon.config.daemon.helper)
         except BaseException:
@@ -303,8 +310,7 @@ def _launch(daemon, conn, peer, job, spec, stdio, pump, fds, kind: str, tty_fd=N
         if not daemon.engine.proxied(cid):
             sess.pump_fds = (None, None, None)      # the container has the client's descriptors itself
         try:
-            daemon.registry.add_container(job.job_id, cid, sess.record())
-            daemon.registry.drop_container(job.job_id, pending)
+            daemon.registry.replace_container(job.job_id, pending, cid, sess.record())
             protocol.send(conn, {"ok": True, "event": "started", "id": cid, "job_id": job.job_id,
                                  "name": spec.name, "image": spec.image})
         except BaseException:

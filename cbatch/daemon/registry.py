@@ -17,7 +17,7 @@ import os
 import re
 import threading
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from cbatch.core.errors import CbatchError, DaemonError
 from cbatch.core.job import Registration
@@ -139,14 +139,20 @@ class Registry:
             _unlink(self._path(job_id))
             return rec
 
-    def claim_start(self, job_id: str) -> bool:
-        """Mark the job started; False if it already was (one start per job, across restarts too)."""
+    def claim_start(self, job_id: str, entry: Optional[Tuple[str, dict]] = None, write: bool = True) -> bool:
+        """Mark the job started; False if it already was (one start per job, across restarts too).
+        ``entry`` (key, info): a container entry recorded with it (the start's claim). ``write=False``: in
+        memory only, written with the record's next change (a start's pending entry, or the claim's drop):
+        a daemon that dies before that finds the job unstarted - what recovery makes of a claim anyway."""
         with self._lock:
             rec = self._jobs.get(job_id)
             if rec is None or rec.started:
                 return False
             rec.started = True
-            self._save(rec)
+            if entry is not None:
+                rec.containers[entry[0]] = dict(entry[1])
+            if write:
+                self._save(rec)
             return True
 
     def release_start(self, job_id: str) -> None:
@@ -163,6 +169,16 @@ class Registry:
         with self._lock:
             rec = self._jobs.get(job_id)
             if rec is not None:
+                rec.containers[cid] = dict(info)
+                self._save(rec)
+
+    def replace_container(self, job_id: str, old: str, cid: str, info: dict) -> None:
+        """Record ``cid`` and forget ``old`` in ONE write (a start's claim -> its pending container -> the
+        container): the file never lacks both, and a start costs one fsync per step, not two."""
+        with self._lock:
+            rec = self._jobs.get(job_id)
+            if rec is not None:
+                rec.containers.pop(old, None)
                 rec.containers[cid] = dict(info)
                 self._save(rec)
 

@@ -157,7 +157,7 @@ def supervise(daemon, conn, sess: Session) -> None:
             log.warning("job %s: could not report the exit to pid %d: %s", sess.job_id, sess.peer_pid, exc)
         _remove(daemon, sess)
         audit.job_end(sess, reply["status"], reply["oom"], time.time() - sess.started_wall,
-                      reply.get("message") or "")
+                      reply.get("message") or "", result.get("info"))
     finally:
         cputwatch.stop(daemon, watch)     # no watcher outlives its session (idempotent)
         tmrelay.stop(relay)

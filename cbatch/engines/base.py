@@ -46,6 +46,8 @@ class ExitInfo:
     oom_killed: bool = False
     error: Optional[str] = None
     notice: Optional[str] = None     # one complete ``cbatch: ...`` line for the job's error file
+    cpu_s: Optional[float] = None    # the container's own cgroup's CPU time and peak memory, read before it
+    peak_bytes: Optional[int] = None  # goes (the direct engine's shim; None where not reported)
 
 
 def stop(engine, cid: str, grace: float) -> None:

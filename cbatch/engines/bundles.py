@@ -5,10 +5,12 @@ event record per instance (``<bundles>/events/<instance>.jsonl``), and facts rea
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import resource
+import threading
 import time
 from typing import Callable, Dict, List, Optional
 
@@ -16,6 +18,13 @@ from cbatch.engines import ocispec
 
 log = logging.getLogger("cbatchd")
 NOT_INSTANCES = ("runc", "events")      # directories next to the instances' bundle directories
+# The event record is bounded like Docker's own event buffer: past EVENTS_MAX bytes the file becomes
+# ``<instance>.jsonl.1`` (the previous one goes), so an instance keeps at most twice that on disk.
+EVENTS_MAX = 256 * 1024
+# The record of an instance with no container left, not written for this long, goes at a daemon's start-up
+# (every test and bench daemon is an instance of its own; their records must not pile up).
+EVENTS_KEEP = 24 * 3600.0
+_events_lock = threading.Lock()
 
 
 def start_time(pid: int) -> Optional[str]:
@@ -61,7 +70,8 @@ def read_json(path: str) -> Optional[dict]:
 
 
 def read_status(bundle: str) -> Optional[dict]:
-    """What the shim recorded when the container ended (``status``, ``oom``, ``error``), or None yet."""
+    """What the shim recorded when the container ended (``status``, ``oom``, ``error``, and ``cpu_us`` and
+    ``peak_bytes`` where the container's cgroup reported them), or None yet."""
     try:
         with open(os.path.join(bundle, "status")) as fh:
             text = fh.read()
@@ -73,7 +83,11 @@ def read_status(bundle: str) -> Optional[dict]:
         if key == "status":
             parts = rest.split()
             out["status"] = int(parts[0])
-            out["oom"] = int(parts[2]) if len(parts) > 2 else 0
+            pairs = dict(zip(parts[1::2], parts[2::2]))         # oom K cpu_us C peak_bytes P
+            out["oom"] = int(pairs.get("oom", 0))
+            for name in ("cpu_us", "peak_bytes"):
+                if int(pairs.get(name, -1)) >= 0:
+                    out[name] = int(pairs[name])
         elif key == "error":
             out["error"] = rest
     return out
@@ -85,12 +99,16 @@ def event(bundles: str, instance: str, cid: str, action: str, **attrs) -> None:
     try:
         os.makedirs(os.path.join(bundles, "events"), mode=0o700, exist_ok=True)
         line = json.dumps({"time": time.time(), "id": cid, "action": action, **attrs}) + "\n"
-        fd = os.open(os.path.join(bundles, "events", instance + ".jsonl"),
-                     os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, line.encode())
-        finally:
-            os.close(fd)
+        path = os.path.join(bundles, "events", instance + ".jsonl")
+        with _events_lock:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, line.encode())
+                full = os.fstat(fd).st_size >= EVENTS_MAX
+            finally:
+                os.close(fd)
+            if full:
+                os.replace(path, path + ".1")
     except OSError as exc:
         log.warning("direct engine: event %s %s not recorded: %s", action, cid, exc)
 
@@ -125,3 +143,50 @@ def scan(bundles: str, labels: Dict[str, str], meta_of: Callable[[str], Optional
             if meta and all(meta.get("labels", {}).get(k) == v for k, v in labels.items()):
                 out.append(name)
     return out
+
+
+def drop_instance_dir(bundles: str, instance: str) -> None:
+    """Remove the instance's bundle directory once it holds no bundle (idempotent; a start that made it
+    meanwhile keeps it: rmdir removes only an empty directory, and the start makes it again if it lost it)."""
+    try:
+        os.rmdir(os.path.join(bundles, instance))
+    except OSError as exc:
+        if exc.errno not in (errno.ENOENT, errno.ENOTEMPTY, errno.EEXIST):
+            log.warning("direct engine: %s: %s", os.path.join(bundles, instance), exc)
+
+
+def sweep(bundles: str, keep: str, now: Optional[float] = None) -> List[str]:
+    """Start-up: remove empty instance directories and the event records of instances with no container
+    left whose record was not written for :data:`EVENTS_KEEP` (never ``keep``, the daemon's own). Returns
+    what it removed."""
+    now = time.time() if now is None else now
+    removed = []
+    try:
+        names = os.listdir(bundles)
+    except FileNotFoundError:
+        return removed
+    for inst in names:
+        path = os.path.join(bundles, inst)
+        if inst not in NOT_INSTANCES and inst != keep and os.path.isdir(path) and not os.path.islink(path):
+            try:
+                os.rmdir(path)
+                removed.append(path)
+            except OSError:
+                pass
+    events = os.path.join(bundles, "events")
+    try:
+        records = os.listdir(events)
+    except FileNotFoundError:
+        return removed
+    for name in records:
+        inst = name.split(".jsonl", 1)[0]
+        path = os.path.join(events, name)
+        if not name.startswith(inst + ".jsonl") or inst == keep or os.path.isdir(os.path.join(bundles, inst)):
+            continue
+        try:
+            if now - os.lstat(path).st_mtime >= EVENTS_KEEP:
+                os.unlink(path)
+                removed.append(path)
+        except OSError:
+            pass
+    return removed

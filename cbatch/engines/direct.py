@@ -7,7 +7,7 @@ containers. Per container it keeps a bundle directory ``<bundles>/<instance>/<na
 
 Start: ``libexec/cbatch-shim`` (a subreaper in its own session, spawned with the job's own descriptors as
 its stdio - the spool files or pipes the client passed, so no byte of output passes through cbatchd) runs
-``runc create`` and ``runc start`` and says so on a pipe; only then does :meth:`DirectEngine.start` return, so
+``runc run --detach`` (one runc process) and says so on a pipe; only then does :meth:`DirectEngine.start` return, so
 the pinned mounts are in the container's mount namespace. The shim waits for the container's init, records
 its status and OOM-kill count and deletes it. It outlives cbatchd: a restarted daemon lists bundles, waits
 on the shim by pidfd and reads the same status file (recovery is the same code for both engines).
@@ -31,7 +31,7 @@ from typing import Dict, List, Optional
 
 from cbatch.core.errors import EngineError
 from cbatch.core.spec import LABEL_INSTANCE, ContainerSpec
-from cbatch.engines import base, bundles, imagehold, ocispec, rootfs, seccomp
+from cbatch.engines import base, bundles, imagefacts, imagehold, ocispec, rootfs, seccomp
 from cbatch.engines.base import ExitInfo, Stdio
 from cbatch.engines.directexec import DirectExecOps
 from cbatch.engines.identity import host_unprivileged_port_start, init_binary
@@ -64,6 +64,7 @@ class DirectEngine(DirectExecOps):
         self.runc = runc
         self.timeout = timeout
         self.holds = imagehold.Holds(docker, instance)
+        self.facts = imagefacts.Facts(docker)
         # One start or remove at a time per container: a job's cleanup (its epilogue) racing the start of its
         # container must wait for the start and then remove what it made, not find half a bundle.
         self._locks: Dict[str, list] = {}               # cid -> [RLock, holders]
@@ -113,17 +114,21 @@ class DirectEngine(DirectExecOps):
         line = spec.stdin_line.encode() if spec.stdin_line is not None else None
         if line is not None and len(line) > STDIN_LINE_MAX:
             raise EngineError("stdin line", "too long", f"{len(line)} bytes", f"at most {STDIN_LINE_MAX}")
-        attrs = self.docker._call("inspect image", spec.image, self.docker.api.inspect_image, spec.image)
-        conf, image_id = attrs.get("Config") or {}, attrs["Id"]
-        dirs = rootfs.lower_dirs(attrs)
+        image_id, conf, dirs = self.facts.get(spec.image_id or spec.image)
         t = _timing("inspect", t)
         bundle = os.path.join(self.bundles, instance, spec.name)
-        os.makedirs(os.path.dirname(bundle), mode=0o700, exist_ok=True)
         os.makedirs(self.root, mode=0o700, exist_ok=True)
-        try:
-            os.mkdir(bundle, 0o700)
-        except FileExistsError as exc:
-            raise EngineError("container", "name in use", spec.name) from exc
+        for attempt in range(3):
+            os.makedirs(os.path.dirname(bundle), mode=0o700, exist_ok=True)
+            try:
+                os.mkdir(bundle, 0o700)
+                break
+            except FileExistsError as exc:
+                raise EngineError("container", "name in use", spec.name) from exc
+            except FileNotFoundError:
+                # Another container's removal took the (then empty) instance directory: make it again.
+                if attempt == 2:
+                    raise
         labels = spec.label_dict()
         labels[LABEL_INSTANCE] = instance
         cgroups_path = f"{(spec.cgroup_parent or '/cbatch').rstrip('/')}/{spec.name}"
@@ -131,8 +136,7 @@ class DirectEngine(DirectExecOps):
                 "cgroup": cgroups_path, "created": time.time()}
         bundles.write_json(os.path.join(bundle, "meta.json"), meta)
         try:
-            self.holds.hold(image_id, cid, [os.path.normpath("/" + str(v).lstrip("/"))
-                                            for v in sorted(conf.get("Volumes") or {})])
+            self.holds.hold(image_id, cid, imagefacts.volumes(conf))
             t = _timing("hold", t)
             root = rootfs.mount(bundle, dirs, spec.layer_bytes)
             t = _timing("rootfs", t)
@@ -297,8 +301,10 @@ class DirectEngine(DirectExecOps):
             notice = EngineError("container", "writable layer full", f"{rootfs.layer_mib(bundle)} MiB",
                                  "writes into the image's filesystem are bounded by hardening.layer_size; put big"
                                  " files in $TMPDIR, the working directory or a mounted directory").message
+        cpu_us = status.get("cpu_us")
         return ExitInfo(status=status["status"], oom_killed=status.get("oom", 0) > 0, error=status.get("error"),
-                        notice=notice)
+                        notice=notice, cpu_s=None if cpu_us is None else round(cpu_us / 1e6, 3),
+                        peak_bytes=status.get("peak_bytes"))
 
     def _runc(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run([self.runc, "--root", self.root, *args], stdin=subprocess.DEVNULL,
@@ -355,11 +361,15 @@ class DirectEngine(DirectExecOps):
                     os.kill(int(meta["shim"]), _signal.SIGKILL)
             finally:
                 os.close(fd)
-        self._runc("delete", "--force", meta["name"])
+        # runc keeps a container's state in <root>/<id>: once the shim's own delete removed it there is
+        # nothing left to delete (one runc process less at every job's end).
+        if os.path.lexists(os.path.join(self.root, meta["name"])):
+            self._runc("delete", "--force", meta["name"])
         rootfs.release(bundle)
         if any(os.path.ismount(os.path.join(bundle, n)) for n in ("rootfs", "layer")):
             raise EngineError("container", "remove failed", cid, "its root filesystem is still mounted")
         shutil.rmtree(bundle, ignore_errors=True)
+        bundles.drop_instance_dir(self.bundles, os.path.basename(os.path.dirname(bundle)))
         self._event(cid, "destroy")
         if meta.get("image_id"):
             self.holds.release(meta["image_id"], cid)
@@ -380,6 +390,7 @@ class DirectEngine(DirectExecOps):
             if meta.get("image_id"):
                 self.holds.adopt(meta["image_id"], cid)
         self.holds.sweep()
+        bundles.sweep(self.bundles, self.instance)
 
 
 def _reaper(pid: int) -> None:

@@ -6,7 +6,7 @@ Docker's masked and read-only paths, the job's umask and the client's own rlimit
 hostname, ``/etc/hosts`` / ``/etc/resolv.conf`` / ``/etc/hostname`` files of the container's own, a bounded
 tmpfs for each image VOLUME, the engine's tini as init (``TINI_KILL_PROCESS_GROUP``: qdel reaches the whole
 process group), ``cgroupsPath`` under the job's cgroup, cpu/memory/pids limits, and network ``none`` (a new
-network namespace; the shim brings its ``lo`` up). Pure: the caller writes the files.
+network namespace; runc brings its ``lo`` up). Pure: the caller writes the files.
 """
 
 from __future__ import annotations

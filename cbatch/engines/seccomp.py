@@ -75,16 +75,36 @@ def _applies(rule: dict, caps: FrozenSet[str], arch: str, kernel: tuple) -> bool
     return True
 
 
+def x32_abi(configs=None) -> bool:
+    """Whether this kernel can run x32 binaries (CONFIG_X86_X32_ABI). True unless the kernel's own config
+    (/proc/config.gz, /boot/config-<release>) says it is not set: when unknown, keep filtering x32."""
+    import gzip
+    release = platform.release()
+    for path in configs or ("/proc/config.gz", f"/boot/config-{release}"):
+        try:
+            opener = gzip.open if path.endswith(".gz") else open
+            with opener(path, "rt") as fh:
+                text = fh.read()
+        except (OSError, EOFError):
+            continue
+        return "CONFIG_X86_X32_ABI=y" in text
+    return True
+
+
 def convert(profile: dict, caps: FrozenSet[str] = frozenset(), arch: Optional[str] = None,
-            kernel: Optional[tuple] = None) -> dict:
-    """Docker-format ``profile`` -> OCI ``linux.seccomp`` for a process with ``caps`` on ``arch``."""
+            kernel: Optional[tuple] = None, x32: bool = True) -> dict:
+    """Docker-format ``profile`` -> OCI ``linux.seccomp`` for a process with ``caps`` on ``arch``.
+
+    ``x32=False`` (a kernel without the x32 ABI) leaves SCMP_ARCH_X32 out: no x32 call can run there anyway
+    (the kernel answers ENOSYS; the filter now kills the caller instead), and each architecture in the list
+    costs runc a libseccomp pass at every start (~7 ms of ~60 here; measured in bench/results.md)."""
     arch = arch or _GOARCH.get(platform.machine(), platform.machine())
     kernel = kernel if kernel is not None else _kernel()
     native = _NATIVE.get(arch)
     arches = []
     for entry in profile.get("archMap") or []:
         if entry.get("architecture") == native:
-            arches = [native] + list(entry.get("subArchitectures") or [])
+            arches = [native] + [a for a in entry.get("subArchitectures") or [] if x32 or a != "SCMP_ARCH_X32"]
     out = {"defaultAction": profile["defaultAction"], "architectures": arches, "syscalls": []}
     if profile.get("defaultErrnoRet") is not None:
         out["defaultErrnoRet"] = int(profile["defaultErrnoRet"])
@@ -118,7 +138,7 @@ def oci_profile(path: str = PROFILE) -> dict:
     except (OSError, ValueError) as exc:
         raise EngineError("seccomp", "profile not readable", path,
                           "install golang-github-containers-common (the direct engine's default profile)") from exc
-    return convert(profile)
+    return convert(profile, x32=x32_abi())
 
 
 def available(path: str = PROFILE) -> bool:

@@ -50,6 +50,20 @@ umask
     assert "engine docker instead of direct" not in direct_daemon.log()
 
 
+def test_an_x32_system_call_never_runs(direct_mom, alice):
+    # On a kernel without the x32 ABI the filter leaves SCMP_ARCH_X32 out (one libseccomp pass less per start):
+    # an x32 call (getpid | 0x40000000) must then be killed by the filter as a foreign architecture.
+    r = direct_mom.submit(script("""
+perl -e 'my $r = syscall(0x40000027); print "returned $r\\n"'
+echo "perl $?"
+""", image="cbatch-test/debian:12"), alice.name).wait(120)
+    lines = r.stdout.decode().splitlines()
+    from cbatch.engines import seccomp
+    if seccomp.x32_abi():
+        pytest.skip("this kernel has the x32 ABI: the filter keeps x32 and allows getpid there")
+    assert lines == [f"perl {128 + signal.SIGSYS}"], (lines, r.stderr)        # killed by the filter
+
+
 def test_image_is_held_while_a_direct_job_uses_it(direct_mom, direct_daemon, alice, workdir):
     tag = f"direct-hold-{uuid.uuid4().hex[:8]}:1"
     ref = image_builder.hostile_image(tag, files={"/etc/marker": "held\n"})
@@ -73,6 +87,86 @@ def test_image_is_held_while_a_direct_job_uses_it(direct_mom, direct_daemon, ali
                           timeout=10) is not None
     finally:
         image_builder.remove(ref)
+
+
+def test_image_in_use_is_kept_by_prune_and_held_across_a_daemon_restart(direct_mom, direct_daemon, alice, workdir):
+    tag = f"direct-keep-{uuid.uuid4().hex[:8]}:1"
+    ref = image_builder.hostile_image(tag, files={"/etc/marker": "kept\n"})
+    image_id = _image_id(ref)
+    from cbatch.clients import client
+    try:
+        job = direct_mom.submit(script("cat /etc/marker; while [ ! -e go ]; do sleep 0.1; done; cat /etc/marker",
+                                       image=ref, shebang="#!/bin/sh"),
+                                alice.name, initdir=str(workdir), shell="/bin/sh")
+        assert job.wait_output(b"kept\n", timeout=60), job.peek()
+        direct_daemon.restart()
+        # The restarted daemon rebuilt the hold from the running container: prune (which drops idle holders
+        # first; a dry run, so no other image on this shared machine is touched) keeps it, and Docker still
+        # refuses to remove the image.
+        reply = client.call(direct_daemon.socket, "images", action="prune", dry_run=True)
+        assert ref not in reply["removed"] and _image_id(ref) == image_id
+        rm = subprocess.run(["docker", "rmi", "--no-prune", image_id], capture_output=True, text=True)
+        assert rm.returncode != 0 and "container" in rm.stderr, rm.stderr
+        (workdir / "go").touch()
+        r = job.wait(60)
+        assert r.exit_status == 0 and r.stdout == b"kept\nkept\n", (r.stdout, r.stderr)
+    finally:
+        image_builder.remove(ref)
+
+
+def _image_id(ref: str) -> str:
+    return subprocess.run(["docker", "image", "inspect", "-f", "{{.Id}}", ref], check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+
+def test_a_retagged_name_runs_the_image_it_names_now(direct_mom, alice):
+    # The engine caches image facts by id: moving a tag to another image must start that other image.
+    name = f"cbatch-test/direct-retag-{uuid.uuid4().hex[:8]}:1"
+    first = image_builder.hostile_image(f"direct-retag-a-{uuid.uuid4().hex[:8]}:1", files={"/etc/marker": "A\n"})
+    second = image_builder.hostile_image(f"direct-retag-b-{uuid.uuid4().hex[:8]}:1", files={"/etc/marker": "B\n"})
+    try:
+        body = 'cat /etc/marker; echo "$CBATCH_IMAGE_ID"'
+        for ref, marker in ((first, b"A"), (second, b"B"), (first, b"A")):
+            subprocess.run(["docker", "tag", ref, name], check=True)
+            r = direct_mom.submit(script(body, image=name, shebang="#!/bin/sh"), alice.name, shell="/bin/sh").wait(120)
+            assert r.exit_status == 0, r.stderr
+            assert r.stdout.decode().splitlines() == [marker.decode(), _image_id(ref)]
+    finally:
+        for ref in (name, first, second):
+            image_builder.remove(ref)
+
+
+def test_a_removed_container_leaves_no_directory_behind(direct_mom, direct_daemon, alice):
+    r = direct_mom.submit(script("echo hi"), alice.name).wait(120)
+    assert r.exit_status == 0 and r.stdout == b"hi\n", r.stderr
+    instance_dir = os.path.join(DIRECT_BUNDLES, direct_daemon.instance)
+    # The epilogue removed the container; with it went its bundle and the (now empty) instance directory.
+    assert wait_until(lambda: not os.path.exists(instance_dir), timeout=30) is not None, os.listdir(instance_dir)
+    assert "destroy" in open(os.path.join(DIRECT_BUNDLES, "events", direct_daemon.instance + ".jsonl")).read()
+    # A second job of the same instance makes it again.
+    r = direct_mom.submit(script("echo again"), alice.name).wait(120)
+    assert r.exit_status == 0 and r.stdout == b"again\n", r.stderr
+
+
+def test_audit_line_has_the_containers_cpu_time_and_peak_memory(direct_mom, direct_daemon, alice):
+    import re
+    # ~40 MB held by the shell and some CPU burnt: the container's cgroup must report both before it goes.
+    r = direct_mom.submit(script("""
+x=$(head -c 40000000 /dev/zero | tr '\\0' a)
+i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done
+echo ${#x}
+"""), alice.name).wait(120)
+    assert r.exit_status == 0 and r.stdout == b"40000000\n", (r.stdout, r.stderr)
+    def end_lines():
+        return [ln for ln in direct_daemon.log().splitlines()
+                if "audit: " in ln and f"job={r.job_id} " in ln and "event=end " in ln]
+    # The line follows the container's removal, which may come after the client has its exit status.
+    assert wait_until(end_lines, timeout=30) is not None, direct_daemon.log()[-2000:]
+    end = end_lines()
+    assert len(end) == 1, end
+    fields = dict(re.findall(r"(\w+)=(\"[^\"]*\"|\S+)", end[0].split("audit: ", 1)[1]))
+    assert float(fields["cpu_s"]) > 0.05, fields
+    assert int(fields["peak_bytes"]) >= 40_000_000, fields
 
 
 def test_killed_shim_never_leaves_the_container_running(direct_mom, direct_daemon, alice):

@@ -115,6 +115,22 @@ def test_seccomp_conditions_for_a_job_without_capabilities():
     assert out["syscalls"][3] == {"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": 38}
 
 
+def test_x32_is_filtered_unless_the_kernel_says_it_has_no_x32_abi(tmp_path):
+    profile = dict(PROFILE, archMap=[{"architecture": "SCMP_ARCH_X86_64",
+                                      "subArchitectures": ["SCMP_ARCH_X86", "SCMP_ARCH_X32"]}])
+    assert seccomp.convert(profile, arch="amd64")["architectures"] == ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86",
+                                                                      "SCMP_ARCH_X32"]
+    # 32-bit (ia32) calls stay filtered, never dropped: only the ABI the kernel cannot run goes.
+    assert seccomp.convert(profile, arch="amd64", x32=False)["architectures"] == ["SCMP_ARCH_X86_64",
+                                                                                 "SCMP_ARCH_X86"]
+    without, with_, other = tmp_path / "no", tmp_path / "yes", tmp_path / "other"
+    without.write_text("CONFIG_COMPAT=y\n# CONFIG_X86_X32_ABI is not set\n")
+    with_.write_text("CONFIG_X86_X32_ABI=y\n")
+    assert seccomp.x32_abi([str(without)]) is False and seccomp.x32_abi([str(with_)]) is True
+    # No readable kernel config: unknown, so x32 stays in the filter.
+    assert seccomp.x32_abi([str(other)]) is True
+
+
 def test_shipped_profile_converts_without_privileged_calls():
     if not seccomp.available():
         pytest.skip("no /usr/share/containers/seccomp.json")

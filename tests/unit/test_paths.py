@@ -164,3 +164,54 @@ def test_open_as_user_missing(tree):
     with pytest.raises(PolicyError) as exc:
         open_all_as_user([str(tree / "nope")], me())
     assert exc.value.problem == "no such file or directory"
+
+
+# ---- resolve_many_as_user / batch_resolver: the job's paths in one child, same answers and errors -----------------
+@pytest.mark.skipif(os.geteuid() != 0 or _nobody() is None, reason="needs root and the nobody user")
+def test_batched_resolve_gives_the_user_nothing_resolve_as_user_would_refuse():
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from cbatch.host.paths import batch_resolver, resolve_many_as_user
+
+    nobody = _nobody()
+    tree = Path(tempfile.mkdtemp(prefix="cbatch-paths-", dir="/tmp"))
+    try:
+        os.chmod(tree, 0o755)
+        (tree / "scratch" / "data").mkdir(parents=True)
+        (tree / "secret").mkdir(mode=0o700)
+        (tree / "secret" / "file").write_text("x")
+        (tree / "scratch" / "to-secret").symlink_to(tree / "secret" / "file")
+        (tree / "scratch" / "up").symlink_to("../scratch")
+        ok, up = str(tree / "scratch" / "data"), f"{tree}/scratch/up/data"
+        hidden, missing = str(tree / "scratch" / "to-secret"), str(tree / "nope")
+        # Only what nobody can resolve alone is in the answer, canonical.
+        assert resolve_many_as_user([ok, up, hidden, missing, "relative"], nobody) == {ok: ok, up: ok}
+        resolve = batch_resolver([ok, hidden, missing], nobody)
+        assert resolve(ok, nobody) == ok and resolve(up, nobody) == ok
+        for path in (hidden, missing):           # a failed one is asked again alone: the very same error
+            with pytest.raises(PolicyError) as batched:
+                resolve(path, nobody)
+            with pytest.raises(PolicyError) as alone:
+                resolve_as_user(path, nobody)
+            assert batched.value.message == alone.value.message
+        # Another identity never gets nobody's answers: root sees through the link only when asking itself.
+        assert resolve(hidden, me()) == str(tree / "secret" / "file")
+    finally:
+        shutil.rmtree(tree)
+
+
+def test_batched_resolve_asks_once_for_all_the_jobs_paths(tree, monkeypatch):
+    from cbatch.host import paths
+
+    calls = []
+    real = paths._as_user
+    monkeypatch.setattr(paths, "_as_user", lambda *a: calls.append(a) or real(*a))
+    who = me()
+    data, secret = str(tree / "scratch" / "data"), str(tree / "secret")
+    resolve = paths.batch_resolver([data, secret, None], who)
+    assert [resolve(data, who), resolve(secret, who)] == [data, secret]
+    assert len(calls) == 1          # one child (as root: one fork) for both
+    assert resolve(str(tree / "scratch"), who) == str(tree / "scratch")
+    assert len(calls) == 2          # a path not asked up front: resolved alone

@@ -131,3 +131,26 @@ def test_slurm_job_ended(tmp_path):
     young = Registration(**{**reg.to_dict(), "registered_at": time.time()})
     assert not recovery.slurm_job_ended(young, str(root))          # its cgroup may not exist yet
     assert not recovery.slurm_job_ended(reg, str(tmp_path / "no-slurm-here"))   # cannot tell: keep it
+
+
+def test_a_start_records_its_claim_and_each_step_in_one_write_each(tmp_path, monkeypatch):
+    # The start path writes the registry twice (the claim with its pending start, then the container),
+    # never leaving a moment where a restarted daemon would find neither the old entry nor the new one.
+    reg = Registry(str(tmp_path / "state"))
+    reg.register(Registration(job_id="1.vm", user="root", group="root", name="n", resource_list="", queue="batch",
+                              account="", script_path="/s.SC", session_id=os.getpid(), registered_at=time.time()))
+    saves = []
+    real = reg._save
+    monkeypatch.setattr(reg, "_save", lambda rec: saves.append(sorted(rec.containers)) or real(rec))
+    claim, pending = recovery.pending_key("start"), recovery.pending_key("cbatch-1.vm")
+    assert reg.claim_start("1.vm", (claim, _me()), write=False)
+    assert not reg.claim_start("1.vm", (claim, _me()))             # in memory already: one start
+    # A daemon dying now finds the job unstarted (as recovery leaves a written claim): it may start again.
+    assert not Registry(str(tmp_path / "state")).get("1.vm").started
+    reg.replace_container("1.vm", claim, pending, _me())
+    reg.replace_container("1.vm", pending, "c1", _me())
+    assert saves == [[pending], ["c1"]]
+    again = Registry(str(tmp_path / "state")).get("1.vm")          # what a restarted daemon reads
+    assert again.started and list(again.containers) == ["c1"]
+    reg.replace_container("1.vm", "not-there", "c2", _me())        # cbatch run: no claim to replace
+    assert sorted(Registry(str(tmp_path / "state")).get("1.vm").containers) == ["c1", "c2"]
