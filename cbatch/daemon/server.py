@@ -87,7 +87,7 @@ class Daemon:
         self.gate = limits.ConnectionGate(config.daemon.max_connections, config.daemon.max_connections_per_user)
         self.pending = limits.Counter()    # start/run requests being prepared, per uid
         self.runs = limits.Counter()       # cbatch run containers, per job id
-        self.adoptions = Adoptions()       # containers waiting for their client after a restart
+        self.adoptions = Adoptions(runs=self.runs)   # containers waiting for their client after a restart
         self.starts = cleanup.StartsInFlight()     # a job's cleanup waits for its starts in flight
         self.sweeping = threading.Lock()   # one forget_ended_jobs at a time
         self.started_at = time.time()      # registrations older than this may have missed their epilogue
