@@ -56,6 +56,7 @@ class Result:
     walltime_killed: bool = False
     session_id: Optional[int] = None
     ended_at: Optional[float] = None      # time.monotonic() when the mom reaped the starter
+    kill_delay_killed: bool = False       # the starter outlived qdel's kill_delay: the mom SIGKILLed the session
     cgroup_leftovers: List[str] = field(default_factory=list)
     spool_stdout: bytes = b""
     spool_stderr: bytes = b""
@@ -160,11 +161,11 @@ class Job:
             return Result(self.job_id, REQUEUED, b"", b"", False, prologue_status=prologue, requeues=requeues,
                           session_id=self.session_id)
         aborted = prologue == 1
-        walltime_killed = False
+        walltime_killed = delay_killed = False
         if aborted:
             exit_status = -2
         else:
-            exit_status, walltime_killed = self._supervise()
+            exit_status, walltime_killed, delay_killed = self._supervise()
         ended_at = time.monotonic()
         ep_status = None
         if self.mom.epilogue:
@@ -178,7 +179,8 @@ class Job:
         return Result(self.job_id, exit_status, b"" if aborted else out, b"" if aborted else err,
                       self.mom.epilogue is not None, prologue_status=prologue, epilogue_status=ep_status,
                       requeues=requeues, aborted=aborted, walltime_killed=walltime_killed,
-                      session_id=self.session_id, ended_at=ended_at, cgroup_leftovers=leftovers,
+                      session_id=self.session_id, ended_at=ended_at, kill_delay_killed=delay_killed,
+                      cgroup_leftovers=leftovers,
                       spool_stdout=out, spool_stderr=err, shell_status=None if shell is None else int(shell))
 
     def spawn_task(self, argv: Sequence[str], stdout: Optional[int] = None,
@@ -220,10 +222,11 @@ class Job:
         return proc, report.get("prologue")
 
     def _supervise(self):
-        """Wait for the starter; apply qdel's kill_delay and walltime polls; return (status, walltime_killed)."""
+        """Wait for the starter; apply qdel's kill_delay and walltime polls; return (status, walltime_killed,
+        kill_delay_killed)."""
         proc, walltime = self._proc, self.plan["walltime"]
         next_poll = time.monotonic() + self.walltime_poll if self.walltime_poll else None
-        over = killed = False
+        over = killed = delay_killed = False
         while True:
             try:
                 code = proc.wait(timeout=0.05)
@@ -235,6 +238,7 @@ class Job:
                 if self._kill_at is not None and now >= self._kill_at:
                     momproc.signal_session(proc.pid, signal.SIGKILL)
                     self._kill_at = float("inf")
+                    delay_killed = True
             if next_poll is not None and walltime is not None and now >= next_poll:
                 next_poll = now + self.walltime_poll
                 used = int(now - self._t0)
@@ -251,7 +255,7 @@ class Job:
         with self._lock:
             tasks = list(self._tasks)
         momproc.kill_tasks(tasks)
-        return (256 - code if code < 0 else code), killed
+        return (256 - code if code < 0 else code), killed, delay_killed
 
     def _cleanup(self, exit_status) -> List[str]:
         leftovers = []
