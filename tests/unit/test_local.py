@@ -352,7 +352,7 @@ def test_spool_file_planted_as_hardlink_is_replaced_not_truncated(tree, alice, v
 
 def test_minus_v_and_minus_V_never_copy_roots_environment(alice, monkeypatch):
     import argparse
-    from cbatch.emulator import local
+    from cbatch.emulator import localcmd as local
     monkeypatch.setenv("CBT_ROOT_SECRET", "s3cr3t")
     args = argparse.Namespace(queue=None, resources=[], variables=["CBT_ROOT_SECRET", "GIVEN=1"], name=None)
     script = b"#!/bin/bash\n#PBS -V\n#PBS -v CBT_ROOT_SECRET\necho\n"
