@@ -177,6 +177,7 @@ def _supervise_exec(daemon, conn, peer, job_id: str, eid: str, sock, fds) -> Non
 
     thread = threading.Thread(target=pumper, name=f"exec-{eid[:12]}", daemon=True)
     thread.start()
+
     def on_message(msg: dict) -> None:
         try:
             if protocol.check_version(msg) == "signal":
