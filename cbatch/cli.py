@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     lo.add_argument("--socket", default=None, help=argparse.SUPPRESS)
     lo.add_argument("script")
     lo.add_argument("args", nargs=argparse.REMAINDER)
-    lo.set_defaults(route="cbatch.emulator.local:command")
+    lo.set_defaults(route="cbatch.emulator.localcmd:command")
 
     ih = sub.add_parser("install-hooks", help="install the pbs_mom hooks and print the mom_priv/config lines")
     ih.add_argument("--mom-priv", default=None,

@@ -7,6 +7,10 @@ and name an interpreter that exists, mom_priv/config points ``$job_starter`` at 
 in-container helper is present, root-owned and statically linked (it runs inside arbitrary images, which
 may have no libc at all). Exit status 1 if anything FAILed. One more line says what TORQUE's accounting
 covers on this node (with or without its cgroup build); that line is information, never a FAIL.
+
+Also one line per queue with the engine its jobs get here and why (:mod:`cbatch.admin.queueengines`), and
+on a PBS node (``/etc/pbs.conf``) whether cbatch's PBS hooks are present, enabled and current
+(:mod:`cbatch.admin.pbscheck`); a PBS node without TORQUE's mom_priv skips the TORQUE hook lines.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import struct
 import sys
 from typing import Callable, Optional, Tuple
 
-from cbatch.admin import install
+from cbatch.admin import install, pbscheck, queueengines
 from cbatch.core.errors import CbatchError
 from cbatch.host import cgroups
 
@@ -91,7 +95,7 @@ class _Report:
         return self.line(ok, what, detail)
 
 
-def run_checks(config_path: str, mom_priv: str, out=sys.stdout) -> int:
+def run_checks(config_path: str, mom_priv: str, out=sys.stdout, pbs_conf: str = pbscheck.PBS_CONF) -> int:
     """All node checks; returns the number of FAILs."""
     from cbatch.clients import client
     from cbatch.core import config as configmod
@@ -126,14 +130,14 @@ def run_checks(config_path: str, mom_priv: str, out=sys.stdout) -> int:
 
     rep.run("engine", check_engine)
 
-    python = install.interpreter()
-    for kind in ("prologue", "epilogue"):
-        path = os.path.join(mom_priv, kind)
-        rep.run(kind, lambda path=path, kind=kind: _hook(path, kind, python, socket_path))
-    starter, where = _starter_from_mom_config(mom_priv)
-    rep.line(starter is not None, "mom config", f"$job_starter {starter}" if starter else where)
-    starter = starter or DEFAULT_STARTER
-    rep.run("job_starter", lambda: _hook(starter, "job_starter", python, socket_path))
+    if cfg is not None:
+        _queue_engines(rep, cfg)
+    pbs_node = pbscheck.read_conf(pbs_conf) is not None
+    for ok, what, detail in pbscheck.lines(socket_path, pbs_conf):
+        rep.line(ok, what, detail)
+    torque = os.path.isdir(mom_priv) or not pbs_node
+    if torque:
+        _torque_hooks(rep, mom_priv, socket_path)
 
     def check_helper():
         path = cfg.daemon.helper if cfg else "/usr/libexec/cbatch/cbatch-exec"
@@ -146,8 +150,31 @@ def run_checks(config_path: str, mom_priv: str, out=sys.stdout) -> int:
         return static, path if static else f"{path}: {why} (it must run in images without libc)"
 
     rep.run("helper", check_helper)
-    rep.run("accounting", lambda: torque_accounting(mom_priv))
+    if torque:
+        rep.run("accounting", lambda: torque_accounting(mom_priv))
     return rep.failed
+
+
+def _queue_engines(rep: "_Report", cfg) -> None:
+    """One line per queue: the engine the daemon's router gives its jobs here, and why."""
+    try:
+        router = queueengines.router_for(cfg)
+        for ok, what, detail in queueengines.lines(cfg, router):
+            rep.line(ok, what, detail)
+    except CbatchError as exc:
+        rep.line(False, "queue engines", exc.message)
+
+
+def _torque_hooks(rep: "_Report", mom_priv: str, socket_path: str) -> None:
+    """TORQUE's prologue, epilogue, ``$job_starter`` line and the starter it names."""
+    python = install.interpreter()
+    for kind in ("prologue", "epilogue"):
+        path = os.path.join(mom_priv, kind)
+        rep.run(kind, lambda path=path, kind=kind: _hook(path, kind, python, socket_path))
+    starter, where = _starter_from_mom_config(mom_priv)
+    rep.line(starter is not None, "mom config", f"$job_starter {starter}" if starter else where)
+    starter = starter or DEFAULT_STARTER
+    rep.run("job_starter", lambda: _hook(starter, "job_starter", python, socket_path))
 
 
 def _running_mom(mom_priv: str, proc: str = "/proc") -> Optional[str]:

@@ -3,6 +3,12 @@
 One :class:`Adoptions` object per daemon owns the table, its lock and its expiry: recovery adds the
 containers whose client is still alive, ``attach`` takes one (only its own client, within the window),
 unregister forgets a job's, and :meth:`Adoptions.expire` hands back the ones whose client did not return.
+
+A ``cbatch run`` container counts against its job's cap (``daemon.max_run_containers``) from the moment it is
+adopted: :meth:`Adoptions.add` holds a slot of ``runs`` (the daemon's per-job counter) for it, which
+:meth:`Adoptions.forget_job` and :meth:`Adoptions.expire` give back, and which :meth:`Adoptions.take` hands to
+the reattaching session (it gives it back when it ends: :meth:`Adoptions.release_run`). Without it a restarted daemon
+counted only the runs started since, and a job could double its containers.
 """
 
 from __future__ import annotations
@@ -29,15 +35,25 @@ class Pending:
 class Adoptions:
     """The table of :class:`Pending` adoptions by container id (thread-safe)."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic, runs=None) -> None:
         self._lock = threading.Lock()
         self._table: Dict[str, Pending] = {}
         self._clock = clock
+        self._runs = runs     # cbatch.daemon.limits.Counter of cbatch run containers per job, or None
 
     def add(self, cid: str, job_id: str, info: dict, wait: float = ADOPT_WAIT) -> None:
-        """Let ``info``'s client reattach to ``cid`` for ``wait`` seconds."""
+        """Let ``info``'s client reattach to ``cid`` for ``wait`` seconds. A ``cbatch run`` container takes
+        its job's run slot now (see the module docstring)."""
         with self._lock:
+            if cid in self._table:
+                return
             self._table[cid] = Pending(job_id, dict(info), self._clock() + wait)
+            if _is_run(info) and self._runs is not None:
+                self._runs.hold(job_id)
+
+    def _release(self, entry: Pending) -> None:
+        if _is_run(entry.info) and self._runs is not None:
+            self._runs.give(entry.job_id)
 
     def take(self, cid: str, job_id: str, pid: int, uid: int) -> Optional[dict]:
         """The record of ``cid`` if it waits for exactly this client (pid, its start time, uid) and job; it is
@@ -50,7 +66,11 @@ class Adoptions:
             if info.get("peer") != pid or info.get("uid") != uid or not peers.alive(pid, info.get("peer_start")):
                 return None
             del self._table[cid]
-            return info
+            return info     # a run's slot goes with it: the session gives it back (release_run)
+
+    def release_run(self, job_id: str, info: dict) -> None:
+        """The session of a container :meth:`take` handed out ended: give back its run slot (if a run)."""
+        self._release(Pending(job_id, info, 0.0))
 
     def find(self, pid: int, uid: int) -> Tuple[Optional[str], Optional[str]]:
         """``(container id, job id)`` of the adoption waiting for client ``pid`` of ``uid`` (a client that lost
@@ -67,7 +87,7 @@ class Adoptions:
         with self._lock:
             gone = [cid for cid, e in self._table.items() if e.job_id == job_id]
             for cid in gone:
-                del self._table[cid]
+                self._release(self._table.pop(cid))
             return gone
 
     def expire(self) -> List[Tuple[str, str]]:
@@ -76,7 +96,7 @@ class Adoptions:
         with self._lock:
             late = [(cid, e.job_id) for cid, e in self._table.items() if e.deadline < now]
             for cid, _job in late:
-                del self._table[cid]
+                self._release(self._table.pop(cid))
             return late
 
     def cids(self) -> List[str]:
@@ -100,3 +120,7 @@ class Adoptions:
         t = threading.Thread(target=loop, name="adoptions", daemon=True)
         t.start()
         return t
+
+
+def _is_run(info: dict) -> bool:
+    return info.get("kind") == "run"

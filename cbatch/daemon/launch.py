@@ -372,12 +372,15 @@ def attach(daemon, conn, peer, msg: dict, fds) -> None:
                    cgroup_parent=info.get("cgroup_parent"), cput_limit=_int_or_none(info.get("cput_limit")),
                    tm_port=_int_or_none(info.get("tm_port")),
                    started_wall=float(info.get("started_wall") or time.time()))
-    try:
-        protocol.send(conn, {"ok": True, "event": "attached", "id": cid, "job_id": job_id})
-    except CbatchError:
-        cleanup.remove_container(daemon, job_id, cid)
-        raise
-    log.info("job %s: container %s: pid %d reattached", job_id, cid[:12], peer.pid)
-    daemon.gate.promote(getattr(peer, "token", None))
-    supervise(daemon, conn, sess)
+    try:       # an adopted cbatch run keeps its job's run slot (taken at recovery) until its session ends
+        try:
+            protocol.send(conn, {"ok": True, "event": "attached", "id": cid, "job_id": job_id})
+        except CbatchError:
+            cleanup.remove_container(daemon, job_id, cid)
+            raise
+        log.info("job %s: container %s: pid %d reattached", job_id, cid[:12], peer.pid)
+        daemon.gate.promote(getattr(peer, "token", None))
+        supervise(daemon, conn, sess)
+    finally:
+        daemon.adoptions.release_run(job_id, info)
     return None

@@ -9,7 +9,9 @@
   jobs on a big node must not run out of connections.
 - :class:`Counter`: at most N at once per key; used for start/run requests still being prepared per uid
   (``daemon.max_pending_per_user``) and for ``cbatch run`` containers per job (``daemon.max_run_containers``,
-  0 meaning max(1, the job's cpus on this node)).
+  0 meaning max(1, the job's cpus on this node)). The ``cbatch run`` containers a restarted daemon adopts
+  count from start-up (:class:`cbatch.daemon.adoptions.Adoptions` holds their slots until each one's
+  session ends), so a restart never opens room beyond the cap.
 
 Every refusal is one :class:`~cbatch.core.errors.DaemonError` line naming the limit and its config key.
 """
@@ -103,6 +105,12 @@ class Counter:
                 if left <= 0:
                     raise refuse(self._held.get(key, 0))
                 self._lock.wait(left)
+            self._held[key] = self._held.get(key, 0) + 1
+
+    def hold(self, key) -> None:
+        """Take one slot of ``key`` whatever the limit: a holder that already exists (a ``cbatch run``
+        container adopted after a daemon restart) must count, never be refused."""
+        with self._lock:
             self._held[key] = self._held.get(key, 0) + 1
 
     def give(self, key) -> None:

@@ -5,8 +5,9 @@ learns who is asking from SO_PEERCRED only. Every connection is served in its ow
 bounded (1 MiB frames, 5 s to finish a frame, ``daemon.idle_timeout`` to send the request, per-uid and shared
 caps on connections: :mod:`cbatch.daemon.limits`) so one bad client cannot stop the others. Requests:
 
-- ``ping`` (anyone), ``status`` (root): health and the registered jobs.
-- ``register`` / ``unregister`` (root: the prologue and epilogue): the job registry (:mod:`cbatch.daemon.registry`).
+- ``ping`` (anyone), ``status`` (root): health and the registered jobs (:mod:`cbatch.daemon.ops`).
+- ``register`` / ``unregister`` (root: the prologue and epilogue): the job registry (:mod:`cbatch.daemon.registry`,
+  :mod:`cbatch.daemon.ops`).
 - ``start`` (the job starter), ``run`` (``cbatch run``), ``attach`` (a client reconnecting after a daemon
   restart): see :mod:`cbatch.daemon.launch` and :mod:`cbatch.daemon.supervise`.
 
@@ -38,13 +39,12 @@ import sys
 import threading
 import time
 
-from cbatch import __version__, protocol
+from cbatch import protocol
 from cbatch.core import config as config_mod
 from cbatch.core.errors import AccessDenied, CbatchError, DaemonError
-from cbatch.core.job import Registration
-from cbatch.daemon import cleanup, launch, limits, peers, recovery
+from cbatch.daemon import cleanup, launch, limits, ops, peers, recovery
 from cbatch.daemon.adoptions import Adoptions
-from cbatch.daemon.imagesync import ImageManager, handle_request
+from cbatch.daemon.imagesync import ImageManager
 from cbatch.daemon.registry import Registry
 from cbatch.engines.direct import DirectEngine
 from cbatch.engines.docker import Engine
@@ -87,7 +87,7 @@ class Daemon:
         self.gate = limits.ConnectionGate(config.daemon.max_connections, config.daemon.max_connections_per_user)
         self.pending = limits.Counter()    # start/run requests being prepared, per uid
         self.runs = limits.Counter()       # cbatch run containers, per job id
-        self.adoptions = Adoptions()       # containers waiting for their client after a restart
+        self.adoptions = Adoptions(runs=self.runs)   # containers waiting for their client after a restart
         self.starts = cleanup.StartsInFlight()     # a job's cleanup waits for its starts in flight
         self.sweeping = threading.Lock()   # one forget_ended_jobs at a time
         self.started_at = time.time()      # registrations older than this may have missed their epilogue
@@ -250,44 +250,6 @@ class Daemon:
                     conn.close()
             self.gate.release(token)
 
-    # -- simple ops ---------------------------------------------------------------------------------
-    def op_ping(self, conn, peer, msg, fds) -> dict:
-        try:
-            engine = self.engine.ping()
-        except CbatchError:
-            engine = False
-        return {"version": protocol.VERSION, "cbatch": __version__, "instance": self.instance,
-                "engine": bool(engine), "jobs": len(self.registry)}
-
-    def op_status(self, conn, peer, msg, fds) -> dict:
-        jobs = []
-        for rec in self.registry.all():
-            jobs.append({**rec.registration.to_dict(), "started": rec.started,
-                         "containers": sorted(rec.containers)})
-        return {"instance": self.instance, "jobs": jobs, "adopting": self.adoptions.cids()}
-
-    def op_images(self, conn, peer, msg, fds) -> dict:
-        return handle_request(self.images, msg, peer.uid)
-
-    def op_register(self, conn, peer, msg, fds) -> dict:
-        data = msg.get("registration")
-        if not isinstance(data, dict):
-            raise protocol.bad_field("registration", "an object")
-        reg = Registration.from_dict(data)
-        peers.owner_uid(reg)      # the owner must exist here (and match Slurm's uid): refuse now, logged
-        replaced = self.registry.register(reg)
-        # A job that ended while cbatchd was restarting left its registration (its epilogue found no daemon).
-        threading.Thread(target=self.forget_ended_jobs, daemon=True).start()
-        log.info("job %s: registered (user %s, queue %s, session %s, %s)%s", reg.job_id, reg.user, reg.queue,
-                 reg.session_id, reg.batch, " again" if replaced else "")
-        return {"job_id": reg.job_id, "replaced": replaced}
-
-    def op_unregister(self, conn, peer, msg, fds) -> dict:
-        job_id = protocol.get_str(msg, "job_id")
-        reply = cleanup.forget_job(self, job_id)
-        log.info("job %s: unregistered%s", job_id, "" if reply["known"] else " (was not registered)")
-        return reply
-
 
 def _op_of(msg) -> str:
     return str(msg.get("op"))[:40] if isinstance(msg, dict) else "request"
@@ -313,8 +275,8 @@ def _close_fd(fd: int) -> None:
         pass
 
 
-_HANDLERS = {"ping": Daemon.op_ping, "status": Daemon.op_status, "images": Daemon.op_images,
-             "register": Daemon.op_register, "unregister": Daemon.op_unregister,
+_HANDLERS = {"ping": ops.ping, "status": ops.status, "images": ops.images,
+             "register": ops.register, "unregister": ops.unregister,
              "start": launch.start, "run": launch.run, "attach": launch.attach}
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import select
 import signal
 import threading
 import time
@@ -21,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 from cbatch import protocol
-from cbatch.daemon import audit, cleanup, cputwatch, peers, pinning, streams, tmrelay
+from cbatch.daemon import audit, cleanup, cputwatch, lifeline, peers, pinning, streams, tmrelay
 from cbatch.core.errors import CbatchError, EngineError, JobError
 
 log = logging.getLogger("cbatchd")
@@ -124,29 +123,16 @@ def supervise(daemon, conn, sess: Session) -> None:
     watch = cputwatch.start(daemon, sess)
     relay = tmrelay.start(daemon, sess)
 
-    poller = select.poll()
-    poller.register(conn, select.POLLIN | select.POLLHUP | select.POLLERR)
-    poller.register(wake_r, select.POLLIN)
     try:
-        while not done.is_set():
-            # Blocks until the client says something (a signal, or EOF when it dies) or the container exits.
-            if not any(fd == conn.fileno() for fd, _ev in poller.poll()):
-                continue
-            try:
-                msg, fds = protocol.recv(conn)
-            except CbatchError as exc:
-                if done.is_set():
-                    break
-                # The client is gone (a SIGKILLed starter, a killed cbatch run): nobody else will stop it.
-                log.warning("job %s: container %s: client pid %d went away (%s): killing it", sess.job_id,
-                            sess.cid[:12], sess.peer_pid, exc.problem)
-                _stop_pump(sess, pump, pump_thread, 0.0)
-                _remove(daemon, sess)
-                audit.job_end(sess, None, False, time.time() - sess.started_wall, "client went away: killed")
-                return
-            for fd in fds:
-                os.close(fd)
-            _handle(daemon, sess, msg)
+        gone = lifeline.serve(conn, wake_r, done, lambda msg: _handle(daemon, sess, msg))
+        if gone is not None:
+            # The client is gone (a SIGKILLed starter, a killed cbatch run): nobody else will stop it.
+            log.warning("job %s: container %s: client pid %d went away (%s): killing it", sess.job_id,
+                        sess.cid[:12], sess.peer_pid, gone.problem)
+            _stop_pump(sess, pump, pump_thread, 0.0)
+            _remove(daemon, sess)
+            audit.job_end(sess, None, False, time.time() - sess.started_wall, "client went away: killed")
+            return
         _stop_pump(sess, pump, pump_thread, PUMP_DRAIN)
         reply = _with_line(_exit_event(sess, result), cputwatch.stop(daemon, watch))
         log.info("job %s: container %s exited: status %s%s", sess.job_id, sess.cid[:12], reply["status"],

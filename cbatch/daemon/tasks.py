@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-import select
 import signal
 import threading
 import time
@@ -31,7 +30,7 @@ from typing import Optional
 
 from cbatch import protocol
 from cbatch.core.errors import AccessDenied, CbatchError, JobError
-from cbatch.daemon import peers
+from cbatch.daemon import lifeline, peers
 
 log = logging.getLogger("cbatchd")
 MAX_ENVIRON = 4 << 20           # /proc/<pid>/environ is bounded by the kernel's ARG_MAX; read at most this
@@ -178,29 +177,20 @@ def _supervise_exec(daemon, conn, peer, job_id: str, eid: str, sock, fds) -> Non
 
     thread = threading.Thread(target=pumper, name=f"exec-{eid[:12]}", daemon=True)
     thread.start()
-    poller = select.poll()
-    poller.register(conn, select.POLLIN | select.POLLHUP | select.POLLERR)
-    poller.register(wake_r, select.POLLIN)
+
+    def on_message(msg: dict) -> None:
+        try:
+            if protocol.check_version(msg) == "signal":
+                _signal_exec(daemon, eid, protocol.get_int(msg, "signum", lo=1, hi=64))
+        except CbatchError as exc:
+            log.warning("job %s: exec %s: ignored message: %s", job_id, eid[:12], exc)
+
     try:
-        while not done.is_set():
-            if not any(fd == conn.fileno() for fd, _ev in poller.poll()):
-                continue
-            try:
-                msg, extra = protocol.recv(conn)
-            except CbatchError:
-                if done.is_set():
-                    break
-                log.warning("job %s: exec %s: its starter pid %d went away: killing the task", job_id, eid[:12],
-                            peer.pid)
-                _signal_exec(daemon, eid, signal.SIGKILL)
-                return
-            for fd in extra:
-                os.close(fd)
-            try:
-                if protocol.check_version(msg) == "signal":
-                    _signal_exec(daemon, eid, protocol.get_int(msg, "signum", lo=1, hi=64))
-            except CbatchError as exc:
-                log.warning("job %s: exec %s: ignored message: %s", job_id, eid[:12], exc)
+        if lifeline.serve(conn, wake_r, done, on_message) is not None:
+            log.warning("job %s: exec %s: its starter pid %d went away: killing the task", job_id, eid[:12],
+                        peer.pid)
+            _signal_exec(daemon, eid, signal.SIGKILL)
+            return
         status = _exec_status(daemon, eid)
         reply = {"event": "exit", "status": 125 if status is None else status, "oom": False,
                  "message": None if status is not None else

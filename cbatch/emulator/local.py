@@ -2,8 +2,8 @@
 
 TORQUE cannot be installed on the development machines, so this module reproduces what a real pbs_mom was
 observed doing (``torque-mom.md``): argv, uids, environment, stdin line, session, signals, cgroups - and
-nothing kinder. It is the ONE harness: ``cbatch local`` uses it to run a script through the real hooks and
-daemon, and the integration tests use it to drive every end-to-end case.
+nothing kinder. It is the ONE harness: ``cbatch local`` (:mod:`cbatch.emulator.localcmd`) uses it to run a
+script through the real hooks and daemon, and the integration tests use it to drive every end-to-end case.
 
 Shape: :class:`Mom` owns a TORQUE-like tree (``mom_priv`` 0751 with the hooks, ``mom_priv/jobs``, ``spool``,
 ``aux``). :meth:`Mom.submit` writes the script and spool files, then spawns the job child - a fresh
@@ -32,11 +32,9 @@ from typing import Dict, List, Optional, Sequence
 from cbatch.admin import install
 from cbatch.clients import cclient
 from cbatch.emulator import momproc
-from cbatch.core import qsubopts
 from cbatch.core.errors import CbatchError, JobError
 
 REQUEUED = None           # Result.exit_status of a job the prologue kept requeueing
-DEFAULT_QUEUE = "batch"   # cbatch local's queue when neither -q nor the script's #PBS -q names one
 
 
 @dataclass
@@ -56,6 +54,7 @@ class Result:
     walltime_killed: bool = False
     session_id: Optional[int] = None
     ended_at: Optional[float] = None      # time.monotonic() when the mom reaped the starter
+    kill_delay_killed: bool = False       # the starter outlived qdel's kill_delay: the mom SIGKILLed the session
     cgroup_leftovers: List[str] = field(default_factory=list)
     spool_stdout: bytes = b""
     spool_stderr: bytes = b""
@@ -160,11 +159,11 @@ class Job:
             return Result(self.job_id, REQUEUED, b"", b"", False, prologue_status=prologue, requeues=requeues,
                           session_id=self.session_id)
         aborted = prologue == 1
-        walltime_killed = False
+        walltime_killed = delay_killed = False
         if aborted:
             exit_status = -2
         else:
-            exit_status, walltime_killed = self._supervise()
+            exit_status, walltime_killed, delay_killed = self._supervise()
         ended_at = time.monotonic()
         ep_status = None
         if self.mom.epilogue:
@@ -178,7 +177,8 @@ class Job:
         return Result(self.job_id, exit_status, b"" if aborted else out, b"" if aborted else err,
                       self.mom.epilogue is not None, prologue_status=prologue, epilogue_status=ep_status,
                       requeues=requeues, aborted=aborted, walltime_killed=walltime_killed,
-                      session_id=self.session_id, ended_at=ended_at, cgroup_leftovers=leftovers,
+                      session_id=self.session_id, ended_at=ended_at, kill_delay_killed=delay_killed,
+                      cgroup_leftovers=leftovers,
                       spool_stdout=out, spool_stderr=err, shell_status=None if shell is None else int(shell))
 
     def spawn_task(self, argv: Sequence[str], stdout: Optional[int] = None,
@@ -220,10 +220,11 @@ class Job:
         return proc, report.get("prologue")
 
     def _supervise(self):
-        """Wait for the starter; apply qdel's kill_delay and walltime polls; return (status, walltime_killed)."""
+        """Wait for the starter; apply qdel's kill_delay and walltime polls; return (status, walltime_killed,
+        kill_delay_killed)."""
         proc, walltime = self._proc, self.plan["walltime"]
         next_poll = time.monotonic() + self.walltime_poll if self.walltime_poll else None
-        over = killed = False
+        over = killed = delay_killed = False
         while True:
             try:
                 code = proc.wait(timeout=0.05)
@@ -235,6 +236,7 @@ class Job:
                 if self._kill_at is not None and now >= self._kill_at:
                     momproc.signal_session(proc.pid, signal.SIGKILL)
                     self._kill_at = float("inf")
+                    delay_killed = True
             if next_poll is not None and walltime is not None and now >= next_poll:
                 next_poll = now + self.walltime_poll
                 used = int(now - self._t0)
@@ -251,7 +253,7 @@ class Job:
         with self._lock:
             tasks = list(self._tasks)
         momproc.kill_tasks(tasks)
-        return (256 - code if code < 0 else code), killed
+        return (256 - code if code < 0 else code), killed, delay_killed
 
     def _cleanup(self, exit_status) -> List[str]:
         leftovers = []
@@ -385,74 +387,3 @@ class Mom:
                 "interactive": interactive, "interactive_cmd": interactive_cmd}
         momproc.write_owned(plan["plan_file"], json.dumps(plan).encode(), 0, 0, 0o600)
         return Job(self, job_id, plan, kill_delay, walltime_poll, cgroup_dirs)
-
-
-def _socket_path(args) -> str:
-    if getattr(args, "socket", None):
-        return args.socket
-    return install._socket_from_config()
-
-
-def submit_environ(job_uid: int, environ=None) -> dict:
-    """The environment ``-V`` and ``-v NAME`` (without a value) copy from, as qsub would from its caller's.
-
-    ``cbatch local`` runs as root; a job for another user must never receive root's environment (sudo
-    keeps tokens, cloud credentials, SSH agents): then these copy nothing and only ``-v NAME=value`` sets a
-    variable. A job of root itself gets root's environment, as qsub run by root would give it.
-    """
-    environ = os.environ if environ is None else environ
-    return dict(environ) if job_uid == os.geteuid() else {}
-
-
-def _request(script: bytes, args, environ) -> qsubopts.QsubRequest:
-    """Read the script as qsub would, our ``-q/-l/-N/-v`` playing qsub's command line (so they win)."""
-    qsub_args = [] if args.queue is None else ["-q", args.queue]
-    qsub_args += [w for value in args.resources for w in ("-l", value)]
-    qsub_args += [w for value in args.variables for w in ("-v", value)]
-    qsub_args += [] if args.name is None else ["-N", args.name]
-    return qsubopts.read(script, qsub_args, environ, default_queue=DEFAULT_QUEUE)
-
-
-def command(args) -> int:
-    """``cbatch local``: run SCRIPT through this node's daemon as pbs_mom would; exit with its status.
-
-    The job's stdout and stderr are copied to ours after it ends. The exit status follows the shell's
-    convention: a job killed by signal N (TORQUE's 256+N) exits 128+N; a job the prologue aborted or kept
-    requeueing exits 125 after one line on stderr.
-    """
-    if os.geteuid() != 0:
-        raise CbatchError("cbatch local", "must run as root (it plays pbs_mom: runs the root prologue and "
-                          "starts the job as its user)", os.geteuid(), "sudo cbatch local --user USER SCRIPT")
-    user = args.user or os.environ.get("SUDO_USER")
-    if not user:
-        raise CbatchError("cbatch local", "no job user", None, "pass --user USER")
-    try:
-        with open(args.script, "rb") as fh:
-            script = fh.read()
-    except OSError as exc:
-        raise JobError("job script", "cannot read", f"{args.script}: {exc.strerror}") from exc
-    try:
-        job_uid = pwd.getpwnam(user).pw_uid
-    except KeyError as exc:
-        raise CbatchError("cbatch local", "unknown user", user, "pass --user USER of this host") from exc
-    request = _request(script, args, submit_environ(job_uid))
-    import tempfile
-    root = tempfile.mkdtemp(prefix="cbatch-local-", dir="/var/spool" if os.path.isdir("/var/spool") else None)
-    try:
-        mom = Mom(root, _socket_path(args))
-        job = mom.submit(script, user, queue=request.queue, resources=request.resource_list or "nodes=1:ppn=1",
-                         variables=request.variables, shell=request.shell, args=list(args.args),
-                         name=request.name or os.path.basename(args.script)[:15], workdir=os.getcwd(),
-                         tmpdir=True)
-        result = job.wait(timeout=10 ** 9)
-    finally:
-        momproc.remove_tree(root)
-    sys.stdout.buffer.write(result.stdout)
-    sys.stdout.flush()
-    sys.stderr.buffer.write(result.stderr)
-    sys.stderr.flush()
-    if result.exit_status is None or result.exit_status < 0:
-        print(f"cbatch: local: job {result.job_id} did not run: prologue exited {result.prologue_status}",
-              file=sys.stderr)
-        return 125
-    return 128 + (result.exit_status - 256) if result.exit_status > 256 else result.exit_status % 256

@@ -113,3 +113,41 @@ $C run --image {IMG} echo after
     lines = cbatch_lines(r.stderr)
     assert lines == [f"cbatch: run: too many containers for job {job.job_id}: 2 running "
                      "(limit 2, key daemon.max_run_containers)"], r.stderr
+
+
+def test_run_cap_holds_across_a_daemon_restart(daemon_factory, mom_factory, alice, workdir):
+    """The cap counts the cbatch run containers a restarted cbatchd adopted: with 2 of a ppn=2 job's runs
+    reattached after the restart, the third is refused (the old code counted only runs started since the
+    restart, and started it)."""
+    d = daemon_factory("runcap")
+    m = mom_factory(d)
+    body = f"""
+C={CBATCH}
+cd {workdir}
+$C run --image {IMG} sh -c 'touch up-1; until [ -e release ]; do sleep 0.1; done' &
+$C run --image {IMG} sh -c 'touch up-2; until [ -e release ]; do sleep 0.1; done' &
+until [ -e up-1 ] && [ -e up-2 ]; do sleep 0.1; done
+echo both-up
+until [ -e restarted ]; do sleep 0.1; done
+$C run --image {IMG} echo third
+echo rc=$?
+touch release
+wait
+$C run --image {IMG} echo after
+"""
+    job = m.submit(script(body, image=None), alice.name, resources="nodes=1:ppn=2,walltime=00:10:00",
+                   variables={"CBATCH_SOCKET": d.socket}, workdir=str(workdir), initdir=str(workdir))
+    assert job.wait_output(b"both-up\n", timeout=120), (job.peek(), d.log()[-3000:])
+    d.restart()
+    # The moment: both runs' clients have taken their containers back from the restarted daemon.
+    def reattached() -> int:
+        return sum(f"job {job.job_id}: container " in ln and ln.endswith("reattached")
+                   for ln in d.log().splitlines())
+    assert wait_until(lambda: reattached() == 2, timeout=60) is not None, d.log()[-3000:]
+    (workdir / "restarted").touch()
+    r = job.wait(120)
+    out = r.stdout.decode().splitlines()
+    assert out[0] == "both-up" and out[1].startswith("rc=") and out[1] != "rc=0", (out, r.stderr)
+    assert out[-1] == "after", out
+    assert cbatch_lines(r.stderr) == [f"cbatch: run: too many containers for job {job.job_id}: 2 running "
+                                      "(limit 2, key daemon.max_run_containers)"], r.stderr

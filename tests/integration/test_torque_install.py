@@ -71,18 +71,24 @@ def test_prologue_shim_registers_with_minimal_env(tmp_path, daemon, mom, alice):
 def test_node_check_good_and_broken(tmp_path, daemon):
     rc, mom_priv, libexec, _ = _install(tmp_path, daemon.socket)
     (mom_priv / "config").write_text(f"$pbsserver vm\n$job_starter {libexec}/job_starter\n")
+    no_pbs = str(tmp_path / "no-pbs.conf")       # this host's own PBS (if any) is not under test here
     out = io.StringIO()
-    failed = nodecheck.run_checks(str(daemon.config_path), str(mom_priv), out=out)
+    failed = nodecheck.run_checks(str(daemon.config_path), str(mom_priv), out=out, pbs_conf=no_pbs)
     lines = out.getvalue().splitlines()
     assert failed == 0, lines
-    assert [l.split()[1].rstrip(":") for l in lines] == ["config", "daemon", "engine", "prologue", "epilogue",
-                                                         "mom", "job_starter", "helper", "accounting"]
+    queues = list(daemon.config["queues"])
+    assert [l.split()[1].rstrip(":") for l in lines] == ["config", "daemon", "engine"] + ["queue"] * len(queues) + \
+        ["prologue", "epilogue", "mom", "job_starter", "helper", "accounting"]
     assert all(l.startswith("OK") for l in lines)
+    # The real router's answer for each queue (the test daemon's queues ask for this run's engine).
+    engine = daemon.engine_name
+    for name in queues:
+        assert any(l.startswith(f"OK   queue {name}: {engine} (engine: {engine}") for l in lines), (name, lines)
 
     os.chmod(mom_priv / "prologue", 0o777)
     (mom_priv / "config").write_text("$pbsserver vm\n")
     out = io.StringIO()
-    failed = nodecheck.run_checks(str(daemon.config_path), str(mom_priv), out=out)
+    failed = nodecheck.run_checks(str(daemon.config_path), str(mom_priv), out=out, pbs_conf=no_pbs)
     bad = [l for l in out.getvalue().splitlines() if l.startswith("FAIL")]
     assert failed == 3 and len(bad) == 3, out.getvalue()
     assert "prologue" in bad[0] and "world-writable" in bad[0]

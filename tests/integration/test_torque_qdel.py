@@ -31,12 +31,11 @@ echo after-wait
     assert job.wait_output(b"ready\n", timeout=60), job.peek()
     (cid,) = job_containers(daemon.instance, job.job_id)
     since = time.time() - 1
-    t0 = time.monotonic()
     job.qdel()
     r = job.wait(60)
-    # The starter exited on its own (re-raising SIGTERM), well before the mom's SIGKILL at kill_delay.
+    # The starter exited on its own (re-raising SIGTERM): the mom never needed its SIGKILL at kill_delay.
     assert r.exit_status == 271, (r.stdout, r.stderr)
-    assert r.ended_at - t0 < kill_delay - 1.0
+    assert not r.kill_delay_killed
     # Nothing removed the container after the starter exited (no epilogue): it was gone before.
     assert not job_containers(daemon.instance, job.job_id)
     # The engine's record: SIGTERM first (then SIGKILL if anything outlived the grace), then death.
@@ -57,10 +56,12 @@ def test_starter_sigkilled_daemon_removes_container(bare_mom, daemon, alice):
     assert job.wait_output(b"ready\n", timeout=60), job.peek()
     assert job_containers(daemon.instance, job.job_id)
     job.kill_starter(signal.SIGKILL)
-    t0 = time.monotonic()
-    took = wait_until(lambda: not job_containers(daemon.instance, job.job_id), timeout=10)
-    assert took is not None, "container still there 10 s after its starter died"
-    assert time.monotonic() - t0 < 3.0 and took <= 2.5, f"container removed only after {took:.2f}s"
+    # The script sleeps 120 s: a container gone within the wait's bound (only a bound) did not end by
+    # itself; the daemon killed it because its client went away, and says so.
+    took = wait_until(lambda: not job_containers(daemon.instance, job.job_id), timeout=60)
+    assert took is not None, "container still there 60 s after its starter died"
+    assert any(f"job {job.job_id}: container " in ln and "went away" in ln and "killing it" in ln
+               for ln in daemon.log().splitlines()), daemon.log()[-3000:]
     r = job.wait(30)
     assert r.exit_status == 265
     assert run_epilogue(bare_mom, job, r.exit_status).returncode == 0
@@ -132,13 +133,10 @@ def test_qdel_sigkill_after_stop_grace_when_term_is_ignored(bare_mom, daemon, al
     assert job.wait_output(b"ready\n", timeout=60), job.peek()
     (cid,) = job_containers(daemon.instance, job.job_id)
     since = time.time() - 1
-    t0 = time.monotonic()
     job.qdel()
     r = job.wait(60)
     assert r.exit_status == 271, (r.stdout, r.stderr)
-    took = r.ended_at - t0
-    grace = daemon.config["daemon"]["stop_grace"]
-    assert grace * 0.8 <= took < kill_delay - 1.0, took
+    assert not r.kill_delay_killed          # the daemon's SIGKILL ended it, not the mom's at kill_delay
     assert not job_containers(daemon.instance, job.job_id)
     kills = [e["signal"] for e in container_events(cid, since) if e["action"] == "kill"]
     assert kills[:1] == ["15"] and "9" in kills, kills

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 
 from torque_helpers import cbatch_lines, job_containers, script
 
@@ -75,10 +74,8 @@ def test_shebang_applies(mom, alice):
 
 
 def test_missing_shell_in_image_is_127(mom, daemon, alice):
-    t0 = time.monotonic()
     job = mom.submit(script("echo never", image="cbatch-test/noshell:1"), alice.name)
     r = job.wait(60)
-    assert time.monotonic() - t0 < 45
     assert r.exit_status == 127, (r.stdout, r.stderr)
     assert r.stdout == b""
     lines = cbatch_lines(r.stderr)

@@ -45,3 +45,30 @@ def test_adoptions_take_only_by_the_right_client_and_expire():
     now[0] = 111.0
     assert a.take("c2", "1.node", 1, os.getuid()) is None                   # too late
     assert a.expire() == [("c2", "1.node")] and len(a) == 0
+
+
+def test_adopted_runs_hold_their_jobs_run_slots_until_released():
+    """A restarted daemon counts the cbatch run containers it adopts against the per-job cap: a slot per run
+    from adoption until its session ends, its job is forgotten, or its client never comes back."""
+    import os
+    from cbatch.daemon import peers
+    from cbatch.daemon.limits import Counter
+    now = [100.0]
+    runs = Counter()
+    a = Adoptions(clock=lambda: now[0], runs=runs)
+    me = {"peer": os.getpid(), "peer_start": peers.start_time(os.getpid()), "uid": os.getuid()}
+    a.add("r1", "1.node", {**me, "kind": "run"}, wait=10)
+    a.add("r1", "1.node", {**me, "kind": "run"}, wait=10)       # seen again: still one slot
+    a.add("r2", "1.node", {**me, "kind": "run", "peer": 1}, wait=10)
+    a.add("j1", "1.node", {**me, "kind": "job"}, wait=10)       # the job itself is not a run
+    a.add("r3", "2.node", {**me, "kind": "run"}, wait=10)
+    assert (runs.held("1.node"), runs.held("2.node")) == (2, 1)
+    info = a.take("r1", "1.node", os.getpid(), os.getuid())
+    assert runs.held("1.node") == 2                             # the reattached session holds it now
+    a.release_run("1.node", info)
+    assert runs.held("1.node") == 1
+    a.forget_job("2.node")
+    assert runs.held("2.node") == 0
+    now[0] = 111.0
+    a.expire()                                                  # r2's client never came back
+    assert runs.held("1.node") == 0

@@ -164,21 +164,26 @@ def test_sync_does_not_block_ensure():
     """A slow pre-pull must not hold up a job start on a present image."""
     eng = FakeEngine()
     eng.add(f"{REG}/cbt/debian:12", "sha256:" + "c" * 64)
-    gate = threading.Event()
+    gate, inside, left = threading.Event(), threading.Event(), threading.Event()
     real_pull = eng.pull
 
     def slow_pull(ref, auth_config=None, progress=None):
-        gate.wait(5)
-        return real_pull(ref, auth_config, progress)
+        inside.set()
+        try:
+            gate.wait(60)           # a bound only: the test opens the gate
+            return real_pull(ref, auth_config, progress)
+        finally:
+            left.set()
 
     eng.pull = slow_pull
     eng.registry[f"{REG}/cbt/busybox:1"] = busybox_info()
     m = ImageManager(eng, cfg(), None)
     m.start()
     try:
-        t0 = time.monotonic()
+        assert inside.wait(60), "the sync thread never started its pull"
         info = m.ensure(f"{REG}/cbt/debian:12", cfg().queue("batch"))
-        assert info.id == "sha256:" + "c" * 64 and time.monotonic() - t0 < 0.5
+        assert info.id == "sha256:" + "c" * 64
+        assert not left.is_set()    # answered while the sync thread was still inside its pull
     finally:
         gate.set()
         m.stop()
