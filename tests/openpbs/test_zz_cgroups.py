@@ -10,7 +10,7 @@ import os
 import pytest
 
 from torque_helpers import container_cgroup
-from trq import instance_containers, wait_until
+from trq import cpu_spin, instance_containers, wait_until
 
 CG = "/sys/fs/cgroup"
 
@@ -63,11 +63,7 @@ def test_mem_limit_oom_line(pbs_cg, cbatchd, alice, wd):
 
 
 def test_resources_used_counts_the_container(pbs_cg, cbatchd, alice, wd):
-    # Spin until the shell itself has used 3 s of CPU (utime + stime from /proc/$$/stat, read without a fork):
-    # a wall-clock spin gets a share of the CPU that depends on the machine's load (1 s of 6 at load 19).
-    spin = ("hz=$(getconf CLK_TCK); while read -r -a st < /proc/$$/stat; [ $(( (${st[13]} + ${st[14]}) / hz )) -lt 3 ]; "
-            "do :; done; echo done")
-    job = pbs_cg.qsub(alice, f"#!/bin/bash\n{spin}\n", ["-q", "short", "-l", "select=1:ncpus=1:mem=300mb"], wd)
+    job = pbs_cg.qsub(alice, f"#!/bin/bash\n{cpu_spin(3)}; echo done\n", ["-q", "short", "-l", "select=1:ncpus=1:mem=300mb"], wd)
     r = pbs_cg.wait(job)
     assert (r.exit_status, r.stdout) == (0, b"done\n"), (r.attrs, r.stderr)
     h, m, s = (int(x) for x in r.attrs["resources_used"]["cput"].split(":"))

@@ -30,6 +30,14 @@ def instance_containers(instance: str, job_id: Optional[str] = None):
     return subprocess.run(argv, check=True, capture_output=True, text=True).stdout.split() + direct_containers(labels)
 
 
+def cpu_spin(seconds: int) -> str:
+    """A bash loop that runs until the shell itself has used ``seconds`` of CPU (utime + stime from
+    /proc/$$/stat, read without a fork). A wall-clock spin gets a share of the CPU that depends on the machine's
+    load (1 s of 6 at load 19), so a test of cput must not spin by the clock."""
+    return ("hz=$(getconf CLK_TCK); while read -r -a st < /proc/$$/stat; "
+            f"[ $(( (${{st[13]}} + ${{st[14]}}) / hz )) -lt {int(seconds)} ]; do :; done")
+
+
 def wait_until(predicate, timeout: float, interval: float = 0.2):
     """Poll ``predicate`` until it returns something true; return that, or None on timeout."""
     deadline = time.monotonic() + timeout
