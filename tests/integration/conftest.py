@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import pytest
 import yaml
@@ -35,8 +35,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 sys.path.insert(0, str(HERE))
 
-import users as users_mod  # noqa: E402
 from torque_helpers import instance_containers, remove_instance_containers  # noqa: E402,F401
+from userfixtures import alice, bob, carol, users  # noqa: E402,F401 - fixtures
 
 VENV_BIN = Path(sys.executable).parent
 CBATCHD = str(VENV_BIN / "cbatchd")
@@ -156,13 +156,6 @@ class Daemon:
 
 
 @pytest.fixture(scope="session")
-def users() -> Dict[str, users_mod.TestUser]:
-    if os.geteuid() != 0:
-        pytest.fail("integration tests must run as root")
-    return users_mod.ensure()
-
-
-@pytest.fixture(scope="session")
 def images(test_images):
     return test_images
 
@@ -261,19 +254,3 @@ def workdir_for(users):
     yield make
     for path in made:
         shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def alice(users):
-    return users["cbt-alice"]
-
-
-@pytest.fixture
-def bob(users):
-    return users["cbt-bob"]
-
-
-@pytest.fixture
-def carol(users):
-    """A user whose login shell is /bin/sh (for the busybox-based images)."""
-    return users["cbt-carol"]

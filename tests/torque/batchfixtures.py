@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 
 import trq
-import users as users_mod
 from torque_helpers import remove_instance_containers
+from userfixtures import alice, bob, carol, users  # noqa: F401 - fixtures the conftests import from here
 
 
 def cbatchd_fixture(run, site_config, instance: str, socket_path: str):
@@ -22,23 +22,3 @@ def cbatchd_fixture(run, site_config, instance: str, socket_path: str):
         d.stop()
         remove_instance_containers(instance)
     return cbatchd
-
-
-@pytest.fixture(scope="session")
-def users():
-    return users_mod.ensure()
-
-
-@pytest.fixture
-def alice(users):
-    return users["cbt-alice"]
-
-
-@pytest.fixture
-def bob(users):
-    return users["cbt-bob"]
-
-
-@pytest.fixture
-def carol(users):
-    return users["cbt-carol"]
