@@ -6,6 +6,9 @@
   connections") on the first try.
 - One job cannot start more ``cbatch run`` containers at once than its limit (default max(1, its cpus)):
   the next one is refused with one line naming the limit and its key. The old code started them all.
+- The cap holds across a cbatchd restart: the ``cbatch run`` containers the restarted daemon adopts count
+  from start-up, so the job's next run is still refused. Before the fix the restarted daemon counted only
+  the runs started since and let the job double its containers.
 """
 
 from __future__ import annotations
