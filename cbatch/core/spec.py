@@ -11,6 +11,8 @@ HELPER_PATH = CBATCH_DIR + "/exec"          # the static cbatch-exec helper, bin
 STDOUT_PATH = CBATCH_DIR + "/stdout"        # the job's stdout spool file, when it is a regular file
 STDERR_PATH = CBATCH_DIR + "/stderr"
 INIT_PATH = CBATCH_DIR + "/init"            # the engine's tini (docker-init), bind-mounted read-only
+FILTER_PATH = CBATCH_DIR + "/filter"        # direct engine: the seccomp loader, first program of every process
+SECCOMP_PATH = CBATCH_DIR + "/seccomp.bpf"  # direct engine: the compiled filter it loads (read-only)
 
 # Container paths cbatch itself provides, or that would hand the host's kernel interfaces to a job: nothing
 # may be mounted onto them or under them (facts about the container layout, so they live here).

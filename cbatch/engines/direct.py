@@ -31,7 +31,7 @@ from typing import Dict, List, Optional
 
 from cbatch.core.errors import EngineError
 from cbatch.core.spec import LABEL_INSTANCE, ContainerSpec
-from cbatch.engines import base, bundles, imagefacts, imagehold, ocispec, rootfs, seccomp
+from cbatch.engines import base, bundles, imagefacts, imagehold, ocispec, rootfs, seccomp, seccompbpf
 from cbatch.engines.base import ExitInfo, Stdio
 from cbatch.engines.directexec import DirectExecOps
 from cbatch.engines.identity import host_unprivileged_port_start, init_binary
@@ -79,15 +79,19 @@ class DirectEngine(DirectExecOps):
         """Why this node cannot run direct containers (None when it can)."""
         if not os.access(self.runc, os.X_OK):
             return f"no runc at {self.runc}"
-        if not os.access(self._shim(helper), os.X_OK):
-            return f"no {self._shim(helper)} (make -C libexec install)"
+        if not os.access(self._beside(helper, SHIM), os.X_OK):
+            return f"no {self._beside(helper, SHIM)} (make -C libexec install)"
         if not seccomp.available():
             return f"no seccomp profile {seccomp.PROFILE}"
-        return None
+        try:
+            seccompbpf.program(seccomp.oci_profile())
+        except EngineError as exc:
+            return exc.message
+        return seccompbpf.loader_problem(self._beside(helper, seccompbpf.LOADER))
 
     @staticmethod
-    def _shim(helper: str) -> str:
-        return os.path.join(os.path.dirname(helper), SHIM)
+    def _beside(helper: str, name: str) -> str:
+        return os.path.join(os.path.dirname(helper), name)
 
     # -- bundles --------------------------------------------------------------------------------------
     def _dir(self, cid: str, instance: Optional[str] = None) -> str:
@@ -133,7 +137,7 @@ class DirectEngine(DirectExecOps):
         labels[LABEL_INSTANCE] = instance
         cgroups_path = f"{(spec.cgroup_parent or '/cbatch').rstrip('/')}/{spec.name}"
         meta = {"cid": cid, "name": spec.name, "labels": labels, "image": spec.image, "image_id": image_id,
-                "cgroup": cgroups_path, "created": time.time()}
+                "cgroup": cgroups_path, "created": time.time(), "seccomp": "loader"}
         bundles.write_json(os.path.join(bundle, "meta.json"), meta)
         try:
             self.holds.hold(image_id, cid, imagefacts.volumes(conf))
@@ -165,8 +169,10 @@ class DirectEngine(DirectExecOps):
         for name, text in ocispec.etc_files(spec.hostname or "", resolv).items():
             with open(os.open(os.path.join(etc, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "w") as fh:
                 fh.write(text)
+        loader = DirectEngine._beside(helper, seccompbpf.LOADER)
+        filt = (loader, seccompbpf.write_program(bundle, seccomp.oci_profile()))
         cfg = ocispec.config(spec, conf, init=init_binary(), helper=helper, etc_dir=etc, cgroups_path=cgroups_path,
-                             seccomp=seccomp.oci_profile(), rlimits=bundles.rlimits(int(peer) if peer.isdigit() else None),
+                             seccomp=filt, rlimits=bundles.rlimits(int(peer) if peer.isdigit() else None),
                              port_start=host_unprivileged_port_start())
         bundles.write_json(os.path.join(bundle, "config.json"), cfg)
         return cfg
@@ -186,7 +192,7 @@ class DirectEngine(DirectExecOps):
             err = fds[2] if fds[2] is not None else null
             # Every source above 9 first, so no dup2 below overwrites a source it has yet to copy.
             high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in (stdin, out, err, ready_w, go_r)]
-            argv = [self._shim(helper), bundle, self.runc, self.root, spec.name, meta["cgroup"]]
+            argv = [self._beside(helper, SHIM), bundle, self.runc, self.root, spec.name, meta["cgroup"]]
             actions = [(os.POSIX_SPAWN_DUP2, fd, n) for n, fd in enumerate(high)]
             env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
             pid = os.posix_spawn(argv[0], argv, env, file_actions=actions, setsid=True)

@@ -5,7 +5,7 @@
 (8-byte header: stream, 3 zero bytes, big-endian length). Here that socket is one end of a socketpair; two
 threads frame the task's stdout/stderr pipes onto it and a third copies its stdin from it, so the daemon's
 task code is the same for both engines. The task runs through the helper like the job (as the job's numeric
-ids, no capability, the container's seccomp filter, ``noNewPrivileges``). TM tasks are not the hot path.
+ids, no capability, ``noNewPrivileges``, the container's seccomp filter loaded by ``cbatch-filter`` first). TM tasks are not the hot path.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import uuid
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from cbatch.core.errors import EngineError
-from cbatch.engines import bundles
+from cbatch.engines import bundles, ocispec
 from cbatch.engines.identity import helper_argv
 
 _HEADER = struct.Struct(">BxxxL")
@@ -39,7 +39,10 @@ class DirectExecOps:
         user: dict = {"uid": uid, "gid": gid, "additionalGids": list(groups)}
         if umask is not None:
             user["umask"] = umask
-        process = {"terminal": False, "user": user, "args": helper_argv([], list(argv), cid[:24]),
+        args = helper_argv([], list(argv), cid[:24])
+        if meta.get("seccomp") == "loader":     # else a container of an older cbatchd: runc applies its section
+            args = ocispec.filtered(args)
+        process = {"terminal": False, "user": user, "args": args,
                    "env": [f"{k}={v}" for k, v in env.items()], "cwd": workdir or "/",
                    "capabilities": {k: [] for k in ("bounding", "effective", "inheritable", "permitted", "ambient")},
                    "noNewPrivileges": True}

@@ -12,10 +12,10 @@ network namespace; runc brings its ``lo`` up). Pure: the caller writes the files
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 from cbatch.core.errors import EngineError
-from cbatch.core.spec import HELPER_PATH, INIT_PATH, ContainerSpec
+from cbatch.core.spec import FILTER_PATH, HELPER_PATH, INIT_PATH, SECCOMP_PATH, ContainerSpec
 from cbatch.engines.identity import helper_argv
 
 OCI_VERSION = "1.0.2"
@@ -34,10 +34,17 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 RLIMITS = ("RLIMIT_NOFILE", "RLIMIT_CORE", "RLIMIT_STACK", "RLIMIT_FSIZE", "RLIMIT_CPU", "RLIMIT_MEMLOCK")
 
 
+def filtered(argv: List[str]) -> List[str]:
+    """``argv`` started through the seccomp loader: the one place a direct container process (the job's
+    init, a TM task) gets its filter, before anything of the job runs."""
+    return [FILTER_PATH, SECCOMP_PATH, "--"] + list(argv)
+
+
 def command(spec: ContainerSpec, image_config: dict) -> List[str]:
-    """The container's process args: the init (when the spec asks), then the helper (``cbatch-exec``, as the
-    job's user: no ``--ids``, runc set them; it feeds the stdin line and falls back to the image's /bin/sh
-    when the login shell is missing, exactly as in the Docker engine), then the job's command."""
+    """The container's process args: the seccomp loader, the init (when the spec asks), then the helper
+    (``cbatch-exec``, as the job's user: no ``--ids``, runc set them; it feeds the stdin line and falls back
+    to the image's /bin/sh when the login shell is missing, exactly as in the Docker engine), then the job's
+    command."""
     argv = list(spec.argv)
     if spec.use_entrypoint:
         argv = list(image_config.get("Entrypoint") or []) + (argv or list(image_config.get("Cmd") or []))
@@ -46,7 +53,7 @@ def command(spec: ContainerSpec, image_config: dict) -> List[str]:
                           "the spec has no argv and the image no entrypoint or cmd")
     opts = ["--stdin-line", spec.stdin_line] if spec.stdin_line is not None else []
     argv = helper_argv(opts, argv, spec.name)
-    return [INIT_PATH, "--"] + argv if spec.init else argv
+    return filtered([INIT_PATH, "--"] + argv if spec.init else argv)
 
 
 def environment(spec: ContainerSpec, image_config: dict) -> List[str]:
@@ -78,8 +85,10 @@ def _bind(source: str, target: str, read_only: bool) -> dict:
             "options": ["rbind", "rprivate", "nosuid"] + (["ro"] if read_only else [])}
 
 
-def mounts(spec: ContainerSpec, image_config: dict, init: str, etc_dir: str, helper: str) -> List[dict]:
-    """Kernel filesystems as Docker mounts them, the spec's binds, the init, /etc files, VOLUME tmpfs."""
+def mounts(spec: ContainerSpec, image_config: dict, init: str, etc_dir: str, helper: str,
+           seccomp: Tuple[str, str]) -> List[dict]:
+    """Kernel filesystems as Docker mounts them, the spec's binds, the helper, the seccomp loader and its
+    program (``seccomp``: their host paths), the init, /etc files, VOLUME tmpfs."""
     shm = spec.shm_bytes or SHM_BYTES
     out = [
         {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
@@ -104,7 +113,9 @@ def mounts(spec: ContainerSpec, image_config: dict, init: str, etc_dir: str, hel
         out.append(_bind(m.source, m.target, m.read_only))
         taken.add(m.target)
     out.append(_bind(helper, HELPER_PATH, True))
-    taken.add(HELPER_PATH)
+    out.append(_bind(seccomp[0], FILTER_PATH, True))
+    out.append(_bind(seccomp[1], SECCOMP_PATH, True))
+    taken.update((HELPER_PATH, FILTER_PATH, SECCOMP_PATH))
     if spec.init:
         out.append(_bind(init, INIT_PATH, True))
         taken.add(INIT_PATH)
@@ -140,9 +151,10 @@ def resources(spec: ContainerSpec) -> dict:
 
 
 def config(spec: ContainerSpec, image_config: dict, *, init: str, helper: str, etc_dir: str, cgroups_path: str,
-           seccomp: Optional[dict], rlimits: Sequence[Tuple[str, int, int]] = (),
+           seccomp: Tuple[str, str], rlimits: Sequence[Tuple[str, int, int]] = (),
            port_start: int = 1024) -> dict:
-    """The whole ``config.json`` (rootfs at ``rootfs`` next to it)."""
+    """The whole ``config.json`` (rootfs at ``rootfs`` next to it); ``seccomp`` is the host paths of the
+    loader (``cbatch-filter``) and of the compiled program it loads."""
     if spec.network != "none":
         raise EngineError("direct engine", "network not supported", spec.network, "use engine: docker")
     if spec.devices:
@@ -166,8 +178,7 @@ def config(spec: ContainerSpec, image_config: dict, *, init: str, helper: str, e
         "sysctl": {"net.ipv4.ip_unprivileged_port_start": str(port_start)},
         "rootfsPropagation": "private",
     }
-    if seccomp is not None:
-        linux["seccomp"] = seccomp
     return {"ociVersion": OCI_VERSION, "process": process,
             "root": {"path": "rootfs", "readonly": bool(spec.read_only_rootfs)},
-            "hostname": spec.hostname or "", "mounts": mounts(spec, image_config, init, etc_dir, helper), "linux": linux}
+            "hostname": spec.hostname or "", "mounts": mounts(spec, image_config, init, etc_dir, helper, seccomp),
+            "linux": linux}

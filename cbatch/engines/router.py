@@ -59,6 +59,8 @@ class Router:
             return "devices requested"
         if stdio.tty:
             return "an interactive job (terminal)"
+        if not spec.no_new_privileges:
+            return "no_new_privileges: false (direct loads the seccomp filter as the job, which needs it)"
         missing = self.direct.unavailable(helper)
         if missing:
             return missing

@@ -30,7 +30,8 @@ def direct_mom(mom_factory, direct_daemon):
 
 def test_job_runs_direct_without_capabilities_namespaces_or_privileged_calls(direct_mom, direct_daemon, alice):
     r = direct_mom.submit(script("""
-grep -E '^(Uid|Gid|CapEff|CapBnd|NoNewPrivs|Seccomp):' /proc/1/status | tr -s '\\t ' ' '
+grep -E '^(Uid|Gid|CapEff|CapBnd|NoNewPrivs|Seccomp|Seccomp_filters):' /proc/1/status | tr -s '\\t ' ' '
+grep -E '^Seccomp_filters:' /proc/self/status | tr -s '\\t ' ' ' | sed 's/^/self /'
 cat /sys/class/net/lo/operstate
 ls /sys/class/net
 unshare -U true 2>/dev/null && echo unshare-allowed || echo unshare-refused
@@ -44,6 +45,9 @@ umask
     assert f"Gid: {alice.gid} {alice.gid} {alice.gid} {alice.gid}" in lines
     assert "CapEff: 0000000000000000" in lines and "CapBnd: 0000000000000000" in lines
     assert "NoNewPrivs: 1" in lines and "Seccomp: 2" in lines
+    # Exactly one filter, on PID 1 (tini) as on the job: cbatch-filter loaded it before tini ran (a process of
+    # the job could otherwise ptrace an unfiltered init), and runc no longer installs one of its own.
+    assert "Seccomp_filters: 1" in lines and "self Seccomp_filters: 1" in lines
     assert "unknown" in lines and "lo" in lines and len([x for x in lines if x == "lo" or x.startswith("eth")]) == 1
     assert "unshare-refused" in lines and "mount-refused" in lines and "kcore-masked" in lines
     assert lines[-1] == "0077"

@@ -55,6 +55,7 @@ def test_tm_task_runs_where_the_job_runs(mom, daemon, alice, where):
         status, out, err = _run_task(job, ["/bin/sh", "-c",
                                            'echo "task $(id -u) $PBS_TASKNUM $PBS_JOBID $(pwd)"; '
                                            'test -e /.cbatch/exec && echo in-container; '
+                                           'grep -E "^Seccomp(_filters)?:" /proc/self/status | tr -s "\t " " "; '
                                            'echo to-stderr >&2; exit 6'])
     finally:
         _release(alice, tag)
@@ -64,6 +65,8 @@ def test_tm_task_runs_where_the_job_runs(mom, daemon, alice, where):
     assert err == b"to-stderr\n"
     # Inside the job's container (a debian image) or on the host (whatever the host is), never failing.
     assert (b"in-container" in out) == (where == "container"), out
+    if where == "container":        # the task is under the container's one filter, with either engine
+        assert b"Seccomp: 2\nSeccomp_filters: 1\n" in out, out
     assert r.exit_status == 0, r.stderr
     assert r.stdout == b"job-started\njob-done\n"
     assert not [l for l in cbatch_lines(r.stderr)], r.stderr

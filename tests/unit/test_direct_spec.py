@@ -10,7 +10,7 @@ import pytest
 
 from cbatch.core.config import ConfigError, parse
 from cbatch.core.errors import EngineError
-from cbatch.core.spec import HELPER_PATH, INIT_PATH, ContainerSpec, Mount
+from cbatch.core.spec import FILTER_PATH, HELPER_PATH, INIT_PATH, SECCOMP_PATH, ContainerSpec, Mount
 from cbatch.engines import ocispec, seccomp
 from cbatch.engines.base import Stdio
 from cbatch.engines.router import Router
@@ -28,7 +28,8 @@ def spec(**kw) -> ContainerSpec:
 
 def config(s: ContainerSpec, image_config=None) -> dict:
     return ocispec.config(s, image_config or {"Env": ["PATH=/usr/bin", "LANG=C"]}, init="/usr/bin/tini", helper="/h/cbatch-exec",
-                          etc_dir="/b/etc", cgroups_path="/torque/1.vm/" + s.name, seccomp={"x": 1},
+                          etc_dir="/b/etc", cgroups_path="/torque/1.vm/" + s.name,
+                          seccomp=("/h/cbatch-filter", "/b/seccomp.bpf"),
                           rlimits=[("RLIMIT_NOFILE", 1024, 4096)], port_start=1024)
 
 
@@ -46,18 +47,21 @@ def test_identity_is_numeric_with_no_capability_and_no_new_privileges():
     assert user == {"uid": 1001, "gid": 1003, "additionalGids": [1003, 1001, 1002], "umask": 0o077}
     assert all(v == [] for v in c["process"]["capabilities"].values())
     assert c["process"]["noNewPrivileges"] is True
-    assert c["linux"]["seccomp"] == {"x": 1}
+    # The filter is loaded by the container's first program, not compiled by runc at every start.
+    assert "seccomp" not in c["linux"] and c["process"]["args"][:3] == [FILTER_PATH, SECCOMP_PATH, "--"]
 
 
 def test_command_env_and_init():
     c = config(spec())
-    assert c["process"]["args"] == [INIT_PATH, "--", HELPER_PATH, "--stdin-line", "/s.SC\n", "--", "/bin/bash"]
+    loader = [FILTER_PATH, SECCOMP_PATH, "--"]
+    assert c["process"]["args"] == loader + [INIT_PATH, "--", HELPER_PATH, "--stdin-line", "/s.SC\n", "--",
+                                             "/bin/bash"]
     env = dict(e.split("=", 1) for e in c["process"]["env"])
     assert env["PATH"] == "/x" and env["LANG"] == "C" and env["TINI_KILL_PROCESS_GROUP"] == "1"
     assert env["HOSTNAME"] == "node1"
-    assert config(spec(init=False, stdin_line=None))["process"]["args"] == [HELPER_PATH, "--", "/bin/bash"]
+    assert config(spec(init=False, stdin_line=None))["process"]["args"] == loader + [HELPER_PATH, "--", "/bin/bash"]
     ep = config(spec(argv=(), use_entrypoint=True, stdin_line=None), {"Entrypoint": ["/ep"], "Cmd": ["a"]})
-    assert ep["process"]["args"] == [INIT_PATH, "--", HELPER_PATH, "--", "/ep", "a"]
+    assert ep["process"]["args"] == loader + [INIT_PATH, "--", HELPER_PATH, "--", "/ep", "a"]
     with pytest.raises(EngineError):
         config(spec(argv=(), use_entrypoint=True), {})
 
@@ -69,6 +73,8 @@ def test_mounts_paths_limits_and_network_none():
     assert "ro" in dest["/etc/passwd"]["options"] and dest["/etc/hosts"]["source"] == "/b/etc/hosts"
     assert dest[INIT_PATH]["source"] == "/usr/bin/tini" and "ro" in dest[INIT_PATH]["options"]
     assert dest[HELPER_PATH]["source"] == "/h/cbatch-exec" and "ro" in dest[HELPER_PATH]["options"]
+    assert dest[FILTER_PATH]["source"] == "/h/cbatch-filter" and "ro" in dest[FILTER_PATH]["options"]
+    assert dest[SECCOMP_PATH]["source"] == "/b/seccomp.bpf" and "ro" in dest[SECCOMP_PATH]["options"]
     assert dest["/data"]["type"] == "tmpfs" and "size=%d" % ocispec.VOLUME_TMPFS_BYTES in dest["/data"]["options"]
     assert "/proc/kcore" in c["linux"]["maskedPaths"] and "/proc/sys" in c["linux"]["readonlyPaths"]
     res = c["linux"]["resources"]
@@ -165,6 +171,7 @@ class _Direct:
     ({}, Stdio(attach=True, tty=True), "overlay2", "docker"),
     ({}, Stdio(), "btrfs", "docker"),
     ({"engine": "direct"}, Stdio(), "vfs", "docker"),
+    ({"no_new_privileges": False}, Stdio(), "overlay2", "docker"),
 ])
 def test_router_choice_and_logged_fallback(kw, stdio, driver, want, caplog):
     caplog.set_level("INFO", logger="cbatchd")
