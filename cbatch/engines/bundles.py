@@ -1,5 +1,6 @@
 """The direct engine's state on disk, which is all a restarted daemon needs: one root-only bundle directory
-per container (``<bundles>/<instance>/<name>``: ``meta.json``, ``config.json``, ``pid``, ``status``), an
+per container (``<bundles>/<instance>/<name>``: ``meta.json``, ``config.json``, ``etc/``, ``seccomp.bpf``,
+``pid``, ``status``), an
 event record per instance (``<bundles>/events/<instance>.jsonl``), and facts read from /proc.
 """
 
@@ -14,7 +15,8 @@ import threading
 import time
 from typing import Callable, Dict, List, Optional
 
-from cbatch.engines import ocispec
+from cbatch.engines import ocispec, seccomp, seccompbpf
+from cbatch.engines.identity import host_unprivileged_port_start, init_binary
 
 log = logging.getLogger("cbatchd")
 NOT_INSTANCES = ("runc", "events")      # directories next to the instances' bundle directories
@@ -190,3 +192,25 @@ def sweep(bundles: str, keep: str, now: Optional[float] = None) -> List[str]:
         except OSError:
             pass
     return removed
+
+
+def write_config(bundle: str, spec, conf: dict, peer: str, cgroups_path: str, loader: str, helper: str) -> dict:
+    """Write a new container's files into ``bundle``: its own /etc files, the compiled seccomp program and
+    ``config.json`` (:func:`cbatch.engines.ocispec.config`); returns the config. ``peer``: the client's pid
+    (its rlimits are the job's), ``loader``: the host path of ``cbatch-filter``."""
+    etc = os.path.join(bundle, "etc")
+    os.mkdir(etc, 0o755)
+    try:
+        with open("/etc/resolv.conf") as fh:
+            resolv = fh.read()
+    except OSError:
+        resolv = ""
+    for name, text in ocispec.etc_files(spec.hostname or "", resolv).items():
+        with open(os.open(os.path.join(etc, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "w") as fh:
+            fh.write(text)
+    program = seccompbpf.write_program(bundle, seccomp.oci_profile())
+    cfg = ocispec.config(spec, conf, init=init_binary(), helper=helper, etc_dir=etc, cgroups_path=cgroups_path,
+                         seccomp=(loader, program), rlimits=rlimits(int(peer) if peer.isdigit() else None),
+                         port_start=host_unprivileged_port_start())
+    write_json(os.path.join(bundle, "config.json"), cfg)
+    return cfg

@@ -2,7 +2,7 @@
 
 Docker stays the image manager (pull, credentials, digests, ``cbatch images``); this engine only starts
 containers. Per container it keeps a bundle directory ``<bundles>/<instance>/<name>`` (root-only):
-``meta.json`` (labels, image, the shim's pid and start time), ``config.json`` (:mod:`cbatch.engines.ocispec`),
+``meta.json`` (labels, image, the shim's pid and start time), ``config.json`` (:mod:`cbatch.engines.ocispec`, written by :func:`cbatch.engines.bundles.write_config`),
 ``rootfs`` (:mod:`cbatch.engines.rootfs`), ``etc/`` and, once the container ended, ``status``.
 
 Start: ``libexec/cbatch-shim`` (a subreaper in its own session, spawned with the job's own descriptors as
@@ -31,10 +31,9 @@ from typing import Dict, List, Optional
 
 from cbatch.core.errors import EngineError
 from cbatch.core.spec import LABEL_INSTANCE, ContainerSpec
-from cbatch.engines import base, bundles, imagefacts, imagehold, ocispec, rootfs, seccomp, seccompbpf
+from cbatch.engines import base, bundles, imagefacts, imagehold, rootfs, seccomp, seccompbpf
 from cbatch.engines.base import ExitInfo, Stdio
 from cbatch.engines.directexec import DirectExecOps
-from cbatch.engines.identity import host_unprivileged_port_start, init_binary
 
 log = logging.getLogger("cbatchd")
 PREFIX = "direct-"          # container ids of this engine (Docker's are hex): the router routes by it
@@ -144,7 +143,8 @@ class DirectEngine(DirectExecOps):
             t = _timing("hold", t)
             root = rootfs.mount(bundle, dirs, spec.layer_bytes)
             t = _timing("rootfs", t)
-            cfg = self._write_config(bundle, spec, conf, labels.get("cbatch.peer", ""), cgroups_path, helper)
+            cfg = bundles.write_config(bundle, spec, conf, labels.get("cbatch.peer", ""), cgroups_path,
+                                      self._beside(helper, seccompbpf.LOADER), helper)
             rootfs.check_targets(root, [m["destination"] for m in cfg["mounts"]
                                         if m["type"] in ("bind", "tmpfs") and not m["destination"].startswith("/dev")])
             t = _timing("config", t)
@@ -155,27 +155,6 @@ class DirectEngine(DirectExecOps):
             raise
         _timing("start", t0)
         return cid
-
-    @staticmethod
-    def _write_config(bundle: str, spec: ContainerSpec, conf: dict, peer: str, cgroups_path: str,
-                      helper: str) -> dict:
-        etc = os.path.join(bundle, "etc")
-        os.mkdir(etc, 0o755)
-        try:
-            with open("/etc/resolv.conf") as fh:
-                resolv = fh.read()
-        except OSError:
-            resolv = ""
-        for name, text in ocispec.etc_files(spec.hostname or "", resolv).items():
-            with open(os.open(os.path.join(etc, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "w") as fh:
-                fh.write(text)
-        loader = DirectEngine._beside(helper, seccompbpf.LOADER)
-        filt = (loader, seccompbpf.write_program(bundle, seccomp.oci_profile()))
-        cfg = ocispec.config(spec, conf, init=init_binary(), helper=helper, etc_dir=etc, cgroups_path=cgroups_path,
-                             seccomp=filt, rlimits=bundles.rlimits(int(peer) if peer.isdigit() else None),
-                             port_start=host_unprivileged_port_start())
-        bundles.write_json(os.path.join(bundle, "config.json"), cfg)
-        return cfg
 
     def _spawn(self, bundle: str, spec: ContainerSpec, stdio: Stdio, helper: str,
                meta: dict) -> None:
