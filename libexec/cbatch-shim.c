@@ -8,8 +8,10 @@
  * child subreaper, runs `runc run --detach` (one runc process; the container's init is then reparented to
  * the shim), writes one byte to fd 3, then waits for the container's init. When it exits the shim reads
  * the OOM-kill counter, CPU time and peak memory of the container's cgroup (before `runc delete` removes
- * it), deletes the container and writes BUNDLE/status ("status N oom K cpu_us C peak_bytes P\n", -1 where
- * the cgroup does not report one; written to a temporary file and renamed). It runs in its
+ * it), deletes the container and writes BUNDLE/status ("status N oom K cpu_us C peak_bytes P deleted D\n", -1 where
+ * the cgroup does not report one; written to a temporary file and renamed). The delete of the stopped
+ * container is the shim's own where it can be (quick_delete: runc's destroy without a Go program), else
+ * `runc delete --force`; the status says which ("deleted shim|runc"). It runs in its
  * own session and ignores the terminal/termination signals, so it outlives a cbatchd restart: a new daemon
  * waits on it by pidfd and reads the same status file. Nothing in it decides anything.
  */
@@ -21,14 +23,19 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <dirent.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 static char *bundle;
 
 /* What the container's cgroup used, read before `runc delete` removes it (-1: not reported). */
 static long long cpu_us = -1, peak_bytes = -1;
+
+/* How the stopped container was deleted: "shim" (quick_delete) or "runc" (runc delete --force). */
+static const char *deleted = "runc";
 
 static void write_status(int status, long oom, const char *why)
 {
@@ -38,7 +45,8 @@ static void write_status(int status, long oom, const char *why)
 	FILE *f = fopen(tmp, "w");
 	if (!f)
 		return;
-	fprintf(f, "status %d oom %ld cpu_us %lld peak_bytes %lld\n", status, oom, cpu_us, peak_bytes);
+	fprintf(f, "status %d oom %ld cpu_us %lld peak_bytes %lld deleted %s\n", status, oom, cpu_us, peak_bytes,
+		deleted);
 	if (why)
 		fprintf(f, "error %s\n", why);
 	fflush(f);
@@ -139,6 +147,90 @@ static void usage(const char *cgroup)
 	}
 }
 
+/* rmdir a container cgroup runc made, retrying while the kernel still tears its last task down (as runc does). */
+static int remove_cgroup(const char *path)
+{
+	for (int i = 0; i < 10; i++) {
+		if (rmdir(path) == 0 || errno == ENOENT)
+			return 0;
+		if (errno != EBUSY)
+			return -1;
+		struct timespec ts = {0, 10 * 1000 * 1000};
+		nanosleep(&ts, NULL);
+	}
+	return -1;
+}
+
+/* What `runc delete` does for a stopped container with a pid namespace, cgroupfs and no hooks (libcontainer's
+ * destroy: the cgroup directories recorded in its state.json, then its state directory), without starting a
+ * Go program at every job's end (~8 ms of CPU and ~15 ms before the status). Anything unexpected - a state
+ * file it cannot read, a path outside /sys/fs/cgroup, an escaped character, another file in the state
+ * directory - returns -1 before touching anything more, and the caller runs `runc delete --force`. */
+static int quick_delete(const char *root, const char *id)
+{
+	static char buf[1 << 20];
+	char dir[2048], path[4096];
+	if (snprintf(dir, sizeof dir, "%s/%s", root, id) >= (int)sizeof dir)
+		return -1;
+	snprintf(path, sizeof path, "%s/state.json", dir);
+	int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+	if (fd < 0)
+		return -1;
+	size_t len = 0;
+	ssize_t n;
+	while (len < sizeof buf - 1 && (n = read(fd, buf + len, sizeof buf - 1 - len)) > 0)
+		len += (size_t)n;
+	close(fd);
+	if (len == 0 || len >= sizeof buf - 1)
+		return -1;
+	buf[len] = 0;
+	DIR *d = opendir(dir);
+	if (!d)
+		return -1;
+	struct dirent *e;
+	int others = 0;
+	while ((e = readdir(d)))
+		if (strcmp(e->d_name, ".") && strcmp(e->d_name, "..") && strcmp(e->d_name, "state.json"))
+			others = 1;
+	closedir(d);
+	char *p = strstr(buf, "\"cgroup_paths\":{");
+	if (others || !p)
+		return -1;
+	p += strlen("\"cgroup_paths\":{");
+	char *end = strchr(p, '}');
+	if (!end)
+		return -1;
+	*end = 0;
+	/* "key":"value" pairs; the values are absolute paths under /sys/fs/cgroup/ with no escape and no "..". */
+	char *paths[64];
+	int count = 0;
+	while (*p) {
+		char *q[4];
+		for (int i = 0; i < 4; i++) {
+			q[i] = strchr(i ? q[i - 1] + 1 : p, '"');
+			if (!q[i])
+				return -1;
+		}
+		*q[3] = 0;
+		char *value = q[2] + 1;
+		if (count == 64 || strncmp(value, "/sys/fs/cgroup/", 15) || strchr(value, '\\') || strstr(value, ".."))
+			return -1;
+		paths[count++] = value;
+		p = q[3] + 1;
+		if (*p == ',')
+			p++;
+		else if (*p)
+			return -1;
+	}
+	for (int i = 0; i < count; i++)
+		if (remove_cgroup(paths[i]) != 0)
+			return -1;
+	if (unlink(path) != 0 || rmdir(dir) != 0)
+		return -1;
+	deleted = "shim";
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	if (argc != 6) {
@@ -221,8 +313,10 @@ int main(int argc, char **argv)
 	}
 	long oom = oom_kills(cgroup);
 	usage(cgroup);
-	char *del[] = {runc, "--root", root, "delete", "--force", id, NULL};
-	run(del, 1);
+	if (quick_delete(root, id) != 0) {
+		char *del[] = {runc, "--root", root, "delete", "--force", id, NULL};
+		run(del, 1);
+	}
 	write_status(status, oom, NULL);
 	return 0;
 }

@@ -72,8 +72,8 @@ def read_json(path: str) -> Optional[dict]:
 
 
 def read_status(bundle: str) -> Optional[dict]:
-    """What the shim recorded when the container ended (``status``, ``oom``, ``error``, and ``cpu_us`` and
-    ``peak_bytes`` where the container's cgroup reported them), or None yet."""
+    """What the shim recorded when the container ended (``status``, ``oom``, ``error``, ``cpu_us`` and
+    ``peak_bytes`` where the container's cgroup reported them, ``deleted``: ``shim`` or ``runc``), or None yet."""
     try:
         with open(os.path.join(bundle, "status")) as fh:
             text = fh.read()
@@ -85,8 +85,10 @@ def read_status(bundle: str) -> Optional[dict]:
         if key == "status":
             parts = rest.split()
             out["status"] = int(parts[0])
-            pairs = dict(zip(parts[1::2], parts[2::2]))         # oom K cpu_us C peak_bytes P
+            pairs = dict(zip(parts[1::2], parts[2::2]))         # oom K cpu_us C peak_bytes P deleted D
             out["oom"] = int(pairs.get("oom", 0))
+            if pairs.get("deleted"):
+                out["deleted"] = pairs["deleted"]
             for name in ("cpu_us", "peak_bytes"):
                 if int(pairs.get(name, -1)) >= 0:
                     out[name] = int(pairs[name])

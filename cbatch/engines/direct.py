@@ -9,7 +9,7 @@ Start: ``libexec/cbatch-shim`` (a subreaper in its own session, spawned with the
 its stdio - the spool files or pipes the client passed, so no byte of output passes through cbatchd) runs
 ``runc run --detach`` (one runc process) and says so on a pipe; only then does :meth:`DirectEngine.start` return, so
 the pinned mounts are in the container's mount namespace. The shim waits for the container's init, records
-its status and OOM-kill count and deletes it. It outlives cbatchd: a restarted daemon lists bundles, waits
+its status and OOM-kill count and deletes it (itself where it can, else ``runc delete``). It outlives cbatchd: a restarted daemon lists bundles, waits
 on the shim by pidfd and reads the same status file (recovery is the same code for both engines).
 
 ``CBATCH_TIMING=1`` logs ``timing direct.<step> <ms>`` per start step (read by the bench).
@@ -280,7 +280,7 @@ class DirectEngine(DirectExecOps):
                 raise EngineError("container", "not found", cid)
             self._kill_all(meta)        # the shim was killed: the container must not run on unwatched
             return ExitInfo(status=137, error="the container's shim ended without a status")
-        self._event(cid, "die", exitCode=str(status["status"]))
+        self._event(cid, "die", exitCode=str(status["status"]), deleted=status.get("deleted", ""))
         notice = None
         if rootfs.full(bundle):
             notice = EngineError("container", "writable layer full", f"{rootfs.layer_mib(bundle)} MiB",

@@ -3,6 +3,7 @@ what a job inside it can and cannot do, the image hold, the shim's lifetime, the
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -11,7 +12,7 @@ import uuid
 import pytest
 
 import image_builder
-from torque_helpers import DIRECT_BUNDLES, direct_json, job_containers, script, wait_until
+from torque_helpers import DIRECT_BUNDLES, RUNC_ROOT, direct_json, job_containers, script, wait_until
 
 
 ENGINES_ONLY = ("direct",)     # conftest deselects these tests for the other engines
@@ -208,3 +209,50 @@ def test_queue_that_needs_docker_falls_back_with_a_logged_reason(daemon_factory,
     r = mom_factory(d).submit(script("echo hi"), alice.name, queue="bridged").wait(120)
     assert r.exit_status == 0, r.stderr
     assert "engine docker instead of direct: network bridge" in d.log()
+
+
+def _die_event(instance: str, cid: str) -> dict:
+    path = os.path.join(DIRECT_BUNDLES, "events", instance + ".jsonl")
+    with open(path) as fh:
+        events = [json.loads(line) for line in fh]
+    (die,) = [e for e in events if e["id"] == cid and e["action"] == "die"]
+    return die
+
+
+def _container_cgroups(lines) -> list:
+    """The container's cgroup directories on this host, from its /proc/self/cgroup lines (v1 and v2)."""
+    out = []
+    for line in lines:
+        _n, ctrls, path = line.split(":", 2)
+        name = ctrls.replace("name=", "") if ctrls else "unified"
+        for base in (f"/sys/fs/cgroup/{name}", f"/sys/fs/cgroup/{ctrls.split(',')[0]}") if ctrls else (
+                "/sys/fs/cgroup/unified", "/sys/fs/cgroup"):
+            if os.path.isdir(base):
+                out.append(base + path)
+                break
+    return out
+
+
+@pytest.mark.parametrize("how", ["shim", "runc"])
+def test_the_ended_container_leaves_no_cgroup_and_no_runc_state(direct_mom, direct_daemon, alice, workdir, how):
+    # The shim deletes the stopped container itself (runc's destroy without a Go program at every job's end);
+    # anything unexpected in runc's state directory - here a file the test puts there - makes it leave the
+    # delete to `runc delete --force`. Either way nothing of the container is left.
+    job = direct_mom.submit(script("cat /proc/self/cgroup; while [ ! -e go ]; do sleep 0.1; done",
+                                   shebang="#!/bin/sh"), alice.name, initdir=str(workdir), shell="/bin/sh")
+    assert job.wait_output(b"\n", timeout=60), job.peek()
+    (cid,) = job_containers(direct_daemon.instance, job.job_id)
+    name = direct_json(cid, "meta.json")["name"]
+    state = os.path.join(RUNC_ROOT, name)
+    assert os.path.isfile(os.path.join(state, "state.json"))
+    if how == "runc":
+        with open(os.path.join(state, "unexpected"), "w") as fh:
+            fh.write("x")
+    (workdir / "go").touch()
+    r = job.wait(60)
+    assert r.exit_status == 0, r.stderr
+    cgroups = _container_cgroups(r.stdout.decode().splitlines())
+    assert cgroups and all(name in c for c in cgroups), cgroups
+    assert [c for c in cgroups if os.path.exists(c)] == []
+    assert not os.path.lexists(state)
+    assert _die_event(direct_daemon.instance, cid)["deleted"] == how

@@ -203,6 +203,8 @@ def test_bundle_status_and_scan(tmp_path):
     assert bundles.read_status(str(b)) is None
     (b / "status").write_text("status 137 oom 1\nerror boom\n")
     assert bundles.read_status(str(b)) == {"status": 137, "oom": 1, "error": "boom"}
+    (b / "status").write_text("status 0 oom 0 cpu_us 5 peak_bytes -1 deleted shim\n")
+    assert bundles.read_status(str(b)) == {"status": 0, "oom": 0, "cpu_us": 5, "deleted": "shim"}
     bundles.write_json(str(b / "meta.json"), {"labels": {"cbatch.instance": "inst", "cbatch.job": "1.vm"}})
     (tmp_path / "runc").mkdir()
     assert bundles.scan(str(tmp_path), {"cbatch.job": "1.vm"}, bundles.read_json) == ["c1"]
