@@ -212,6 +212,30 @@ def test_unpin_is_idempotent_and_complete(root, alice, workdir_for):
     assert (d / "data" / "mine").read_text() == "mine\n"                     # unpinning never deletes data
 
 
+def test_unpin_under_a_staging_root_with_escaped_characters(pdaemon, alice, workdir_for):
+    # mountinfo octal-escapes space, tab, newline and backslash; unpin compares in that form and must still
+    # find (and remove) every staging mount under such a root, and nothing beside it.
+    d = _tree(workdir_for, alice)
+    root = os.path.join(MOUNT_DIR, f"esc {os.getpid()}\\x\ty")
+    beside = os.path.join(MOUNT_DIR, f"esc {os.getpid()}\\x\tyz")
+    raw = Path("/proc/self/mountinfo").read_bytes
+
+    def under(r: str) -> int:
+        return raw().count(pinning._mangled(r) + b"/")
+    try:
+        pinning.pin(_spec("cbatch-pin-esc", str(d / "data")), Identity.lookup(alice.name), root)
+        pinning.pin(_spec("cbatch-pin-esc", str(d / "data")), Identity.lookup(alice.name), beside)
+        assert b"\\040" in pinning._mangled(root) and under(root) == 1 and under(beside) == 1
+        assert pinning._mount_points(os.path.join(root, "cbatch-pin-esc")) == [os.path.join(root, "cbatch-pin-esc", "1")]
+        assert pinning.unpin("cbatch-pin-esc", root) == []
+        assert under(root) == 0 and under(beside) == 1
+    finally:
+        for r in (root, beside):
+            assert pinning.unpin_all(r) == []
+            os.rmdir(r)
+    assert (d / "data" / "mine").read_text() == "mine\n"
+
+
 # ---- the daemon cleans up after crashes and at unregister ------------------------------------------------------
 def _stale(pdaemon, name: str, source: str, alice) -> None:
     pinning.pin(_spec(name, source), Identity.lookup(alice.name), pdaemon.mount_root)
