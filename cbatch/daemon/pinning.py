@@ -10,7 +10,9 @@ permissions), checks the fd still names the approved path, and bind-mounts the f
 ``<staging root>/<container name>/<index>``. The spec handed to Docker names the staging points, which
 nobody but root can change. Once the container has started its own mount namespace holds the mounts, and
 :func:`unpin` removes the staging points (also at the container's end, at unregister and at daemon start-up,
-all idempotent).
+all idempotent). The daemon's start has the job's own paths opened that way already, in the child that
+resolved them for the policy (one child per start, not two): :func:`pin` stages such an fd when it still
+has its path and opens anything else as above.
 
 Not pinned: ``/etc/passwd`` and ``/etc/group`` (root's read-only system files) and the caller's ``trusted``
 mounts (the site mounts of the root-owned config, resolved by Docker as before).
@@ -26,7 +28,7 @@ import logging
 import os
 import stat
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from cbatch.core.errors import DaemonError, PolicyError
 from cbatch.host.paths import open_all_as_user
@@ -128,14 +130,25 @@ def _stage(fd: int, point: str) -> None:
     _mount(None, point, MS_PRIVATE | MS_REC)
 
 
+def _still_there(fd: int, path: str) -> bool:
+    """Does the object open as ``fd`` still have the canonical path ``path`` (not renamed, not moved)?"""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == path
+    except OSError:
+        return False
+
+
 def pin(spec, identity, staging_root: str, trusted: Iterable = (),
-        held: Sequence[int] = ()) -> Tuple[object, PinnedMounts]:
+        held: Sequence[int] = (), opened: Optional[Mapping[str, int]] = None) -> Tuple[object, PinnedMounts]:
     """Pin ``spec``'s user-controlled mount sources; return ``(spec naming the staging points, PinnedMounts)``.
 
     ``trusted`` are mounts (``spec.Mount``) not to pin, matched on source and target: the site mounts.
     ``held`` are fds the caller already holds (the client's stdout/stderr files): each is staged as it is,
-    at ``PinnedMounts.held[i]``. Raises PolicyError (the path changed, or the user cannot reach it) or
-    DaemonError (staging failed); on any failure nothing is left mounted.
+    at ``PinnedMounts.held[i]``. ``opened``: O_PATH fds of canonical paths the caller already opened as the
+    user the same way (:class:`cbatch.host.paths.BatchResolver` with ``pin``, in the child that resolved them;
+    the caller keeps and closes them): a source whose fd still has its path is staged from it without another
+    child; any other source is opened as the user here. Raises PolicyError (the path changed, or the user
+    cannot reach it) or DaemonError (staging failed); on any failure nothing is left mounted.
     """
     skip = {(m.source, m.target) for m in trusted}
     todo = [i for i, m in enumerate(spec.mounts) if m.source not in SYSTEM_FILES and (m.source, m.target) not in skip]
@@ -144,12 +157,20 @@ def pin(spec, identity, staging_root: str, trusted: Iterable = (),
         return spec, PinnedMounts(name, staging_root)
     prepare(staging_root)
     unpin(name, staging_root)          # a stale set for this name (a crash before the last unpin)
-    fds = open_all_as_user([spec.mounts[i].source for i in todo], identity) if todo else []
+    ready = {}
+    for i in todo:
+        fd = (opened or {}).get(spec.mounts[i].source)
+        if fd is not None and _still_there(fd, spec.mounts[i].source):
+            ready[i] = fd           # the object the user reached at this path when it was resolved
+    need = [i for i in todo if i not in ready]
+    fds = open_all_as_user([spec.mounts[i].source for i in need], identity) if need else []
+    ready.update(zip(need, fds))
     mounts = list(spec.mounts)
     base = os.path.join(staging_root, name)
     try:
         os.mkdir(base, 0o700)
-        for i, fd in zip(todo, fds):
+        for i in todo:
+            fd = ready[i]
             m = spec.mounts[i]
             if os.readlink(f"/proc/self/fd/{fd}") != m.source:
                 # Renamed or moved under a bind mount since the check: not what the policy approved.
