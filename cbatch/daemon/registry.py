@@ -88,7 +88,8 @@ class Registry:
     def _save(self, rec: Record) -> None:
         path = self._path(rec.registration.job_id)
         tmp = os.path.join(self.dir, f".tmp-{os.getpid()}-{threading.get_ident()}")
-        data = json.dumps(rec.to_dict(), indent=1, sort_keys=True).encode("ascii")
+        # Compact: with ``indent`` json falls back to its pure-Python encoder (four writes per job).
+        data = json.dumps(rec.to_dict(), separators=(",", ":"), sort_keys=True).encode("ascii")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             os.write(fd, data)
