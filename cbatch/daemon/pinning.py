@@ -26,6 +26,7 @@ import ctypes
 import dataclasses
 import logging
 import os
+import re
 import stat
 from dataclasses import dataclass
 from typing import Iterable, List, Mapping, Optional, Sequence, Tuple
@@ -38,6 +39,7 @@ MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
 MNT_DETACH = 2
 SYSTEM_FILES = ("/etc/passwd", "/etc/group")
+_MANGLE = re.compile(rb"[ \t\n\\]")     # what mountinfo octal-escapes in a mount point
 log = logging.getLogger("cbatchd")
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p)
@@ -70,7 +72,7 @@ def _component(name: str) -> str:
 
 def _mangled(path: str) -> bytes:
     """``path`` as /proc/self/mountinfo writes it: space, tab, newline and backslash octal-escaped."""
-    return b"".join(b"\\%03o" % c if c in b" \t\n\\" else bytes((c,)) for c in os.fsencode(path))
+    return _MANGLE.sub(lambda m: b"\\%03o" % m.group()[0], os.fsencode(path))
 
 
 def _mount_points(under: str) -> List[str]:
