@@ -14,10 +14,11 @@ cbatch does not set at all - which is why ``PATH`` is in the default ``env_drop`
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import posixpath
 import re
-from fnmatch import fnmatchcase
+from fnmatch import fnmatchcase, translate
 from typing import Callable, List, Optional, Sequence, Tuple
 
 from cbatch.core.config import QueuePolicy, SiteConfig, image_allowed, normalize_reference
@@ -158,13 +159,23 @@ def environment(policy: QueuePolicy, job: JobContext, directives: Directives,
     layers: dict = {}
     for k, v in policy.env:
         layers[k] = (v, "site")
+    dropped = _matcher(policy.env_drop)
     for k, v in job.env:
-        if not any(fnmatchcase(k, pat) for pat in policy.env_drop):
+        if not dropped(k):
             layers[k] = (v, "job")
     for k, v in directives.env:
         layers[k] = (v, "--env")
     layers[IMAGE_ENV] = (image, "cbatch")
     return [(k, v, src) for k, (v, src) in layers.items()]
+
+
+@functools.lru_cache(maxsize=64)
+def _matcher(patterns: Tuple[str, ...]) -> Callable[[str], object]:
+    """``any(fnmatchcase(name, p) for p in patterns)`` as one compiled regex (per config, not per variable
+    and pattern at every start)."""
+    if not patterns:
+        return lambda name: False
+    return re.compile("|".join(f"(?:{translate(p)})" for p in patterns)).match
 
 
 def _container_path(path: str) -> str:

@@ -60,7 +60,8 @@ def remove_container(daemon, job_id, cid: str) -> bool:
         log.error("could not remove container %s: %s", cid[:12], exc)
         return False
     if job_id is not None:
-        daemon.registry.drop_container(job_id, cid)
+        # Not written now: the engine no longer has it, and recovery drops a recorded id it cannot find.
+        daemon.registry.drop_container(job_id, cid, write=False)
     return True
 
 

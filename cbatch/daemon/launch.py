@@ -71,8 +71,10 @@ def read_script(path: str, uid: int) -> bytes:
 
 def _resolver(job: JobContext):
     """The policy's resolver with the job's own paths resolved up front in one child (one fork per start,
-    not one per path: the forks were most of the decision's time)."""
-    return batch_resolver((job.script_path, job.node_file, job.tmpdir, job.identity.home, job.cwd), job.identity)
+    not one per path: the forks were most of the decision's time). The same child opens them for pinning
+    (``.opened``, closed by the start when done)."""
+    return batch_resolver((job.script_path, job.node_file, job.tmpdir, job.identity.home, job.cwd), job.identity,
+                          pin=True)
 
 
 def _cgroup_parent(reg, peer_pid: int):
@@ -148,8 +150,9 @@ def _prepare_start(daemon, conn, peer, rec, msg, fds, interactive: bool):
              "batch": reg.batch}
     if not daemon.registry.claim_start(reg.job_id, (CLAIM, claim), write=False):
         raise AccessDenied("start", "job already started", reg.job_id, "a job starts once")
+    resolve = None
     try:
-        decision, job = _decide_start(daemon, peer, reg, argv, cwd, env, line, interactive)
+        decision, job, resolve = _decide_start(daemon, peer, reg, argv, cwd, env, line, interactive)
         if isinstance(decision, Native):
             log.info("job %s: %snative (%s)", reg.job_id, "exec, " if interactive == "exec" else "interactive, " if interactive else "", decision.reason)
             audit.native(reg, peer.uid, "job", decision.reason)
@@ -160,7 +163,7 @@ def _prepare_start(daemon, conn, peer, rec, msg, fds, interactive: bool):
             # PBS `qsub -- prog args`: the program itself in the queue's container, stdin /dev/null as PBS gives.
             spec = dataclasses.replace(decision, argv=tuple(argv[2:]), stdin_line=None)
             stdio, pump = choose_stdio(fds, attach_stdin=False, uid=peer.uid)
-            return _launch(daemon, conn, peer, job, spec, stdio, pump, fds, "job")
+            return _launch(daemon, conn, peer, job, spec, stdio, pump, fds, "job", opened=resolve.opened)
         if interactive:
             # The queue's container with the job's terminal: the policy's shell (argv[0] of its decision) run
             # interactively, plus qsub -I -x's "-c cmd"; no stdin line. The daemon proxies the pty raw.
@@ -169,11 +172,13 @@ def _prepare_start(daemon, conn, peer, rec, msg, fds, interactive: bool):
                                "pbs_mom gives an interactive job its pty")
             spec = dataclasses.replace(decision, argv=(decision.argv[0], *argv[2:]), stdin_line=None)
             return _launch(daemon, conn, peer, job, spec, Stdio(attach=True, tty=True), (None, None, None), fds,
-                           "job", tty_fd=fds[0])
+                           "job", tty_fd=fds[0], opened=resolve.opened)
         stdio, pump = choose_stdio(fds, attach_stdin=False, uid=peer.uid)
-        return _launch(daemon, conn, peer, job, decision, stdio, pump, fds, "job")
+        return _launch(daemon, conn, peer, job, decision, stdio, pump, fds, "job", opened=resolve.opened)
     finally:
         daemon.registry.drop_container(reg.job_id, CLAIM)
+        if resolve is not None:
+            resolve.close()
 
 
 def _decide_start(daemon, peer, reg, argv, cwd, env, line, interactive):
@@ -198,7 +203,12 @@ def _decide_start(daemon, peer, reg, argv, cwd, env, line, interactive):
                                peers.umask_of(peer.pid))
     if script_gone:         # nothing to mount: the policy mounts the job script only when there is one
         job = dataclasses.replace(job, script_path="")
-    return policy.decide(daemon.config, job, directives, _resolver(job), _tags_of(daemon)), job
+    resolve = _resolver(job)
+    try:
+        return policy.decide(daemon.config, job, directives, resolve, _tags_of(daemon)), job, resolve
+    except BaseException:
+        resolve.close()
+        raise
 
 
 def run(daemon, conn, peer, msg: dict, fds) -> dict | None:
@@ -239,14 +249,18 @@ def _prepare_run(daemon, conn, peer, rec, msg, fds):
     shell = identity.shell if identity.shell.startswith("/") else "/bin/sh"
     job = JobContext.for_start(reg, identity, shell, "", cwd, env, _cgroup_parent(reg, peer.pid),
                                peers.umask_of(peer.pid))
-    decision = policy.decide_run(daemon.config, job, directives, argv, _resolver(job), next(_RUN_INDEX),
-                                 _tags_of(daemon))
-    if isinstance(decision, Native):
-        return {"mode": "native", "reason": decision.reason}
-    # stdin always goes through the attach socket: interactive input must work, and its EOF closes the
-    # container's stdin.
-    stdio, pump = choose_stdio(fds, attach_stdin=True, uid=peer.uid)
-    return _launch(daemon, conn, peer, job, decision, stdio, pump, fds, "run")
+    resolve = _resolver(job)
+    try:
+        decision = policy.decide_run(daemon.config, job, directives, argv, resolve, next(_RUN_INDEX),
+                                     _tags_of(daemon))
+        if isinstance(decision, Native):
+            return {"mode": "native", "reason": decision.reason}
+        # stdin always goes through the attach socket: interactive input must work, and its EOF closes the
+        # container's stdin.
+        stdio, pump = choose_stdio(fds, attach_stdin=True, uid=peer.uid)
+        return _launch(daemon, conn, peer, job, decision, stdio, pump, fds, "run", opened=resolve.opened)
+    finally:
+        resolve.close()
 
 
 def _pending(daemon, peer, op: str):
@@ -269,7 +283,7 @@ def _tags_of(daemon):
     return daemon.images.tags_of
 
 
-def _launch(daemon, conn, peer, job, spec, stdio, pump, fds, kind: str, tty_fd=None) -> Session:
+def _launch(daemon, conn, peer, job, spec, stdio, pump, fds, kind: str, tty_fd=None, opened=None) -> Session:
     env = tuple(spec.env)
     # Present, or pulled now when the queue says pull: missing; else one "not on this node" line.
     info = daemon.images.ensure(spec.image, daemon.config.queue(job.queue), _progress(fds[2]))
@@ -283,7 +297,7 @@ def _launch(daemon, conn, peer, job, spec, stdio, pump, fds, kind: str, tty_fd=N
     spool = [(attr, fd) for attr, fd in (("stdout_path", fds[1]), ("stderr_path", fds[2])) if getattr(stdio, attr)]
     pinned, pins = pinning.pin(spec, job.identity, daemon.mount_root,
                                daemon.config.queue(job.queue).mounts + (tm.mounts if tm else ()),
-                               [fd for _attr, fd in spool])
+                               [fd for _attr, fd in spool], opened)
     staged = dataclasses.replace(stdio, fds=tuple(fds[:3]),
                                  **{attr: point for (attr, _fd), point in zip(spool, pins.held)})
     limit = spec.memory_bytes or job.resources.memory_on(daemon.config.daemon.hostname or None)

@@ -10,7 +10,9 @@ permissions), checks the fd still names the approved path, and bind-mounts the f
 ``<staging root>/<container name>/<index>``. The spec handed to Docker names the staging points, which
 nobody but root can change. Once the container has started its own mount namespace holds the mounts, and
 :func:`unpin` removes the staging points (also at the container's end, at unregister and at daemon start-up,
-all idempotent).
+all idempotent). The daemon's start has the job's own paths opened that way already, in the child that
+resolved them for the policy (one child per start, not two): :func:`pin` stages such an fd when it still
+has its path and opens anything else as above.
 
 Not pinned: ``/etc/passwd`` and ``/etc/group`` (root's read-only system files) and the caller's ``trusted``
 mounts (the site mounts of the root-owned config, resolved by Docker as before).
@@ -24,9 +26,10 @@ import ctypes
 import dataclasses
 import logging
 import os
+import re
 import stat
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from cbatch.core.errors import DaemonError, PolicyError
 from cbatch.host.paths import open_all_as_user
@@ -36,6 +39,7 @@ MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
 MNT_DETACH = 2
 SYSTEM_FILES = ("/etc/passwd", "/etc/group")
+_MANGLE = re.compile(rb"[ \t\n\\]")     # what mountinfo octal-escapes in a mount point
 log = logging.getLogger("cbatchd")
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p)
@@ -66,19 +70,26 @@ def _component(name: str) -> str:
     return name
 
 
+def _mangled(path: str) -> bytes:
+    """``path`` as /proc/self/mountinfo writes it: space, tab, newline and backslash octal-escaped."""
+    return _MANGLE.sub(lambda m: b"\\%03o" % m.group()[0], os.fsencode(path))
+
+
 def _mount_points(under: str) -> List[str]:
     """Mount points at or below ``under`` in our namespace, deepest first."""
-    prefix = under.rstrip("/") + "/"
+    want = _mangled(under)
+    prefix = _mangled(under.rstrip("/") + "/")
     found = []
     with open("/proc/self/mountinfo", "rb") as fh:
-        for line in fh:
-            fields = line.split(b" ")
-            if len(fields) < 5:
-                continue
-            # Field 5 is the mount point, with space, tab, newline and backslash octal-escaped.
-            point = fields[4].decode("unicode_escape").encode("latin-1").decode("utf-8", "surrogateescape")
-            if point == under or point.startswith(prefix):
-                found.append(point)
+        data = fh.read()
+    for line in data.split(b"\n"):
+        fields = line.split(b" ", 5)
+        if len(fields) < 5:
+            continue
+        # Field 5 is the mount point, escaped as _mangled does: compared escaped, only a match is decoded
+        # (decoding every line of a busy node's mountinfo was most of a job's unpin time).
+        if fields[4] == want or fields[4].startswith(prefix):
+            found.append(fields[4].decode("unicode_escape").encode("latin-1").decode("utf-8", "surrogateescape"))
     return sorted(found, key=len, reverse=True)
 
 
@@ -121,14 +132,25 @@ def _stage(fd: int, point: str) -> None:
     _mount(None, point, MS_PRIVATE | MS_REC)
 
 
+def _still_there(fd: int, path: str) -> bool:
+    """Does the object open as ``fd`` still have the canonical path ``path`` (not renamed, not moved)?"""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == path
+    except OSError:
+        return False
+
+
 def pin(spec, identity, staging_root: str, trusted: Iterable = (),
-        held: Sequence[int] = ()) -> Tuple[object, PinnedMounts]:
+        held: Sequence[int] = (), opened: Optional[Mapping[str, int]] = None) -> Tuple[object, PinnedMounts]:
     """Pin ``spec``'s user-controlled mount sources; return ``(spec naming the staging points, PinnedMounts)``.
 
     ``trusted`` are mounts (``spec.Mount``) not to pin, matched on source and target: the site mounts.
     ``held`` are fds the caller already holds (the client's stdout/stderr files): each is staged as it is,
-    at ``PinnedMounts.held[i]``. Raises PolicyError (the path changed, or the user cannot reach it) or
-    DaemonError (staging failed); on any failure nothing is left mounted.
+    at ``PinnedMounts.held[i]``. ``opened``: O_PATH fds of canonical paths the caller already opened as the
+    user the same way (:class:`cbatch.host.paths.BatchResolver` with ``pin``, in the child that resolved them;
+    the caller keeps and closes them): a source whose fd still has its path is staged from it without another
+    child; any other source is opened as the user here. Raises PolicyError (the path changed, or the user
+    cannot reach it) or DaemonError (staging failed); on any failure nothing is left mounted.
     """
     skip = {(m.source, m.target) for m in trusted}
     todo = [i for i, m in enumerate(spec.mounts) if m.source not in SYSTEM_FILES and (m.source, m.target) not in skip]
@@ -137,12 +159,20 @@ def pin(spec, identity, staging_root: str, trusted: Iterable = (),
         return spec, PinnedMounts(name, staging_root)
     prepare(staging_root)
     unpin(name, staging_root)          # a stale set for this name (a crash before the last unpin)
-    fds = open_all_as_user([spec.mounts[i].source for i in todo], identity) if todo else []
+    ready = {}
+    for i in todo:
+        fd = (opened or {}).get(spec.mounts[i].source)
+        if fd is not None and _still_there(fd, spec.mounts[i].source):
+            ready[i] = fd           # the object the user reached at this path when it was resolved
+    need = [i for i in todo if i not in ready]
+    fds = open_all_as_user([spec.mounts[i].source for i in need], identity) if need else []
+    ready.update(zip(need, fds))
     mounts = list(spec.mounts)
     base = os.path.join(staging_root, name)
     try:
         os.mkdir(base, 0o700)
-        for i, fd in zip(todo, fds):
+        for i in todo:
+            fd = ready[i]
             m = spec.mounts[i]
             if os.readlink(f"/proc/self/fd/{fd}") != m.source:
                 # Renamed or moved under a bind mount since the check: not what the policy approved.
@@ -172,13 +202,18 @@ def unpin(name: str, staging_root: str) -> List[str]:
     file mounts are removed, so a mount that would not come off never exposes the user's files to deletion.
     """
     base = os.path.join(staging_root, _component(name))
+    if not os.path.lexists(base):
+        # Nothing can be mounted at or below a path that does not exist (a mount point cannot be removed
+        # while mounted): the usual case for the stale-set check before pin and for a second release.
+        return []
+    points = _mount_points(base)
     for _ in range(3):                  # stacked mounts come off one layer per pass
-        points = _mount_points(base)
-        for point in points:
-            _libc.umount2(os.fsencode(point), MNT_DETACH)    # failures show as leftovers below
         if not points:
             break
-    mounted = set(_mount_points(base))
+        for point in points:
+            _libc.umount2(os.fsencode(point), MNT_DETACH)    # failures show as leftovers below
+        points = _mount_points(base)
+    mounted = set(points)
     try:
         entries = os.listdir(base)
     except FileNotFoundError:

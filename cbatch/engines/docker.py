@@ -43,7 +43,7 @@ import requests.exceptions
 
 from cbatch.core.errors import EngineError
 from cbatch.core.spec import HELPER_PATH, INIT_PATH, LABEL_INSTANCE, STDERR_PATH, STDOUT_PATH, ContainerSpec
-from cbatch.engines import base, imagecheck, layer
+from cbatch.engines import base, dockerapi, imagecheck, layer
 from cbatch.engines.base import ExitInfo, Stdio  # noqa: F401 - part of this engine's API
 from cbatch.engines.dockerexec import ExecOps
 from cbatch.engines.dockerimages import ImageInfo, ImageOps, _gone  # noqa: F401 - ImageInfo is part of the API
@@ -56,6 +56,7 @@ API_VERSION = "1.41"       # Debian 12's dockerd 20.10; newer engines still spea
 _HINT_DOWN = "is dockerd running? see cbatch check --node"
 STDIN_LINE_MAX = 60 * 1024  # cbatch-exec writes the line into a pipe before exec: it must fit the buffer
 VOLUME_TMPFS_BYTES = 64 * 1024 * 1024   # each image VOLUME becomes a tmpfs of at most this
+MAX_POOL = 1024             # one pool (dockerapi): every running job holds a connection in wait()
 
 
 class Engine(ExecOps, ImageOps):
@@ -65,9 +66,7 @@ class Engine(ExecOps, ImageOps):
         self.url = url
         self.timeout = timeout
         try:
-            # Every running job holds one connection in wait(): a pool of 10 would churn connections.
-            self.api = docker.APIClient(base_url=url, version=API_VERSION, timeout=timeout,
-                                        max_pool_size=128)
+            self.api = dockerapi.client(url, API_VERSION, timeout, max_pool_size=MAX_POOL)
         except docker.errors.DockerException as exc:
             raise EngineError("engine", "bad url", url, str(exc)) from exc
         self._attached: Dict[str, object] = {}   # cid -> the SDK's socket object (keeps it alive)

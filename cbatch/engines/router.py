@@ -6,15 +6,21 @@ terminal, runc, the shim and the seccomp profile present), else docker. Whenever
 for direct (or auto) goes to Docker the reason is logged. Every call about an existing container goes to
 the engine that made it (direct ids carry :data:`cbatch.engines.direct.PREFIX`); listing and cleanup ask
 both; image operations are Docker's.
+
+A job's cleanup asks Docker only when that job may have a Docker container: until a listing of this
+instance's Docker containers has come back empty (start-up recovery makes it) every cleanup asks; from then
+on only the cleanup of a job that had a start routed to Docker (marked before the engine is called) does,
+and asks again while Docker reports leftovers. A direct job's end is then one Docker API listing-pair less.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 from typing import Dict, List, Optional
 
-from cbatch.core.spec import ContainerSpec
+from cbatch.core.spec import LABEL_INSTANCE, LABEL_JOB, ContainerSpec
 from cbatch.engines.base import Stdio
 from cbatch.engines.direct import PREFIX, DirectEngine
 
@@ -30,6 +36,11 @@ class Router:
         self.docker = docker
         self.direct = direct
         self._driver: Optional[str] = None
+        # Which jobs may have a Docker container (module docstring): job id -> Docker starts in flight.
+        self._lock = threading.Lock()
+        self._docker_jobs: Dict[str, int] = {}
+        self._docker_clean: Optional[str] = None    # the instance whose Docker listing came back empty
+        self._unlabelled = 0                        # Docker starts without a job label (back to "unknown")
 
     def __getattr__(self, name: str):
         # Image operations, ping, ...: Docker's (the image manager for both engines).
@@ -83,7 +94,42 @@ class Router:
     def start(self, spec: ContainerSpec, stdio: Stdio, instance: str, helper: str) -> str:
         """Create and start ``spec`` on the engine :meth:`choose` picks; return its id."""
         engine, _name = self.choose(spec, stdio, helper)
-        return engine.start(spec, stdio, instance, helper)
+        if engine is not self.docker:
+            return engine.start(spec, stdio, instance, helper)
+        job = spec.label_dict().get(LABEL_JOB)
+        with self._lock:
+            if job is None:
+                self._unlabelled += 1
+                self._docker_clean = None
+            else:
+                self._docker_jobs[job] = self._docker_jobs.get(job, 0) + 1
+        try:
+            return engine.start(spec, stdio, instance, helper)
+        finally:
+            if job is not None:
+                with self._lock:
+                    self._docker_jobs[job] -= 1
+
+    def _docker_may_have(self, labels: Dict[str, str]) -> bool:
+        """May Docker hold a container with ``labels`` (a job's cleanup labels)? Never wrongly False."""
+        job = labels.get(LABEL_JOB)
+        with self._lock:
+            if job is None or self._docker_clean is None or labels.get(LABEL_INSTANCE) != self._docker_clean:
+                return True
+            if job not in self._docker_jobs:
+                return False
+            if not self._docker_jobs[job]:
+                # Dropped before Docker is asked: a start marking the job again afterwards is asked about
+                # by the next cleanup; a start in flight keeps the entry.
+                del self._docker_jobs[job]
+            return True
+
+    def _docker_has(self, labels: Dict[str, str]) -> None:
+        """Docker still lists containers with ``labels`` (or could not be asked): ask again next time."""
+        job = labels.get(LABEL_JOB)
+        if job is not None:
+            with self._lock:
+                self._docker_jobs.setdefault(job, 0)
 
     def image_ids_in_use(self) -> set:
         """Images some container uses; idle direct-engine holders are dropped first (so prune may go on)."""
@@ -93,7 +139,13 @@ class Router:
 
     def list_ids(self, labels: Dict[str, str]) -> List[str]:
         """Both engines' containers carrying every one of ``labels``."""
+        with self._lock:
+            unlabelled = self._unlabelled
         ids = list(self.docker.list_ids(labels))
+        if not ids and set(labels) == {LABEL_INSTANCE}:
+            with self._lock:
+                if self._unlabelled == unlabelled:
+                    self._docker_clean = labels[LABEL_INSTANCE]
         if self.direct is not None:
             ids += self.direct.list_ids(labels)
         return ids
@@ -111,7 +163,16 @@ class Router:
                 except EngineError:
                     pass
             left += self.direct.list_ids(labels)
-        return self.docker.cleanup(labels) + left
+        if not self._docker_may_have(labels):
+            return left
+        try:
+            docker_left = self.docker.cleanup(labels)
+        except BaseException:
+            self._docker_has(labels)
+            raise
+        if docker_left:
+            self._docker_has(labels)
+        return docker_left + left
 
 
 def _route(name: str):

@@ -21,7 +21,7 @@ import signal
 import socket
 import stat
 import time
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from cbatch.core.errors import PolicyError
 
@@ -217,37 +217,88 @@ def resolve_many_as_user(paths: Sequence[str], identity) -> Dict[str, str]:
     """Canonical forms of those of ``paths`` that ``identity`` can resolve, all in ONE child (a fork of the
     daemon costs milliseconds; a job start resolves five paths). A path missing from the answer failed:
     :func:`resolve_as_user` on it gives its exact error. Same rights and checks as :func:`resolve_as_user`."""
+    return _resolve_many(paths, identity, False)[0]
+
+
+def _resolve_many(paths: Sequence[str], identity, pin: bool) -> Tuple[Dict[str, str], Dict[str, int]]:
+    """:func:`resolve_many_as_user`; with ``pin`` also an O_PATH fd per canonical path, opened in the same
+    child right after its resolve as :func:`open_all_as_user` would (``{canonical: fd}``; a path whose walk
+    failed has none: opened alone later, it gives its exact error)."""
     paths = [p for p in dict.fromkeys(paths) if isinstance(p, str) and p.startswith("/") and "\0" not in p]
-    if not paths or sum(len(os.fsencode(p)) + 1 for p in paths) * 2 > BATCH_BYTES:
-        return {}
+    if not paths or sum(len(os.fsencode(p)) + 2 for p in paths) * 2 > BATCH_BYTES:
+        return {}, {}
 
     def work() -> Tuple[bytes, List[int]]:
-        out = []
+        out, fds, seen = [], [], set()
         for path in paths:
             try:
-                out.append(os.fsencode(_resolve_here(path)))
+                real = _resolve_here(path)
             except OSError:
                 out.append(b"")         # a canonical path is never empty: "" means "ask again, alone"
-        return b"\0".join(out), []
+                continue
+            flag = b"-"
+            if pin and real not in seen:
+                try:
+                    fds.append(_open_here(real))
+                    flag = b"+"         # this answer's fd is the next one sent
+                    seen.add(real)
+                except OSError:
+                    pass
+            out.append(flag + os.fsencode(real))
+        return b"\0".join(out), fds
     try:
-        answers = _as_user(identity, work, ", ".join(paths)[:200])[0].split(b"\0")
+        payload, fds = _as_user(identity, work, ", ".join(paths)[:200])
     except PolicyError:
-        return {}
-    if len(answers) != len(paths):
-        return {}
-    return {p: os.fsdecode(a) for p, a in zip(paths, answers) if a}
+        return {}, {}
+    answers = payload.split(b"\0")
+    if len(answers) != len(paths) or sum(a[:1] == b"+" for a in answers) != len(fds):
+        _close_all(fds)
+        return {}, {}
+    known, opened, left = {}, {}, list(fds)
+    for path, answer in zip(paths, answers):
+        if answer:
+            known[path] = os.fsdecode(answer[1:])
+            if answer[:1] == b"+":
+                opened[known[path]] = left.pop(0)
+    return known, opened
 
 
-def batch_resolver(paths: Sequence[str], identity) -> Callable[[str, object], str]:
+class BatchResolver:
     """A resolver for the policy (same contract as :func:`resolve_as_user`) that resolved ``paths`` as
-    ``identity`` up front in one child; any other path or identity, or one that failed, is resolved alone."""
-    known = resolve_many_as_user([p for p in paths if p], identity)
+    ``identity`` up front in one child; any other path or identity, or one that failed, is resolved alone.
 
-    def resolve(path: str, who) -> str:
-        if who is identity and path in known:
-            return known[path]
+    The child runs at the first call (a decision that resolves nothing, a native job, forks nothing).
+    ``opened``: with ``pin``, an O_PATH fd per canonical path from that child, for
+    :func:`cbatch.daemon.pinning.pin` (one fork per start, not two). The caller closes them (:meth:`close`;
+    also when garbage-collected)."""
+
+    def __init__(self, paths: Sequence[str], identity, pin: bool = False) -> None:
+        self.identity = identity
+        self.known: Dict[str, str] = {}
+        self.opened: Dict[str, int] = {}
+        self._todo: Optional[Tuple[List[str], bool]] = ([p for p in paths if p], pin)
+
+    def __call__(self, path: str, who) -> str:
+        if self._todo is not None:
+            todo, self._todo = self._todo, None
+            self.known, self.opened = _resolve_many(todo[0], self.identity, todo[1])
+        if who is self.identity and path in self.known:
+            return self.known[path]
         return resolve_as_user(path, who)
-    return resolve
+
+    def close(self) -> None:
+        """Close the fds in :attr:`opened` (idempotent)."""
+        self._todo = None
+        opened, self.opened = self.opened, {}
+        _close_all(list(opened.values()))
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def batch_resolver(paths: Sequence[str], identity, pin: bool = False) -> BatchResolver:
+    """A :class:`BatchResolver` for ``paths`` as ``identity`` (with ``pin``, holding their O_PATH fds)."""
+    return BatchResolver(paths, identity, pin)
 
 
 def open_all_as_user(paths: Sequence[str], identity) -> List[int]:

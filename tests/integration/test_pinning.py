@@ -19,7 +19,7 @@ from cbatch.clients import client
 from cbatch.daemon import pinning
 from cbatch.core.errors import PolicyError
 from cbatch.core.job import Identity
-from cbatch.host.paths import resolve_as_user
+from cbatch.host.paths import batch_resolver, resolve_as_user
 from cbatch.core.policy import container_name
 from cbatch.core.spec import ContainerSpec, Mount
 from torque_helpers import script, wait_until
@@ -154,8 +154,10 @@ def test_path_the_user_cannot_traverse_is_refused(root, alice, bob_private):
     assert pinning.staged(root) == [] and _staged_mounts(root) == []
 
 
-def test_swapping_loop_never_pins_the_target(root, alice, workdir_for, bob_private):
-    """Many resolve+pin rounds against a tight exchange loop: every pin holds alice's directory or is refused."""
+@pytest.mark.parametrize("how", ["alone", "batched"])
+def test_swapping_loop_never_pins_the_target(root, alice, workdir_for, bob_private, how):
+    """Many resolve+pin rounds against a tight exchange loop: every pin holds alice's directory or is refused.
+    ``batched``: as the daemon's start does it, the source opened in the child that resolved it."""
     d = _tree(workdir_for, alice)
     link = d / "link"
     os.symlink(str(bob_private), link)
@@ -170,12 +172,16 @@ def test_swapping_loop_never_pins_the_target(root, alice, workdir_for, bob_priva
     outcomes = {"pinned": 0}
     try:
         for _ in range(200):
+            resolve = batch_resolver([str(d / "data")], identity, pin=True) if how == "batched" else resolve_as_user
             try:
-                new, pins = pinning.pin(_spec("cbatch-pin-race", resolve_as_user(str(d / "data"), identity)),
-                                        identity, root)
+                new, pins = pinning.pin(_spec("cbatch-pin-race", resolve(str(d / "data"), identity)),
+                                        identity, root, opened=getattr(resolve, "opened", None))
             except PolicyError as exc:
                 outcomes[exc.problem] = outcomes.get(exc.problem, 0) + 1
                 continue
+            finally:
+                if how == "batched":
+                    resolve.close()
             try:
                 assert os.listdir(pins.points[0]) == ["mine"], outcomes
                 outcomes["pinned"] += 1
@@ -187,6 +193,39 @@ def test_swapping_loop_never_pins_the_target(root, alice, workdir_for, bob_priva
     # realpath's readlink meeting a directory swapped back in gives EINVAL: a refusal too.
     assert set(outcomes) <= {"pinned", "permission denied", "changed while being checked",
                              "cannot resolve (Invalid argument)"}, outcomes
+
+
+def test_sources_opened_when_resolved_are_pinned_without_another_child(root, alice, workdir_for, monkeypatch):
+    d = _tree(workdir_for, alice)
+    identity = Identity.lookup(alice.name)
+    resolve = batch_resolver([str(d / "data")], identity, pin=True)
+    checked = resolve(str(d / "data"), identity)
+    assert list(resolve.opened) == [checked]
+    calls, real = [], pinning.open_all_as_user
+    monkeypatch.setattr(pinning, "open_all_as_user", lambda paths, who: calls.append(list(paths)) or real(paths, who))
+    try:
+        new, pins = pinning.pin(_spec("cbatch-pin-pre", checked), identity, root, opened=resolve.opened)
+        assert calls == [] and os.listdir(pins.points[0]) == ["mine"]
+        assert pinning.unpin("cbatch-pin-pre", root) == []
+        # Moved away since it was resolved: its fd no longer has the path, so the path is opened alone (as
+        # before this cut): whatever the user has there now, walked without following a symlink.
+        os.rename(d / "data", d / "old")
+        (d / "data").mkdir()
+        (d / "data" / "new").write_text("new\n")
+        os.chown(d / "data", alice.uid, alice.gid)
+        new, pins = pinning.pin(_spec("cbatch-pin-pre", checked), identity, root, opened=resolve.opened)
+        assert calls == [[checked]] and os.listdir(pins.points[0]) == ["new"]
+        assert pinning.unpin("cbatch-pin-pre", root) == []
+        # ... and a symlink there now is refused as ever.
+        (d / "data" / "new").unlink()
+        (d / "data").rmdir()
+        os.symlink(str(d / "old"), d / "data")
+        with pytest.raises(PolicyError) as exc:
+            pinning.pin(_spec("cbatch-pin-pre", checked), identity, root, opened=resolve.opened)
+        assert exc.value.message == f"cbatch: mount: changed while being checked: {checked} (a symlink appeared; refusing)"
+    finally:
+        resolve.close()
+    assert pinning.staged(root) == [] and _staged_mounts(root) == []
 
 
 def test_unpin_is_idempotent_and_complete(root, alice, workdir_for):
@@ -210,6 +249,30 @@ def test_unpin_is_idempotent_and_complete(root, alice, workdir_for):
     assert pinning.unpin("cbatch-pin-idem", root) == []
     assert _staged_mounts(root) == [] and pinning.staged(root) == []
     assert (d / "data" / "mine").read_text() == "mine\n"                     # unpinning never deletes data
+
+
+def test_unpin_under_a_staging_root_with_escaped_characters(pdaemon, alice, workdir_for):
+    # mountinfo octal-escapes space, tab, newline and backslash; unpin compares in that form and must still
+    # find (and remove) every staging mount under such a root, and nothing beside it.
+    d = _tree(workdir_for, alice)
+    root = os.path.join(MOUNT_DIR, f"esc {os.getpid()}\\x\ty")
+    beside = os.path.join(MOUNT_DIR, f"esc {os.getpid()}\\x\tyz")
+    raw = Path("/proc/self/mountinfo").read_bytes
+
+    def under(r: str) -> int:
+        return raw().count(pinning._mangled(r) + b"/")
+    try:
+        pinning.pin(_spec("cbatch-pin-esc", str(d / "data")), Identity.lookup(alice.name), root)
+        pinning.pin(_spec("cbatch-pin-esc", str(d / "data")), Identity.lookup(alice.name), beside)
+        assert b"\\040" in pinning._mangled(root) and under(root) == 1 and under(beside) == 1
+        assert pinning._mount_points(os.path.join(root, "cbatch-pin-esc")) == [os.path.join(root, "cbatch-pin-esc", "1")]
+        assert pinning.unpin("cbatch-pin-esc", root) == []
+        assert under(root) == 0 and under(beside) == 1
+    finally:
+        for r in (root, beside):
+            assert pinning.unpin_all(r) == []
+            os.rmdir(r)
+    assert (d / "data" / "mine").read_text() == "mine\n"
 
 
 # ---- the daemon cleans up after crashes and at unregister ------------------------------------------------------

@@ -215,3 +215,45 @@ def test_batched_resolve_asks_once_for_all_the_jobs_paths(tree, monkeypatch):
     assert len(calls) == 1          # one child (as root: one fork) for both
     assert resolve(str(tree / "scratch"), who) == str(tree / "scratch")
     assert len(calls) == 2          # a path not asked up front: resolved alone
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or _nobody() is None, reason="needs root and the nobody user")
+def test_batched_resolve_with_pin_opens_only_what_the_user_reaches(monkeypatch):
+    import fcntl
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from cbatch.host import paths
+
+    nobody = _nobody()
+    tree = Path(tempfile.mkdtemp(prefix="cbatch-paths-", dir="/tmp"))
+    calls = []
+    real = paths._as_user
+    monkeypatch.setattr(paths, "_as_user", lambda *a: calls.append(a) or real(*a))
+    try:
+        os.chmod(tree, 0o755)
+        (tree / "scratch" / "data").mkdir(parents=True)
+        (tree / "secret").mkdir(mode=0o700)
+        (tree / "secret" / "file").write_text("x")
+        (tree / "scratch" / "to-secret").symlink_to(tree / "secret" / "file")
+        (tree / "scratch" / "up").symlink_to("../scratch")
+        ok, up, hidden = str(tree / "scratch" / "data"), f"{tree}/scratch/up/data", str(tree / "scratch" / "to-secret")
+        resolve = paths.batch_resolver([ok, up, hidden, str(tree / "nope")], nobody, pin=True)
+        assert calls == [] and resolve.opened == {}          # no child until the policy asks
+        assert resolve(up, nobody) == ok and resolve(ok, nobody) == ok
+        assert len(calls) == 1                              # one child resolved and opened them all
+        assert list(resolve.opened) == [ok]                 # one fd per canonical path, none for a refusal
+        fd = resolve.opened[ok]
+        assert os.readlink(f"/proc/self/fd/{fd}") == ok
+        assert fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+        assert os.fstat(fd).st_ino == os.stat(ok).st_ino
+        resolve.close()
+        with pytest.raises(OSError):
+            os.fstat(fd)
+        assert resolve.opened == {}
+        # Without pin the batch opens nothing (the policy-only callers: cbatch check, the bench).
+        plain = paths.batch_resolver([ok], nobody)
+        assert plain(ok, nobody) == ok and plain.opened == {}
+    finally:
+        shutil.rmtree(tree)

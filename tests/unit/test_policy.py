@@ -728,3 +728,14 @@ def test_interactive_job_without_a_script_mounts_none():
     assert isinstance(spec, ContainerSpec)
     assert SCRIPT not in {m.target for m in spec.mounts}
     assert Mount("/home/alice", "/home/alice", False) in spec.mounts
+
+
+def test_env_drop_matcher_is_fnmatchcase():
+    # policy._matcher compiles a queue's env_drop once; it must drop exactly what fnmatchcase would.
+    from fnmatch import fnmatchcase
+    pats = ("PATH", "LD_*", "BASH_FUNC_*", "X?Y", "[AB]Z", "_", "A.B", "SHLVL")
+    names = ["PATH", "PATHX", "XPATH", "LD_PRELOAD", "LD_", "LD", "BASH_FUNC_f%%", "XaY", "XY", "AZ", "BZ", "CZ",
+             "_", "__", "A.B", "AxB", "path", "SHLVL\n", "LD_\nX"]
+    m = policy._matcher(pats)
+    assert [n for n in names if m(n)] == [n for n in names if any(fnmatchcase(n, p) for p in pats)]
+    assert not policy._matcher(())("PATH")

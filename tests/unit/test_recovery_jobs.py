@@ -154,3 +154,24 @@ def test_a_start_records_its_claim_and_each_step_in_one_write_each(tmp_path, mon
     assert again.started and list(again.containers) == ["c1"]
     reg.replace_container("1.vm", "not-there", "c2", _me())        # cbatch run: no claim to replace
     assert sorted(Registry(str(tmp_path / "state")).get("1.vm").containers) == ["c1", "c2"]
+
+
+def test_a_removed_container_is_dropped_unwritten_and_recovery_drops_it_too(tmp_path, monkeypatch):
+    # cleanup.remove_container forgets the container in memory only (one fsync less per job end); a daemon
+    # that dies before the record's next write finds the id on disk, and recovery drops it: the engine has
+    # no such container.
+    engine = FakeEngine({"c1": (_labels("1.vm", os.getpid()), "running")})
+    d = _daemon(tmp_path, engine, monkeypatch)
+    _register(d)
+    d.registry.add_container("1.vm", "c1", {"peer": os.getpid(), "kind": "job"})
+    assert cleanup.remove_container(d, "1.vm", "c1") and engine.removed == ["c1"]
+    assert d.registry.get("1.vm").containers == {}
+    restarted = _daemon(tmp_path, engine, monkeypatch)
+    assert list(restarted.registry.get("1.vm").containers) == ["c1"]       # the unwritten drop
+    recovery.recover(restarted)
+    assert restarted.registry.get("1.vm").containers == {}
+    assert Registry(str(tmp_path / "state")).get("1.vm").containers == {}   # recovery's drop is written
+    assert engine.removed == ["c1"] and not len(restarted.adoptions)
+    # The next change of the record writes the drop with it.
+    d.registry.add_container("1.vm", "c2", {"peer": os.getpid(), "kind": "run"})
+    assert list(Registry(str(tmp_path / "state")).get("1.vm").containers) == ["c2"]
