@@ -167,15 +167,16 @@ def test_open_as_user_missing(tree):
 
 
 # ---- resolve_many_as_user / batch_resolver: the job's paths in one child, same answers and errors -----------------
-@pytest.mark.skipif(os.geteuid() != 0 or _nobody() is None, reason="needs root and the nobody user")
-def test_batched_resolve_gives_the_user_nothing_resolve_as_user_would_refuse():
+@pytest.fixture
+def nobody_tree():
+    """A tree under /tmp the nobody user may enter: scratch/data, a 0700 secret/file, scratch/to-secret
+    (a link to it) and scratch/up (a link to ../scratch)."""
     import shutil
     import tempfile
     from pathlib import Path
 
-    from cbatch.host.paths import batch_resolver, resolve_many_as_user
-
-    nobody = _nobody()
+    if os.geteuid() != 0 or _nobody() is None:
+        pytest.skip("needs root and the nobody user")
     tree = Path(tempfile.mkdtemp(prefix="cbatch-paths-", dir="/tmp"))
     try:
         os.chmod(tree, 0o755)
@@ -184,22 +185,29 @@ def test_batched_resolve_gives_the_user_nothing_resolve_as_user_would_refuse():
         (tree / "secret" / "file").write_text("x")
         (tree / "scratch" / "to-secret").symlink_to(tree / "secret" / "file")
         (tree / "scratch" / "up").symlink_to("../scratch")
-        ok, up = str(tree / "scratch" / "data"), f"{tree}/scratch/up/data"
-        hidden, missing = str(tree / "scratch" / "to-secret"), str(tree / "nope")
-        # Only what nobody can resolve alone is in the answer, canonical.
-        assert resolve_many_as_user([ok, up, hidden, missing, "relative"], nobody) == {ok: ok, up: ok}
-        resolve = batch_resolver([ok, hidden, missing], nobody)
-        assert resolve(ok, nobody) == ok and resolve(up, nobody) == ok
-        for path in (hidden, missing):           # a failed one is asked again alone: the very same error
-            with pytest.raises(PolicyError) as batched:
-                resolve(path, nobody)
-            with pytest.raises(PolicyError) as alone:
-                resolve_as_user(path, nobody)
-            assert batched.value.message == alone.value.message
-        # Another identity never gets nobody's answers: root sees through the link only when asking itself.
-        assert resolve(hidden, me()) == str(tree / "secret" / "file")
+        yield tree
     finally:
         shutil.rmtree(tree)
+
+
+def test_batched_resolve_gives_the_user_nothing_resolve_as_user_would_refuse(nobody_tree):
+    from cbatch.host.paths import batch_resolver, resolve_many_as_user
+
+    nobody, tree = _nobody(), nobody_tree
+    ok, up = str(tree / "scratch" / "data"), f"{tree}/scratch/up/data"
+    hidden, missing = str(tree / "scratch" / "to-secret"), str(tree / "nope")
+    # Only what nobody can resolve alone is in the answer, canonical.
+    assert resolve_many_as_user([ok, up, hidden, missing, "relative"], nobody) == {ok: ok, up: ok}
+    resolve = batch_resolver([ok, hidden, missing], nobody)
+    assert resolve(ok, nobody) == ok and resolve(up, nobody) == ok
+    for path in (hidden, missing):           # a failed one is asked again alone: the very same error
+        with pytest.raises(PolicyError) as batched:
+            resolve(path, nobody)
+        with pytest.raises(PolicyError) as alone:
+            resolve_as_user(path, nobody)
+        assert batched.value.message == alone.value.message
+    # Another identity never gets nobody's answers: root sees through the link only when asking itself.
+    assert resolve(hidden, me()) == str(tree / "secret" / "file")
 
 
 def test_batched_resolve_asks_once_for_all_the_jobs_paths(tree, monkeypatch):
@@ -217,43 +225,29 @@ def test_batched_resolve_asks_once_for_all_the_jobs_paths(tree, monkeypatch):
     assert len(calls) == 2          # a path not asked up front: resolved alone
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or _nobody() is None, reason="needs root and the nobody user")
-def test_batched_resolve_with_pin_opens_only_what_the_user_reaches(monkeypatch):
+def test_batched_resolve_with_pin_opens_only_what_the_user_reaches(monkeypatch, nobody_tree):
     import fcntl
-    import shutil
-    import tempfile
-    from pathlib import Path
 
     from cbatch.host import paths
 
-    nobody = _nobody()
-    tree = Path(tempfile.mkdtemp(prefix="cbatch-paths-", dir="/tmp"))
+    nobody, tree = _nobody(), nobody_tree
     calls = []
     real = paths._as_user
     monkeypatch.setattr(paths, "_as_user", lambda *a: calls.append(a) or real(*a))
-    try:
-        os.chmod(tree, 0o755)
-        (tree / "scratch" / "data").mkdir(parents=True)
-        (tree / "secret").mkdir(mode=0o700)
-        (tree / "secret" / "file").write_text("x")
-        (tree / "scratch" / "to-secret").symlink_to(tree / "secret" / "file")
-        (tree / "scratch" / "up").symlink_to("../scratch")
-        ok, up, hidden = str(tree / "scratch" / "data"), f"{tree}/scratch/up/data", str(tree / "scratch" / "to-secret")
-        resolve = paths.batch_resolver([ok, up, hidden, str(tree / "nope")], nobody, pin=True)
-        assert calls == [] and resolve.opened == {}          # no child until the policy asks
-        assert resolve(up, nobody) == ok and resolve(ok, nobody) == ok
-        assert len(calls) == 1                              # one child resolved and opened them all
-        assert list(resolve.opened) == [ok]                 # one fd per canonical path, none for a refusal
-        fd = resolve.opened[ok]
-        assert os.readlink(f"/proc/self/fd/{fd}") == ok
-        assert fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
-        assert os.fstat(fd).st_ino == os.stat(ok).st_ino
-        resolve.close()
-        with pytest.raises(OSError):
-            os.fstat(fd)
-        assert resolve.opened == {}
-        # Without pin the batch opens nothing (the policy-only callers: cbatch check, the bench).
-        plain = paths.batch_resolver([ok], nobody)
-        assert plain(ok, nobody) == ok and plain.opened == {}
-    finally:
-        shutil.rmtree(tree)
+    ok, up, hidden = str(tree / "scratch" / "data"), f"{tree}/scratch/up/data", str(tree / "scratch" / "to-secret")
+    resolve = paths.batch_resolver([ok, up, hidden, str(tree / "nope")], nobody, pin=True)
+    assert calls == [] and resolve.opened == {}          # no child until the policy asks
+    assert resolve(up, nobody) == ok and resolve(ok, nobody) == ok
+    assert len(calls) == 1                              # one child resolved and opened them all
+    assert list(resolve.opened) == [ok]                 # one fd per canonical path, none for a refusal
+    fd = resolve.opened[ok]
+    assert os.readlink(f"/proc/self/fd/{fd}") == ok
+    assert fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+    assert os.fstat(fd).st_ino == os.stat(ok).st_ino
+    resolve.close()
+    with pytest.raises(OSError):
+        os.fstat(fd)
+    assert resolve.opened == {}
+    # Without pin the batch opens nothing (the policy-only callers: cbatch check, the bench).
+    plain = paths.batch_resolver([ok], nobody)
+    assert plain(ok, nobody) == ok and plain.opened == {}
