@@ -99,16 +99,39 @@ def _phase(api, daemon, job) -> str:
     return "submitted"
 
 
+# The starter the "registered" phase runs: it says it is waiting, then waits for the test before it execs the
+# real one. So the phase is held, not hoped for: the prologue has registered the job, no start was asked.
+HELD_STARTER = """#!/bin/sh
+: > "{waiting}"
+while [ ! -e "{go}" ]; do sleep 0.05; done
+exec "{real}" "$@"
+"""
+
+
 @pytest.mark.parametrize("phase", ["registered", "container", "running"])
-def test_qdel_during_start_leaves_nothing(bare_mom, daemon, alice, phase):
-    """qdel while the daemon creates the container, once it exists, once the script runs: nothing may
-    survive, even without the epilogue's clean-up (the daemon alone must stop what it started). The test
-    proves the phase the qdel hit: it was observed right before the qdel."""
+def test_qdel_during_start_leaves_nothing(bare_mom, daemon, alice, workdir, phase):
+    """qdel once the prologue registered the job (the starter held before it asks for a start), once the
+    container exists, once the script runs: nothing may survive, even without the epilogue's clean-up (the
+    daemon alone must stop what it started). The test proves the phase the qdel hit: it was observed right
+    before the qdel (the first one is held there; the direct engine's start is now too quick, ~10 ms from the
+    request to its bundle, for a poll to catch a start in flight before the container exists)."""
     api = docker.APIClient(base_url=os.environ.get("CBATCH_ENGINE_URL", "unix:///var/run/docker.sock"))
-    job = bare_mom.submit(script("sleep 1; echo ready; sleep 120"), alice.name, kill_delay=3.0)
+    real_starter = bare_mom.starter
+    waiting, go = workdir / "starter-waiting", workdir / "starter-go"
+    if phase == "registered":
+        held = workdir / "held-starter"
+        held.write_text(HELD_STARTER.format(waiting=waiting, go=go, real=real_starter))
+        os.chmod(held, 0o755)
+        bare_mom.starter = str(held)
+    try:
+        job = bare_mom.submit(script("sleep 1; echo ready; sleep 120"), alice.name, kill_delay=3.0)
+    finally:
+        bare_mom.starter = real_starter
     seen = []
 
     def at_phase() -> bool:
+        if phase == "registered" and not waiting.exists():
+            return False
         seen.append(_phase(api, daemon, job))
         return seen[-1] == phase
     assert wait_until(at_phase, timeout=60, interval=0.002) is not None, f"phase {phase} never seen: {seen}"
