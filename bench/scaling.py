@@ -17,7 +17,7 @@ from typing import Dict, List, Sequence
 from bench import jobs
 from bench.runc import Bundle
 from bench.stats import summary
-from bench.throughput import process_cpu
+from bench.throughput import daemon_cpu
 
 LEVELS = (1, 2, 4, 8, 16, 32, 64)
 
@@ -80,12 +80,12 @@ def run(bench, top: int, levels: Sequence[int] = ()) -> dict:
     try:
         for n in levels:
             for mode in names:
-                c0, t0 = process_cpu(bench.daemon.pid), time.monotonic()
+                c0, t0 = daemon_cpu(bench.daemon.pid), time.monotonic()
                 if mode == "runc":
                     values = _burst_runc(bundle, n)
                 else:
                     values = _burst_mom(bench.mom(mode, stamped=True), text, n)
-                elapsed, used = time.monotonic() - t0, process_cpu(bench.daemon.pid) - c0
+                elapsed, used = time.monotonic() - t0, daemon_cpu(bench.daemon.pid) - c0
                 lat[mode][str(n)] = summary(values, 1)
                 burst[mode][str(n)] = round(elapsed, 2)
                 if mode in cpu:

@@ -49,6 +49,7 @@ from cbatch.daemon.registry import Registry
 from cbatch.engines.direct import DirectEngine
 from cbatch.engines.docker import Engine
 from cbatch.engines.router import Router, bundles_dir
+from cbatch.host import paths
 
 log = logging.getLogger("cbatchd")
 DEFAULT_CONFIG = "/etc/cbatch/cbatch.yaml"
@@ -339,6 +340,10 @@ def main(argv=None) -> int:
     if cfg.daemon.stop_grace >= TORQUE_KILL_DELAY:
         log.warning("daemon.stop_grace %.1f s is not shorter than Torque's default kill_delay (%.0f s): qdel may "
                     "SIGKILL the starter before the container is stopped", cfg.daemon.stop_grace, TORQUE_KILL_DELAY)
+    if os.geteuid() == 0:
+        # Forked now, while the daemon is small and has no threads: every child acting as a user is the
+        # server's (cbatch.host.forkserver: a fork of this daemon costs it more than the child's work).
+        log.info("fork server: pid %d", paths.start_forkserver())
     try:
         d = Daemon(cfg, os.path.abspath(args.config))
         d.recover()

@@ -20,10 +20,12 @@ import select
 import signal
 import socket
 import stat
+import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from cbatch.core.errors import PolicyError
+from cbatch.host import forkserver
 
 TIMEOUT = 10.0      # a hung NFS mount must not hang the daemon's start request forever
 MAX_FDS = 200       # fds per SCM_RIGHTS message (the kernel's SCM_MAX_FD is 253)
@@ -86,6 +88,55 @@ def _changed(path: str) -> PolicyError:
 Work = Callable[[], Tuple[bytes, List[int]]]
 
 
+def _work(kind: bytes, paths: Sequence[str], pin: bool) -> Work:
+    """The unit of work a request names, run as the user (in a child, or in-process when not root):
+    ``resolve`` one path (its canonical form), ``many`` paths (each answer ``+``/``-`` and the canonical
+    form, ``""`` for one that failed; with ``pin`` an O_PATH fd per new canonical path, ``+`` marking whose),
+    or ``open`` canonical paths (an O_PATH fd each, no symlink followed). Anything else raises ValueError."""
+    if kind == b"resolve" and len(paths) == 1:
+        def resolve() -> Tuple[bytes, List[int]]:
+            try:
+                return os.fsencode(_resolve_here(paths[0])), []
+            except OSError as exc:
+                exc.filename = paths[0]     # report the path as the user wrote it
+                raise
+        return resolve
+    if kind == b"many":
+        def many() -> Tuple[bytes, List[int]]:
+            out, fds, seen = [], [], set()
+            for path in paths:
+                try:
+                    real = _resolve_here(path)
+                except OSError:
+                    out.append(b"")         # a canonical path is never empty: "" means "ask again, alone"
+                    continue
+                flag = b"-"
+                if pin and real not in seen:
+                    try:
+                        fds.append(_open_here(real))
+                        flag = b"+"         # this answer's fd is the next one sent
+                        seen.add(real)
+                    except OSError:
+                        pass
+                out.append(flag + os.fsencode(real))
+            return b"\0".join(out), fds
+        return many
+    if kind == b"open":
+        def open_all() -> Tuple[bytes, List[int]]:
+            fds: List[int] = []
+            path = ""
+            try:
+                for path in paths:
+                    fds.append(_open_here(path))
+            except OSError as exc:
+                _close_all(fds)
+                exc.filename = path
+                raise
+            return b"", fds
+        return open_all
+    raise ValueError(f"unknown work {kind!r}")
+
+
 def _report(exc: OSError) -> bytes:
     kind = b"L" if isinstance(exc, _Changed) else b"E"
     return kind + str(exc.errno or errno.EIO).encode() + b"\0" + os.fsencode(str(exc.filename or ""))
@@ -113,12 +164,15 @@ def _child(sock: socket.socket, identity, work: Work) -> None:
         os._exit(code)
 
 
-def _as_user(identity, work: Work, what: str) -> Tuple[bytes, List[int]]:
-    """Run ``work`` with ``identity``'s rights; its payload and fds, or the PolicyError it ended in.
+def _as_user(identity, kind: bytes, paths: Sequence[str], pin: bool, what: str) -> Tuple[bytes, List[int]]:
+    """Run the work ``kind`` names (:func:`_work`) with ``identity``'s rights; its payload and fds, or the
+    PolicyError it ended in.
 
-    Root forks and drops privileges in the child; anyone else may only act as themselves, in-process.
-    ``what`` names the request in errors that have no path of their own.
+    Root has a child drop privileges and do it: one of the fork server's (:mod:`cbatch.host.forkserver`,
+    cheap) when cbatchd runs one, else a fork of this process. Anyone else may only act as themselves,
+    in-process. ``what`` names the request in errors that have no path of their own.
     """
+    work = _work(kind, paths, pin)
     if os.geteuid() != 0:
         if identity.uid != os.geteuid():
             raise PolicyError("path", "cannot resolve paths as another user without root", identity.user)
@@ -128,6 +182,11 @@ def _as_user(identity, work: Work, what: str) -> Tuple[bytes, List[int]]:
             raise _changed(exc.filename or what) from exc
         except OSError as exc:
             raise _error(exc.filename or what, exc.errno or errno.EIO) from exc
+    fields = [kind, b"1" if pin else b"0", str(identity.uid).encode(), str(identity.gid).encode(),
+              b",".join(str(g).encode() for g in identity.groups)] + [os.fsencode(p) for p in paths]
+    served = forkserver.spawn(fields)
+    if served is not None:
+        return _collect(served, 0, what)
     # SEQPACKET keeps each message (and the fds riding on it) whole.
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid = os.fork()
@@ -135,17 +194,30 @@ def _as_user(identity, work: Work, what: str) -> Tuple[bytes, List[int]]:
         parent.close()
         _child(child, identity, work)
     child.close()
+    return _collect(parent, pid, what)
+
+
+def _collect(parent: socket.socket, pid: int, what: str) -> Tuple[bytes, List[int]]:
+    """The answer of the child at the other end of ``parent``: our own child ``pid``, or (``pid`` 0) one of the
+    fork server's, whose first message is its pidfd. Killed at :data:`TIMEOUT`; closes ``parent``."""
     fds: List[int] = []
+    pidfd = -1
     try:
         deadline = time.monotonic() + TIMEOUT
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                os.kill(pid, signal.SIGKILL)
+                if pid:
+                    os.kill(pid, signal.SIGKILL)
+                elif pidfd >= 0:
+                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
                 raise _error(what, errno.ETIMEDOUT)
             if not select.select([parent], [], [], left)[0]:
                 continue
             data, got = _recv(parent)
+            if not pid and pidfd < 0 and data == b"P" and len(got) == 1:
+                pidfd = got[0]
+                continue
             fds += got
             if data != b"F":
                 break
@@ -154,7 +226,10 @@ def _as_user(identity, work: Work, what: str) -> Tuple[bytes, List[int]]:
         raise
     finally:
         parent.close()
-        os.waitpid(pid, 0)
+        if pid:
+            os.waitpid(pid, 0)
+        if pidfd >= 0:
+            os.close(pidfd)
     if data[:1] == b"\0":
         return data[1:], fds
     _close_all(fds)
@@ -167,6 +242,31 @@ def _as_user(identity, work: Work, what: str) -> Tuple[bytes, List[int]]:
     except ValueError:
         code = errno.EIO
     raise _error(path, code)
+
+
+class _Who:
+    """The identity a fork server's child acts as (what :func:`_child` needs of a core.job.Identity)."""
+
+    def __init__(self, uid: int, gid: int, groups: Sequence[int]) -> None:
+        self.uid, self.gid, self.groups = uid, gid, tuple(groups)
+
+
+def serve(fields: List[bytes], sock: socket.socket) -> None:
+    """The fork server's child (:func:`cbatch.host.forkserver.start` is given this): the request
+    :func:`_as_user` sent, served exactly as its own forked child would. Never returns."""
+    try:
+        kind, pin, uid, gid, groups = fields[:5]
+        who = _Who(int(uid), int(gid), [int(g) for g in groups.split(b",") if g])
+        work = _work(kind, [os.fsdecode(p) for p in fields[5:]], pin == b"1")
+    except (ValueError, TypeError):
+        os._exit(1)             # not a request _as_user makes: the daemon sees EOF, an error
+    _child(sock, who, work)
+
+
+def start_forkserver() -> int:
+    """Start cbatchd's fork server for the children that act as a user (this module run by the daemon's own
+    interpreter, isolated); its pid."""
+    return forkserver.start([sys.executable, "-I", "-m", "cbatch.host.paths"])
 
 
 def _recv(sock: socket.socket) -> Tuple[bytes, List[int]]:
@@ -200,14 +300,7 @@ def resolve_as_user(path: str, identity) -> str:
     otherwise, or when not root and asked to resolve for another uid.
     """
     _checked(path)
-
-    def work() -> Tuple[bytes, List[int]]:
-        try:
-            return os.fsencode(_resolve_here(path)), []
-        except OSError as exc:
-            exc.filename = path         # report the path as the user wrote it
-            raise
-    return os.fsdecode(_as_user(identity, work, path)[0])
+    return os.fsdecode(_as_user(identity, b"resolve", [path], False, path)[0])
 
 
 BATCH_BYTES = 60000     # one answer of a batched resolve must fit one SEQPACKET message (65536)
@@ -228,26 +321,8 @@ def _resolve_many(paths: Sequence[str], identity, pin: bool) -> Tuple[Dict[str, 
     if not paths or sum(len(os.fsencode(p)) + 2 for p in paths) * 2 > BATCH_BYTES:
         return {}, {}
 
-    def work() -> Tuple[bytes, List[int]]:
-        out, fds, seen = [], [], set()
-        for path in paths:
-            try:
-                real = _resolve_here(path)
-            except OSError:
-                out.append(b"")         # a canonical path is never empty: "" means "ask again, alone"
-                continue
-            flag = b"-"
-            if pin and real not in seen:
-                try:
-                    fds.append(_open_here(real))
-                    flag = b"+"         # this answer's fd is the next one sent
-                    seen.add(real)
-                except OSError:
-                    pass
-            out.append(flag + os.fsencode(real))
-        return b"\0".join(out), fds
     try:
-        payload, fds = _as_user(identity, work, ", ".join(paths)[:200])
+        payload, fds = _as_user(identity, b"many", paths, pin, ", ".join(paths)[:200])
     except PolicyError:
         return {}, {}
     answers = payload.split(b"\0")
@@ -312,18 +387,12 @@ def open_all_as_user(paths: Sequence[str], identity) -> List[int]:
     for path in paths:
         _checked(path)
 
-    def work() -> Tuple[bytes, List[int]]:
-        fds: List[int] = []
-        try:
-            for path in paths:
-                fds.append(_open_here(path))
-        except OSError as exc:
-            _close_all(fds)
-            exc.filename = path
-            raise
-        return b"", fds
-    fds = _as_user(identity, work, ", ".join(paths)[:200])[1]
+    fds = _as_user(identity, b"open", paths, False, ", ".join(paths)[:200])[1]
     if len(fds) != len(paths):
         _close_all(fds)
         raise PolicyError("mount", "could not pin all sources", f"{len(fds)} of {len(paths)}")
     return fds
+
+
+if __name__ == "__main__":     # the fork server (start_forkserver): argv[1] is its control socket
+    forkserver.serve_forever(int(sys.argv[1]), serve)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -120,6 +121,31 @@ def test_pinned_mounts_show_the_right_content_and_leave_nothing(pmom, pdaemon, a
     assert (d / "out").read_text() == "written\n"          # the pinned cwd is the real one, read-write
     assert _staged_mounts(MOUNT_DIR) == [MOUNT_DIR]          # only the private area itself
     assert pinning.staged(pdaemon.mount_root) == []
+
+
+def _fork_server(daemon) -> int:
+    """The pid of ``daemon``'s fork server (cbatch.host.forkserver), from its log line, checked in /proc."""
+    pid = int(re.findall(r"fork server: pid (\d+)", daemon.log())[-1])
+    status = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    assert (status["Name"], int(status["PPid"])) == ("cbatchd-fork", daemon.proc.pid)
+    return pid
+
+
+def _served(pid: int) -> int:
+    # The server sleeps in recvmsg between requests: every request it takes is a voluntary switch.
+    return int(Path(f"/proc/{pid}/status").read_text().split("voluntary_ctxt_switches:\t")[1].split()[0])
+
+
+def test_the_users_paths_are_resolved_by_the_daemons_fork_server(pmom, pdaemon, alice, workdir_for):
+    d = _tree(workdir_for, alice)
+    server = _fork_server(pdaemon)
+    before = _served(server)
+    job = pmom.submit(script("cat /data/mine").replace(b"#PBS -N test\n",
+                                                       f"#CBATCH --mount={d}/data:/data:ro\n".encode()),
+                      alice.name, queue="mounts", initdir=str(d))
+    r = job.wait(120)
+    assert (r.exit_status, r.stdout) == (0, b"mine\n"), r.stderr
+    assert _served(server) > before and _fork_server(pdaemon) == server
 
 
 # ---- refusals, at the API (deterministic) ----------------------------------------------------------------------
@@ -285,8 +311,12 @@ def test_daemon_restart_removes_stale_staging(pdaemon, alice, workdir_for):
     d = _tree(workdir_for, alice)
     _stale(pdaemon, f"cbatch-stale-{os.getpid()}", str(d / "data"), alice)
     os.mkdir(os.path.join(pdaemon.mount_root, "cbatch-empty-stale"))
+    old_server = _fork_server(pdaemon)
     pdaemon.restart()
     assert _staged_mounts(pdaemon.mount_root) == [] and pinning.staged(pdaemon.mount_root) == []
+    # the old daemon's fork server ended with it (its end of the control socket closed); the new one has its own
+    assert wait_until(lambda: not os.path.exists(f"/proc/{old_server}"), 10) is not None
+    assert _fork_server(pdaemon) != old_server
     assert (d / "data" / "mine").read_text() == "mine\n"
 
 
