@@ -25,16 +25,16 @@ from bench.env import BENCH, C_CLIENT, Bench
 # curve: these counts keep a full run near 30 minutes on 2 cores.
 FULL = {"latency_reps": 20, "throughput_jobs": 30, "footprint_jobs": 30, "footprint_docker_jobs": 10,
         "output_mib": 1024, "output_reps": 5, "output_docker_reps": 1, "spin_millions": 1200,
-        "write_mib": 512, "overhead_reps": 5, "cli_reps": 10, "scaling_top": 64}
+        "write_mib": 512, "overhead_reps": 5, "io_reps": 15, "cli_reps": 10, "scaling_top": 64}
 QUICK = {"latency_reps": 2, "throughput_jobs": 4, "footprint_jobs": 4, "footprint_docker_jobs": 2,
          "output_mib": 64, "output_reps": 1, "output_docker_reps": 1, "spin_millions": 100,
-         "write_mib": 32, "overhead_reps": 1, "cli_reps": 2, "scaling_top": 4}
+         "write_mib": 32, "overhead_reps": 1, "io_reps": 1, "cli_reps": 2, "scaling_top": 4}
 BENCHMARKS = {
     "latency": lambda b, s: latency.run(b, s["latency_reps"]),
     "throughput": lambda b, s: throughput.run(b, s["throughput_jobs"]),
     "footprint": lambda b, s: footprint.run(b, s["footprint_jobs"], s["footprint_docker_jobs"]),
     "output": lambda b, s: output.run(b, s["output_mib"], s["output_reps"], s["output_docker_reps"]),
-    "overhead": lambda b, s: overhead.run(b, s["spin_millions"], s["write_mib"], s["overhead_reps"]),
+    "overhead": lambda b, s: overhead.run(b, s["spin_millions"], s["write_mib"], s["overhead_reps"], s["io_reps"]),
     "clicalls": lambda b, s: clicalls.run(b, s["cli_reps"]),
     "scaling": lambda b, s: scaling.run(b, s["scaling_top"]),
 }

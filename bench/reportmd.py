@@ -139,7 +139,8 @@ def _single(d: dict, cbatch: str) -> List[str]:
     over = d.get("overhead") or {}
     if "cpu" in over:
         cpu, io = over["cpu"], over["io"]
-        L += ["", f"## 5. Compute and I/O inside ({cbatch}) vs native ({over['reps']} runs each, seconds)", "",
+        L += ["", f"## 5. Compute and I/O inside ({cbatch}) vs native ({over['reps']} spin and "
+              f"{io.get('reps', over['reps'])} write runs per mode, seconds)", "",
               "| kernel | native | cbatch | ratio of medians | ratio of best runs |",
               "| --- | --- | --- | --- | --- |",
               f"| spin {cpu['millions']}M rounds (wall) | {fmt(cpu['seconds']['native'])} | "
