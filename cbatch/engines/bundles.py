@@ -15,7 +15,7 @@ import threading
 import time
 from typing import Callable, Dict, List, Optional
 
-from cbatch.engines import ocispec, seccomp, seccompbpf
+from cbatch.engines import ocispec, seccompbpf
 from cbatch.engines.identity import host_unprivileged_port_start, init_binary
 
 log = logging.getLogger("cbatchd")
@@ -213,7 +213,7 @@ def write_config(bundle: str, spec, conf: dict, peer: str, cgroups_path: str, lo
     for name, text in ocispec.etc_files(spec.hostname or "", resolv).items():
         with open(os.open(os.path.join(etc, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "w") as fh:
             fh.write(text)
-    program = seccompbpf.write_program(bundle, seccomp.oci_profile())
+    program = seccompbpf.write_program(bundle)        # the default profile, compiled once per daemon
     cfg = ocispec.config(spec, conf, init=init_binary(), helper=helper, etc_dir=etc, cgroups_path=cgroups_path,
                          seccomp=(loader, program), rlimits=rlimits(int(peer) if peer.isdigit() else None),
                          port_start=host_unprivileged_port_start())

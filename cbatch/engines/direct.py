@@ -83,7 +83,7 @@ class DirectEngine(DirectExecOps):
         if not seccomp.available():
             return f"no seccomp profile {seccomp.PROFILE}"
         try:
-            seccompbpf.program(seccomp.oci_profile())
+            seccompbpf.default_program()
         except EngineError as exc:
             return exc.message
         return seccompbpf.loader_problem(self._beside(helper, seccompbpf.LOADER))
