@@ -3,7 +3,8 @@
 The request carries only what the client saw (argv, the stdin line, cwd, environment, its fds). Who the
 client is comes from SO_PEERCRED and /proc (:mod:`cbatch.daemon.peers`); which job it belongs to from the registry
 the root prologue filled; what runs from the daemon's own config, the script the daemon reads itself, and
-:mod:`cbatch.core.policy`.
+:mod:`cbatch.core.policy`. The decided container is started by :func:`cbatch.daemon.containerstart.launch`
+and supervised by :mod:`cbatch.daemon.supervise`.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import stat
 import time
 
 from cbatch import protocol
-from cbatch.daemon import audit, cleanup, limits, peers, recovery, tasks, tmclient
-from cbatch.daemon import pinning
+from cbatch.daemon import audit, cleanup, limits, peers, recovery, tasks
+from cbatch.daemon.containerstart import CLAIM, launch
 from cbatch.core import policy
 from cbatch.core.directives import parse_options, parse_script
 from cbatch.core.errors import AccessDenied, CbatchError, DaemonError, JobError
@@ -26,15 +27,13 @@ from cbatch.core.resources import parse_resource_list
 from cbatch.core.spec import Native
 from cbatch.host import cgroups
 from cbatch.host.paths import batch_resolver
-from cbatch.daemon.streams import choose_stdio, say_nowait
+from cbatch.daemon.streams import choose_stdio
 from cbatch.daemon.supervise import Session, supervise
 from cbatch.engines.base import Stdio
 
 log = logging.getLogger("cbatchd")
 MAX_SCRIPT = 1 << 20
 ATTACH_WAIT = 60.0     # an attach waits this long for start-up recovery (an engine that is slow to return)
-CLAIM = recovery.pending_key("start")    # registry key: a start claimed, not yet answered or recorded
-LABEL_PEER = "cbatch.peer"          # the client's pid (for admins; the registry keeps the authoritative copy)
 # Run containers are named ...-run-<n>; seeding from the clock keeps names unique across daemon restarts.
 _RUN_INDEX = itertools.count(int(time.time() * 10) % 10**9)
 
@@ -143,9 +142,9 @@ def _prepare_start(daemon, conn, peer, rec, msg, fds, interactive: bool):
         raise protocol.bad_field("argv", "[starter, shell]")
     if interactive and len(argv) < 2:
         raise protocol.bad_field("argv", "[starter, shell, args...]")
-    # The claim is written with the pending start that replaces it (_launch), or with its drop (native, or
-    # refused): a daemon that dies before finds the job unstarted, so the starter may ask again - what
-    # recovery._resolve_pending would make of a written claim. One fsync less per start.
+    # The claim is written with the pending start that replaces it (containerstart.launch), or with its drop
+    # (native, or refused): a daemon that dies before finds the job unstarted, so the starter may ask again -
+    # what recovery._resolve_pending would make of a written claim. One fsync less per start.
     claim = {"peer": peer.pid, "peer_start": peers.start_time(peer.pid), "kind": "job", "uid": peer.uid,
              "batch": reg.batch}
     if not daemon.registry.claim_start(reg.job_id, (CLAIM, claim), write=False):
@@ -163,7 +162,7 @@ def _prepare_start(daemon, conn, peer, rec, msg, fds, interactive: bool):
             # PBS `qsub -- prog args`: the program itself in the queue's container, stdin /dev/null as PBS gives.
             spec = dataclasses.replace(decision, argv=tuple(argv[2:]), stdin_line=None)
             stdio, pump = choose_stdio(fds, attach_stdin=False, uid=peer.uid)
-            return _launch(daemon, conn, peer, job, spec, stdio, pump, fds, "job", opened=resolve.opened)
+            return launch(daemon, conn, peer, job, spec, stdio, pump, fds, "job", opened=resolve.opened)
         if interactive:
             # The queue's container with the job's terminal: the policy's shell (argv[0] of its decision) run
             # interactively, plus qsub -I -x's "-c cmd"; no stdin line. The daemon proxies the pty raw.
@@ -171,10 +170,10 @@ def _prepare_start(daemon, conn, peer, rec, msg, fds, interactive: bool):
                 raise JobError("interactive job", "stdin is not a terminal", reg.job_id,
                                "pbs_mom gives an interactive job its pty")
             spec = dataclasses.replace(decision, argv=(decision.argv[0], *argv[2:]), stdin_line=None)
-            return _launch(daemon, conn, peer, job, spec, Stdio(attach=True, tty=True), (None, None, None), fds,
-                           "job", tty_fd=fds[0], opened=resolve.opened)
+            return launch(daemon, conn, peer, job, spec, Stdio(attach=True, tty=True), (None, None, None), fds,
+                          "job", tty_fd=fds[0], opened=resolve.opened)
         stdio, pump = choose_stdio(fds, attach_stdin=False, uid=peer.uid)
-        return _launch(daemon, conn, peer, job, decision, stdio, pump, fds, "job", opened=resolve.opened)
+        return launch(daemon, conn, peer, job, decision, stdio, pump, fds, "job", opened=resolve.opened)
     finally:
         daemon.registry.drop_container(reg.job_id, CLAIM)
         if resolve is not None:
@@ -258,7 +257,7 @@ def _prepare_run(daemon, conn, peer, rec, msg, fds):
         # stdin always goes through the attach socket: interactive input must work, and its EOF closes the
         # container's stdin.
         stdio, pump = choose_stdio(fds, attach_stdin=True, uid=peer.uid)
-        return _launch(daemon, conn, peer, job, decision, stdio, pump, fds, "run", opened=resolve.opened)
+        return launch(daemon, conn, peer, job, decision, stdio, pump, fds, "run", opened=resolve.opened)
     finally:
         resolve.close()
 
@@ -272,90 +271,9 @@ def _pending(daemon, peer, op: str):
                                   limits.PENDING_WAIT)
 
 
-def _progress(fd: int):
-    """Image pull progress goes to the client's stderr (the job's .e file), one line at a time, never
-    blocking the request on a stderr pipe nobody reads."""
-    return lambda line: say_nowait(fd, line)
-
-
 def _tags_of(daemon):
     """The policy's ``tags_of`` (a digest reference is allowed as an allowed tag's image)."""
     return daemon.images.tags_of
-
-
-def _launch(daemon, conn, peer, job, spec, stdio, pump, fds, kind: str, tty_fd=None, opened=None) -> Session:
-    env = tuple(spec.env)
-    # Present, or pulled now when the queue says pull: missing; else one "not on this node" line.
-    info = daemon.images.ensure(spec.image, daemon.config.queue(job.queue), _progress(fds[2]))
-    env += tuple(daemon.images.job_env(spec.image, info))
-    spec = dataclasses.replace(spec, env=env, labels=tuple(spec.labels) + ((LABEL_PEER, str(peer.pid)),),
-                               image_id=getattr(info, "id", None) or None)
-    spec, tm = _with_tm(daemon, job, spec, peer, kind)
-    # Docker mounts root-owned staging points holding the exact objects checked as the user (no path it
-    # re-resolves is one the user can swap); site mounts come from the root-owned config and are not pinned.
-    # The stdout/stderr spool files are staged from the client's own fds.
-    spool = [(attr, fd) for attr, fd in (("stdout_path", fds[1]), ("stderr_path", fds[2])) if getattr(stdio, attr)]
-    pinned, pins = pinning.pin(spec, job.identity, daemon.mount_root,
-                               daemon.config.queue(job.queue).mounts + (tm.mounts if tm else ()),
-                               [fd for _attr, fd in spool], opened)
-    staged = dataclasses.replace(stdio, fds=tuple(fds[:3]),
-                                 **{attr: point for (attr, _fd), point in zip(spool, pins.held)})
-    limit = spec.memory_bytes or job.resources.memory_on(daemon.config.daemon.hostname or None)
-    sess = Session(cid="", job_id=job.job_id, batch=job.batch, kind=kind, peer_pid=peer.pid, uid=peer.uid,
-                   memory_limit=limit, pump_fds=pump, owned_fds=tuple(fds), name=spec.name, tty_fd=tty_fd,
-                   user=job.identity.user, queue=job.queue, image=spec.image,
-                   image_id=getattr(info, "id", "") or "", cgroup_parent=job.cgroup_parent,
-                   cput_limit=job.resources.cput, tm_port=tm.port if tm else None)
-    # Recorded BEFORE the engine creates anything: a daemon that dies from here on leaves a record naming
-    # the client and the container's labels, so its successor finds the container (however far the start
-    # got) and the client can take it back (attach without an id) - no start-to-record window.
-    # A job's cleanup (its epilogue: cleanup.forget_job) waits until this start is recorded and answered,
-    # then removes what it made; it never races a half-made container.
-    with daemon.starts.start(job.job_id):
-        pending = recovery.pending_key(spec.name)
-        daemon.registry.replace_container(job.job_id, CLAIM, pending, sess.record())    # it stands for the claim
-        try:
-            cid = daemon.engine.start(pinned, staged, daemon.instance, daemon.config.daemon.helper)
-        except BaseException:
-            pinning.release(daemon.mount_root, spec.name)
-            daemon.registry.drop_container(job.job_id, pending)
-            raise
-        sess.cid = cid
-        if not daemon.engine.proxied(cid):
-            sess.pump_fds = (None, None, None)      # the container has the client's descriptors itself
-        try:
-            daemon.registry.replace_container(job.job_id, pending, cid, sess.record())
-            protocol.send(conn, {"ok": True, "event": "started", "id": cid, "job_id": job.job_id,
-                                 "name": spec.name, "image": spec.image})
-        except BaseException:
-            try:
-                daemon.engine.remove(cid)
-            except CbatchError as exc:
-                log.error("job %s: could not remove container %s: %s", job.job_id, cid[:12], exc)
-            daemon.registry.drop_container(job.job_id, cid)
-            daemon.registry.drop_container(job.job_id, pending)
-            raise
-        finally:
-            # Only once the container is recorded: its own mount namespace holds its mounts now.
-            pinning.release(daemon.mount_root, spec.name)
-    log.info("job %s: %s container %s (%s, image %s) for pid %d; stdout %s, stderr %s", job.job_id, kind,
-             cid[:12], spec.name, spec.image, peer.pid, stdio.stdout_path or "proxied",
-             stdio.stderr_path or "proxied")
-    daemon.gate.promote(getattr(peer, "token", None))     # a session: bounded by jobs, not connection caps
-    return sess
-
-
-def _with_tm(daemon, job, spec, peer, kind: str):
-    """``(spec, TmPlan or None)``: a TORQUE container job gets the TORQUE client mounts and a TM port for its
-    relay (:mod:`cbatch.daemon.tmclient`). A client directory the job already mounts is left to that mount."""
-    if kind != "job":
-        return spec, None
-    tm = tmclient.plan(daemon.config, daemon.config.queue(job.queue), job.batch, peer.pid, spec.env_dict())
-    if tm is None:
-        return spec, None
-    taken = {m.target for m in spec.mounts}
-    tm = dataclasses.replace(tm, mounts=tuple(m for m in tm.mounts if m.target not in taken))
-    return dataclasses.replace(spec, mounts=tuple(spec.mounts) + tm.mounts), tm
 
 
 def _int_or_none(value):

@@ -30,13 +30,13 @@ from cbatch.daemon.adoptions import ADOPT_WAIT
 
 log = logging.getLogger("cbatchd")
 PENDING = "pending:"        # registry key of a start recorded before the engine was asked (+ container name)
-LABEL_PEER = "cbatch.peer"  # the client's pid, on every container (cbatch.daemon.launch)
+LABEL_PEER = "cbatch.peer"  # the client's pid, on every container (cbatch.daemon.containerstart)
 ENGINE_WAIT = 600.0         # how long start-up recovery keeps retrying an engine that does not answer
 ENGINE_RETRY_EVERY = 2.0
 
 
 def pending_key(name: str) -> str:
-    """The registry key :mod:`cbatch.daemon.launch` records a start under until the engine gave an id."""
+    """The registry key :mod:`cbatch.daemon.containerstart` records a start under until the engine gave an id."""
     return PENDING + name
 
 

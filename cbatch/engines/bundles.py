@@ -15,7 +15,7 @@ import threading
 import time
 from typing import Callable, Dict, List, Optional
 
-from cbatch.engines import ocispec, seccomp, seccompbpf
+from cbatch.engines import ocispec, seccompbpf
 from cbatch.engines.identity import host_unprivileged_port_start, init_binary
 
 log = logging.getLogger("cbatchd")
@@ -131,8 +131,14 @@ def instance_of(bundles: str, name: str) -> Optional[str]:
     return None
 
 
-def scan(bundles: str, labels: Dict[str, str], meta_of: Callable[[str], Optional[dict]]) -> List[str]:
-    """Names of the bundles whose ``meta.json`` labels include every one of ``labels``."""
+def scan(bundles: str, labels: Dict[str, str], meta_of: Callable[[str], Optional[dict]],
+         unmatched: Optional[Dict[str, int]] = None) -> List[str]:
+    """Names of the bundles whose ``meta.json`` labels include every one of ``labels``.
+
+    ``unmatched`` (path -> directory inode), shared by the scans of one cleanup (list, remove, list again),
+    records the bundles whose meta was read and did not match; a later scan skips those while their
+    directory is the same one (a bundle's labels never change), so each bundle's meta.json is read once
+    per cleanup, not once per listing. A bundle that matched, or had no readable meta, is read again."""
     out = []
     try:
         instances = [i for i in os.listdir(bundles) if i not in NOT_INSTANCES]
@@ -142,13 +148,19 @@ def scan(bundles: str, labels: Dict[str, str], meta_of: Callable[[str], Optional
         if labels.get("cbatch.instance") not in (None, inst):
             continue
         try:
-            names = os.listdir(os.path.join(bundles, inst))
+            # scandir: each entry's inode comes with the listing (no stat per bundle).
+            with os.scandir(os.path.join(bundles, inst)) as it:
+                entries = [(e.name, e.path, e.inode()) for e in it]
         except OSError:
             continue
-        for name in names:
-            meta = meta_of(os.path.join(bundles, inst, name, "meta.json"))
+        for name, path, inode in entries:
+            if unmatched is not None and unmatched.get(path) == inode:
+                continue
+            meta = meta_of(os.path.join(path, "meta.json"))
             if meta and all(meta.get("labels", {}).get(k) == v for k, v in labels.items()):
                 out.append(name)
+            elif meta and unmatched is not None:
+                unmatched[path] = inode
     return out
 
 
@@ -213,7 +225,7 @@ def write_config(bundle: str, spec, conf: dict, peer: str, cgroups_path: str, lo
     for name, text in ocispec.etc_files(spec.hostname or "", resolv).items():
         with open(os.open(os.path.join(etc, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "w") as fh:
             fh.write(text)
-    program = seccompbpf.write_program(bundle, seccomp.oci_profile())
+    program = seccompbpf.write_program(bundle)        # the default profile, compiled once per daemon
     cfg = ocispec.config(spec, conf, init=init_binary(), helper=helper, etc_dir=etc, cgroups_path=cgroups_path,
                          seccomp=(loader, program), rlimits=rlimits(int(peer) if peer.isdigit() else None),
                          port_start=host_unprivileged_port_start())

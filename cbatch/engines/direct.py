@@ -83,7 +83,7 @@ class DirectEngine(DirectExecOps):
         if not seccomp.available():
             return f"no seccomp profile {seccomp.PROFILE}"
         try:
-            seccompbpf.program(seccomp.oci_profile())
+            seccompbpf.default_program()
         except EngineError as exc:
             return exc.message
         return seccompbpf.loader_problem(self._beside(helper, seccompbpf.LOADER))
@@ -364,9 +364,10 @@ class DirectEngine(DirectExecOps):
         used = {(self._meta(c) or {}).get("image_id") for c in self.list_ids({LABEL_INSTANCE: self.instance})}
         self.holds.drop_idle(lambda image_id: image_id in used)
 
-    def list_ids(self, labels: Dict[str, str]) -> List[str]:
-        """Ids of this node's direct containers carrying every one of ``labels`` (bundles on disk)."""
-        return [PREFIX + n for n in bundles.scan(self.bundles, labels, bundles.read_json)]
+    def list_ids(self, labels: Dict[str, str], unmatched: Optional[Dict[str, int]] = None) -> List[str]:
+        """Ids of this node's direct containers carrying every one of ``labels`` (bundles on disk);
+        ``unmatched``: one cleanup's memo of bundles already read and not matching (:func:`bundles.scan`)."""
+        return [PREFIX + n for n in bundles.scan(self.bundles, labels, bundles.read_json, unmatched)]
 
     def adopt(self) -> None:
         """After a restart: count the surviving containers' images as held, drop unused holders."""

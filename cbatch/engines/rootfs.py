@@ -12,7 +12,7 @@ import ctypes
 import errno
 import os
 import stat
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from cbatch.core.errors import EngineError
 
@@ -108,23 +108,37 @@ def resolve(rootfs: str, path: str) -> str:
 def check_targets(rootfs: str, targets: List[str]) -> None:
     """Refuse (EngineError) a mount target passing through a symlink in the image, as the Docker engine does
     (:func:`cbatch.engines.imagecheck.check_targets`, same message): every component is ``lstat``-ed in the
-    fresh rootfs (the image's files only; nothing ran in it yet), except those strictly under another target."""
+    fresh rootfs (the image's files only; nothing ran in it yet), except those strictly under another target.
+
+    Linear in the targets' components: a component is under another target exactly when one of its
+    ancestors, written with a trailing slash, is a target (set lookups, one per component), and a component
+    several targets share is looked at once (the fresh rootfs does not change meanwhile)."""
     tops = set(targets)
+    # "/x" is strictly under target t exactly when it starts with t.rstrip("/") + "/"; for a component path
+    # those strings are its ancestors "/", "/a/", "/a/b/", ... (a target not in this normal form matches none).
+    dirs = {t.rstrip("/") + "/" for t in tops}
+    seen: Dict[str, bool] = {}          # component path -> exists (a symlink raised at once)
     for target in sorted(tops):
-        parts = [p for p in target.split("/") if p]
-        for n in range(1, len(parts) + 1):
-            prefix = "/" + "/".join(parts[:n])
-            if any(prefix != t and prefix.startswith(t.rstrip("/") + "/") for t in tops):
+        prefix = ""
+        for part in (p for p in target.split("/") if p):
+            if prefix + "/" in dirs:
+                break                   # this component and all below are under another target
+            prefix += "/" + part
+            exists = seen.get(prefix)
+            if exists is None:
+                try:
+                    st = os.lstat(rootfs + prefix)
+                except FileNotFoundError:
+                    seen[prefix] = exists = False
+                else:
+                    if stat.S_ISLNK(st.st_mode):
+                        raise EngineError("mount", "target passes through a symlink in the image",
+                                          f"{target} ({prefix} -> {resolve(rootfs, prefix)})",
+                                          "the image's symlinks are not followed for mounts; choose another"
+                                          " target or an image without that link")
+                    seen[prefix] = exists = True
+            if not exists:
                 break
-            try:
-                st = os.lstat(rootfs + prefix)
-            except FileNotFoundError:
-                break
-            if stat.S_ISLNK(st.st_mode):
-                raise EngineError("mount", "target passes through a symlink in the image",
-                                  f"{target} ({prefix} -> {resolve(rootfs, prefix)})",
-                                  "the image's symlinks are not followed for mounts; choose another target"
-                                  " or an image without that link")
 
 
 def full(bundle: str) -> bool:

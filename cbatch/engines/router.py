@@ -157,12 +157,13 @@ class Router:
             from cbatch.core.errors import EngineError
             if not labels:
                 raise EngineError("cleanup", "refused", "no labels", "pass at least cbatch.instance")
-            for cid in self.direct.list_ids(labels):
+            unmatched: Dict[str, int] = {}       # the listing again reads only what may match
+            for cid in self.direct.list_ids(labels, unmatched):
                 try:
                     self.direct.remove(cid)
                 except EngineError:
                     pass
-            left += self.direct.list_ids(labels)
+            left += self.direct.list_ids(labels, unmatched)
         if not self._docker_may_have(labels):
             return left
         try:

@@ -25,6 +25,7 @@ import stat
 from typing import List, Optional
 
 from cbatch.core.errors import EngineError
+from cbatch.engines import seccomp
 
 LIBRARY = "libseccomp.so.2"
 INSN_BYTES = 8
@@ -157,6 +158,12 @@ def program(section: dict) -> bytes:
     return _cached(json.dumps(section, sort_keys=True))
 
 
+@functools.lru_cache(maxsize=1)
+def default_program() -> bytes:
+    """:func:`program` of the default profile (:func:`cbatch.engines.seccomp.oci_profile`, itself loaded once
+    per daemon), remembered: a direct start (its availability check, its bundle) serializes nothing for it."""
+    return program(seccomp.oci_profile())
+
 
 LOADER = "cbatch-filter"    # next to the helper (daemon.helper), installed 0711 root:root
 PROGRAM_FILE = "seccomp.bpf"
@@ -177,9 +184,10 @@ def loader_problem(path: str) -> Optional[str]:
     return None
 
 
-def write_program(bundle: str, section: dict) -> str:
-    """Write the compiled ``section`` into ``bundle`` (root-owned, 0644, a new file); its path."""
-    data = program(section)
+def write_program(bundle: str, section: Optional[dict] = None) -> str:
+    """Write the compiled ``section`` (default: :func:`default_program`) into ``bundle`` (root-owned, 0644, a
+    new file); its path."""
+    data = default_program() if section is None else program(section)
     path = os.path.join(bundle, PROGRAM_FILE)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     with open(fd, "wb") as fh:

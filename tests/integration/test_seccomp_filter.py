@@ -121,6 +121,9 @@ def test_runc_installs_this_program_after_its_enosys_stub(section, runc_program)
 
 def test_compiled_once_per_daemon(section):
     assert seccompbpf.program(section) is seccompbpf.program(json.loads(json.dumps(section)))
+    # What a direct start uses (its availability check and its bundle): the same program, remembered.
+    assert seccompbpf.default_program() is seccompbpf.default_program() is seccompbpf.program(section)
+    assert seccompbpf.default_program() == seccompbpf.compile_profile(section)
 
 
 @pytest.fixture

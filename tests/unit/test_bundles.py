@@ -49,3 +49,66 @@ def test_startup_sweep_removes_only_what_no_container_needs(tmp_path):
     assert sorted(os.listdir(tmp_path / "events")) == ["busy.jsonl", "mine.jsonl", "recent.jsonl"]
     assert (tmp_path / "mine").is_dir() and (tmp_path / "busy" / "c1").is_dir() and (tmp_path / "runc").is_dir()
     assert bundles.sweep(root, "mine") == []               # idempotent
+
+
+def _bundle(root, inst: str, name: str, job: str, meta: bool = True):
+    path = root / inst / name
+    path.mkdir(parents=True)
+    if meta:
+        (path / "meta.json").write_text(json.dumps({"name": name, "labels": {"cbatch.job": job,
+                                                                             "cbatch.instance": inst}}))
+    return path
+
+
+def test_one_cleanup_reads_each_bundle_meta_once(tmp_path):
+    """Listing, removing and listing again (a job's cleanup) reads another job's bundle once, not twice;
+    what may match (the job's own bundles, a bundle without its meta yet, a new or re-made bundle) is read
+    again, so the second listing is what a fresh scan would say."""
+    reads = []
+
+    def meta_of(path):
+        reads.append(os.path.relpath(path, tmp_path))
+        return bundles.read_json(path)
+
+    for n in range(5):
+        _bundle(tmp_path, "inst", f"other{n}", f"{n}.vm")
+    mine = _bundle(tmp_path, "inst", "mine", "9.vm")
+    stuck = _bundle(tmp_path, "inst", "stuck", "9.vm")
+    half = _bundle(tmp_path, "inst", "half", "9.vm", meta=False)           # meta.json not written yet
+    _bundle(tmp_path, "elsewhere", "x", "9.vm")                            # another instance: not looked at
+    labels = {"cbatch.job": "9.vm", "cbatch.instance": "inst"}
+    memo: dict = {}
+    assert sorted(bundles.scan(str(tmp_path), labels, meta_of, memo)) == ["mine", "stuck"]
+    assert len(reads) == 8 and len(memo) == 5
+    # Between the two listings: "mine" removed, "half" got its meta, another job's bundle was re-made (a new
+    # directory under the same name, made before the old one went so it cannot reuse its inode) with this
+    # job's labels, and a new bundle of this job appeared.
+    (mine / "meta.json").unlink()
+    mine.rmdir()
+    (half / "meta.json").write_text(json.dumps({"labels": labels}))
+    new = _bundle(tmp_path, "inst", "other0.new", "9.vm")
+    for f in (tmp_path / "inst" / "other0").iterdir():
+        f.unlink()
+    (tmp_path / "inst" / "other0").rmdir()
+    new.rename(tmp_path / "inst" / "other0")
+    _bundle(tmp_path, "inst", "late", "9.vm")
+    reads.clear()
+    again = sorted(bundles.scan(str(tmp_path), labels, meta_of, memo))
+    assert again == sorted(bundles.scan(str(tmp_path), labels, bundles.read_json)) == \
+        ["half", "late", "other0", "stuck"]
+    assert sorted(reads) == [f"inst/{n}/meta.json" for n in ("half", "late", "other0", "stuck")]
+    assert stuck.is_dir()
+
+
+def test_scan_without_a_memo_reads_every_time(tmp_path):
+    reads = []
+    _bundle(tmp_path, "inst", "a", "1.vm")
+    _bundle(tmp_path, "inst", "b", "2.vm")
+
+    def meta_of(path):
+        reads.append(path)
+        return bundles.read_json(path)
+
+    for _ in range(2):
+        assert bundles.scan(str(tmp_path), {"cbatch.job": "1.vm"}, meta_of) == ["a"]
+    assert len(reads) == 4

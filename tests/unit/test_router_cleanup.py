@@ -49,7 +49,7 @@ class FakeDocker:
 
 
 class FakeDirect:
-    def list_ids(self, labels):
+    def list_ids(self, labels, unmatched=None):
         return []
 
 
@@ -151,3 +151,25 @@ def test_direct_starts_do_not_mark_the_job(router):
     assert router.start(_spec("7.vm", engine="direct", ), Stdio(), INST, "/h").startswith("direct-")
     router.cleanup(_labels("7.vm"))
     assert router.docker.cleanups == 0
+
+
+def test_direct_cleanup_lists_twice_with_one_memo_and_reports_leftovers(router):
+    """The direct engine's list, remove, list again share one memo (each bundle's meta read once per
+    cleanup, cbatch.engines.bundles.scan); what could not be removed is still reported."""
+    class Direct(FakeDirect):
+        def __init__(self):
+            self.containers = {"direct-a": "8.vm", "direct-b": "8.vm", "direct-c": "0.vm"}
+            self.memos = []
+
+        def list_ids(self, labels, unmatched=None):
+            self.memos.append(unmatched)
+            return [c for c, job in self.containers.items() if job == labels[LABEL_JOB]]
+
+        def remove(self, cid):
+            if cid == "direct-b":
+                raise EngineError("container", "remove failed", cid)
+            del self.containers[cid]
+    router.direct = Direct()
+    assert router.cleanup(_labels("8.vm")) == ["direct-b"]
+    assert len(router.direct.memos) == 2 and router.direct.memos[0] is router.direct.memos[1] is not None
+    assert sorted(router.direct.containers) == ["direct-b", "direct-c"]
