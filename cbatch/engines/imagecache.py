@@ -14,6 +14,9 @@ given, and served from memory, under three rules:
   every event, arm and disarm, is read *before* the engine is asked and compared when the answer is stored:
   an answer fetched, then an event, then the store is dropped, not stored (the race a plain "clear on
   event" loses). Negative answers (no such image) are never stored: a pull must be seen at once.
+- **A witness, where the engine has one.** dockerd's BuildKit (20.10 to 23) names a built image without any
+  event; the watcher then gives :meth:`InfoCache.arm` a stamp of dockerd's reference store (the file every
+  name change rewrites): an answer is served only while the stamp reads as when it was taken.
 
 Pure: no I/O, no engine; the unit tests drive it with a fake fetch.
 """
@@ -21,7 +24,7 @@ Pure: no I/O, no engine; the unit tests drive it with a fake fetch.
 from __future__ import annotations
 
 import threading
-from typing import Callable, Dict, Optional, TypeVar
+from typing import Callable, Dict, Optional, Tuple, TypeVar
 
 T = TypeVar("T")
 MAX_ENTRIES = 256      # references a node's queues use are few; the cache stays bounded whatever users ask
@@ -33,28 +36,38 @@ class InfoCache:
     def __init__(self, max_entries: int = MAX_ENTRIES) -> None:
         self.max_entries = max_entries
         self._lock = threading.Lock()      # never held across a fetch
-        self._entries: Dict[str, object] = {}
+        self._entries: Dict[str, Tuple[object, object]] = {}    # ref -> (answer, witness stamp)
         self._generation = 0
         self._armed = False
+        self._witness: Optional[Callable[[], object]] = None
         self.hits = 0                      # answered from memory
-        self.fetches = 0                   # asked the engine (status and the tests read both)
+        self.fetches = 0                   # asked the engine (status and the tests read these)
+        self.unannounced = 0               # hits refused because the witness moved with no event
 
     def lookup(self, ref: str, fetch: Callable[[str], Optional[T]]) -> Optional[T]:
-        """The answer for ``ref``: from memory when armed and stored since the last event, else
-        ``fetch(ref)`` (stored when not None and nothing happened meanwhile). ``fetch``'s errors propagate."""
+        """The answer for ``ref``: from memory when armed, stored since the last event and the witness
+        unchanged, else ``fetch(ref)`` (stored when not None and nothing happened meanwhile). ``fetch``'s
+        errors propagate."""
         with self._lock:
-            if self._armed:
-                hit = self._entries.get(ref)
-                if hit is not None:
+            token = self._generation if self._armed else None
+            witness = self._witness if self._armed else None
+            hit = self._entries.get(ref) if self._armed else None
+        stamp = witness() if witness is not None else None     # before the fetch, like the token
+        if hit is not None:
+            answer, kept = hit
+            if witness is None or (stamp is not None and stamp == kept):
+                with self._lock:
                     self.hits += 1
-                    return hit              # type: ignore[return-value]
-                token: Optional[int] = self._generation
-            else:
-                token = None
+                return answer                  # type: ignore[return-value]
+            self.invalidate()                  # the engine's names moved without an event: forget all
+            with self._lock:
+                self.unannounced += 1
+            token = self.generation()
+        with self._lock:
             self.fetches += 1
         answer = fetch(ref)
-        if answer is not None and token is not None:
-            self.store(ref, answer, token)
+        if witness is None or stamp is not None:
+            self.store(ref, answer, token, stamp)
         return answer
 
     def generation(self) -> Optional[int]:
@@ -62,9 +75,9 @@ class InfoCache:
         with self._lock:
             return self._generation if self._armed else None
 
-    def store(self, ref: str, answer: object, token: Optional[int]) -> bool:
+    def store(self, ref: str, answer: object, token: Optional[int], stamp: object = None) -> bool:
         """Keep ``answer`` for ``ref`` if still armed and no event, arm or disarm happened since ``token``
-        was read. True if kept."""
+        was read (``stamp``: the witness's value read with it). True if kept."""
         if answer is None or token is None:
             return False
         with self._lock:
@@ -72,7 +85,7 @@ class InfoCache:
                 return False
             if ref not in self._entries and len(self._entries) >= self.max_entries:
                 self._entries.pop(next(iter(self._entries)))      # the oldest
-            self._entries[ref] = answer
+            self._entries[ref] = (answer, stamp)
             return True
 
     def invalidate(self) -> None:
@@ -81,11 +94,14 @@ class InfoCache:
             self._generation += 1
             self._entries.clear()
 
-    def arm(self) -> None:
-        """The event stream is established: answers taken from now on may be kept."""
+    def arm(self, witness: Optional[Callable[[], object]] = None) -> None:
+        """The event stream is established: answers taken from now on may be kept. ``witness``: a cheap
+        stamp of the engine's name store (None: none known), read before each fetch and at each hit; an
+        answer is served only while it reads the same (a change the engine made without an event)."""
         with self._lock:
             self._generation += 1
             self._entries.clear()
+            self._witness = witness
             self._armed = True
 
     def disarm(self) -> None:
@@ -93,10 +109,12 @@ class InfoCache:
         with self._lock:
             self._generation += 1
             self._entries.clear()
+            self._witness = None
             self._armed = False
 
     def state(self) -> dict:
-        """For ``status``: armed, entries, hits, fetches, generation."""
+        """For ``status``: armed, witness (known or not), entries, hits, fetches, unannounced, generation."""
         with self._lock:
-            return {"armed": self._armed, "entries": len(self._entries), "hits": self.hits,
-                    "fetches": self.fetches, "generation": self._generation}
+            return {"armed": self._armed, "witness": self._witness is not None, "entries": len(self._entries),
+                    "hits": self.hits, "fetches": self.fetches, "unannounced": self.unannounced,
+                    "generation": self._generation}

@@ -13,16 +13,20 @@ for the events since :data:`SINCE_MARGIN` seconds before it was sent: dockerd ha
 the subscription, every buffered event from then on, so an event between our headers and dockerd's
 subscription still arrives (as a replay). Replayed older events only clear the cache once more.
 
-What this does not see: an image change that dockerd makes without logging an image event. dockerd 20.10 to
-23's BuildKit exporter names the image it built through the reference store directly (no ``tag`` event);
-the legacy builder, tag, pull, load, import, rmi and prune all log theirs (docs/images.md).
+**A name change without an event.** dockerd 20.10 to 23's BuildKit exporter names the image it built through
+the reference store directly, with no ``tag`` event (the legacy builder, tag, pull, load, import, rmi and
+prune all log theirs). Every change of that store rewrites one file, ``<DockerRootDir>/image/<driver>/
+repositories.json``, by a rename (a new inode): for a local engine whose file exists when the stream is
+established, its (inode, mtime, ctime, size) is the cache's witness (:func:`reference_store_witness`). An
+engine without that file (containerd's image store) is watched by its events alone.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 from cbatch.engines.imagecache import InfoCache
 
@@ -31,6 +35,26 @@ MAX_DELAY = 5.0        # the backoff's bound: a restarted dockerd is watched aga
 STEADY = 1.0           # a stream that stayed up this long resets the backoff
 SINCE_MARGIN = 60      # seconds of dockerd's event buffer replayed at each connect (see the module doc)
 FILTERS = {"type": ["image"]}
+
+
+def reference_store_witness(docker) -> Optional[Callable[[], object]]:
+    """A stamp of dockerd's reference store (see the module doc), or None when the engine is not local or
+    has no such file. Asks the engine for its data root and storage driver."""
+    if not str(getattr(docker, "url", "")).startswith("unix://"):
+        return None
+    info = docker.api.info()
+    root, driver = info.get("DockerRootDir"), info.get("Driver")
+    if not root or not driver:
+        return None
+    path = os.path.join(root, "image", driver, "repositories.json")
+
+    def stamp():
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None                         # gone: nothing is served from memory until it is back
+        return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
+    return stamp if stamp() is not None else None
 
 
 class ImageWatch:
@@ -95,12 +119,13 @@ class ImageWatch:
         while not self._stop.is_set():
             began = time.monotonic()
             try:
+                witness = reference_store_witness(self.docker)
                 stream = self._subscribe()
                 with self._lock:
                     self._stream = stream
                 if self._stop.is_set():
                     break
-                self.cache.arm()
+                self.cache.arm(witness)
                 self.connects += 1
                 self._say("image events: watching the engine's image events (image checks answered from "
                           "memory until one arrives)")

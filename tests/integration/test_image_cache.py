@@ -202,3 +202,33 @@ def test_lost_event_stream_leaves_no_stale_answer(cached, carol):
     wait_armed(d)
     assert run_job(mom, carol) == (0, image_id(BUSYBOX), [])
     assert "image events: not watching" in d.log()
+
+
+def test_unannounced_name_store_change_is_seen(cached, carol):
+    """dockerd's BuildKit (20.10-23) renames through its reference store with no image event. Any write of
+    that store changes the file's stamp; here the file's times are bumped with no event (what such a build
+    looks like to cbatchd): the next job's check asks the engine again instead of answering from memory."""
+    proxy, d, mom = cached
+    root, driver = docker("info", "-f", "{{.DockerRootDir}} {{.Driver}}").split()
+    store = os.path.join(root, "image", driver, "repositories.json")
+    checks = f"/images/{NAME}/json HTTP".encode()
+    per_start = 0 if d.engine_name == "direct" else 1
+    docker("tag", BUSYBOX, NAME)
+    wait_armed(d)
+    assert cache_state(d)["witness"] is True
+    for _attempt in range(10):
+        assert run_job(mom, carol) == (0, image_id(BUSYBOX), [])
+        before, n0 = cache_state(d), proxy.requests(checks)
+        os.utime(store)
+        assert run_job(mom, carol) == (0, image_id(BUSYBOX), [])
+        after, n1 = cache_state(d), proxy.requests(checks)
+        if before["entries"] == 0:
+            continue                     # an event came while the first job's answer was taken: not kept
+        # Kept before the bump: an unchanged generation would mean the answer was served from memory.
+        assert after["generation"] > before["generation"], (before, after)
+        if after["generation"] == before["generation"] + 1:     # only the witness's own clear: no event
+            assert after["unannounced"] == before["unannounced"] + 1, (before, after)
+            assert n1 - n0 == 1 + per_start, (n0, n1)
+            break
+    else:
+        pytest.fail("ten tries, each with an image event in between: cannot show the witness")

@@ -230,3 +230,46 @@ def test_watcher_stop_closes_the_stream_and_disarms():
     _wait(lambda: c.state()["armed"], "armed")
     w.stop()
     assert s.closed and not c.state()["armed"] and not w._thread.is_alive()
+
+
+class Witness:
+    def __init__(self):
+        self.value = ("ino", 1)
+
+    def __call__(self):
+        return self.value
+
+
+def test_witness_change_without_event_is_a_miss():
+    """A name change the engine did not announce (BuildKit on dockerd 20.10-23): the witness moved, so the
+    kept answer is not served, and the new one is kept under the new stamp."""
+    c, f, w = InfoCache(), Fetch({"a:1": "OLD"}), Witness()
+    c.arm(w)
+    assert c.lookup("a:1", f) == "OLD" and c.lookup("a:1", f) == "OLD" and len(f.calls) == 1
+    f.answers["a:1"] = "NEW"
+    w.value = ("ino", 2)
+    assert c.lookup("a:1", f) == "NEW" and c.state()["unannounced"] == 1
+    assert c.lookup("a:1", f) == "NEW" and len(f.calls) == 2
+
+
+def test_witness_unreadable_keeps_nothing():
+    c, f, w = InfoCache(), Fetch({"a:1": "A"}), Witness()
+    c.arm(w)
+    w.value = None
+    c.lookup("a:1", f), c.lookup("a:1", f)
+    assert len(f.calls) == 2 and c.state()["entries"] == 0
+    w.value = ("ino", 3)
+    c.lookup("a:1", f), c.lookup("a:1", f)
+    assert len(f.calls) == 3
+
+
+def test_witness_read_before_the_fetch():
+    """The stamp kept is the one read before the engine was asked: a change during the fetch is a miss later."""
+    c, w = InfoCache(), Witness()
+    c.arm(w)
+
+    def fetch(ref):
+        w.value = ("ino", 9)         # the store moves while the engine answers (old answer)
+        return "OLD"
+    c.lookup("a:1", fetch)
+    assert c.lookup("a:1", lambda ref: "NEW") == "NEW"
