@@ -98,10 +98,13 @@ class ImageWatch:
         with self._lock:
             stream, self._stream = self._stream, None
         if stream is not None:
-            try:
-                stream.close()                 # shuts the socket down: the reading thread sees the end
-            except Exception:  # noqa: BLE001 - already closed or broken: either way it is done
-                pass
+            # Shut the socket down (the reading thread sees the end), then let the response go.
+            for close in (stream.close, getattr(getattr(stream, "_response", None), "close", None)):
+                try:
+                    if close is not None:
+                        close()
+                except Exception:  # noqa: BLE001 - already closed or broken: either way it is done
+                    pass
 
     def _subscribe(self):
         """The image event stream, once dockerd answered 200 (raises otherwise)."""
