@@ -105,12 +105,10 @@ class ImageManager:
         else:
             log(line)
 
-    # -- the engine's answers ------------------------------------------------------------------------
+    # -- the engine's answers (cached) ---------------------------------------------------------------
     def _info(self, ref: str):
         """The engine's ImageInfo for ``ref`` (None: not here), from the cache when it may answer."""
-        if self.cache is None:
-            return self.engine.image_info(ref)
-        return self.cache.lookup(ref, self.engine.image_info)
+        return self.engine.image_info(ref) if self.cache is None else self.cache.lookup(ref, self.engine.image_info)
 
     def _changing(self, call, *args):
         """``call(*args)`` (a pull or a removal), then no answer taken before is served, whatever it did
