@@ -16,6 +16,9 @@ it with a fake engine and the integration tests with the real one against a loop
   keeps its data.
 
 Registry credentials come from :mod:`cbatch.daemon.regauth` and go only to the engine's pull call.
+
+"Which image does this reference name" goes through ``cache`` when given (:mod:`cbatch.engines.imagecache`,
+kept exact by Docker's image events); cbatch's own pulls and prune removals clear it too.
 """
 
 from __future__ import annotations
@@ -75,8 +78,9 @@ class ImageManager:
     """One per daemon. ``log`` is a logging.Logger or any callable taking one line."""
 
     def __init__(self, engine, config: SiteConfig, log, *, base_delay: float = 5.0, max_delay: float = 300.0,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, cache=None):
         self.engine = engine
+        self.cache = cache                       # InfoCache or None (every check asks the engine)
         self.config = config
         self._log = log
         self.base_delay = base_delay
@@ -100,6 +104,20 @@ class ImageManager:
             (log.warning if error else log.info)(line)
         else:
             log(line)
+
+    # -- the engine's answers (cached) ---------------------------------------------------------------
+    def _info(self, ref: str):
+        """The engine's ImageInfo for ``ref`` (None: not here), from the cache when it may answer."""
+        return self.engine.image_info(ref) if self.cache is None else self.cache.lookup(ref, self.engine.image_info)
+
+    def _changing(self, call, *args):
+        """``call(*args)`` (a pull or a removal), then no answer taken before is served, whatever it did
+        (the engine's own event clears the cache too, a moment later)."""
+        try:
+            return call(*args)
+        finally:
+            if self.cache is not None:
+                self.cache.invalidate()
 
     # -- background pre-pull ------------------------------------------------------------------------
     def start(self) -> None:
@@ -182,7 +200,7 @@ class ImageManager:
     def _pull_one(self, ref: str) -> None:
         t0 = self._clock()
         try:
-            info = self.engine.pull(ref, regauth.auth_for(self.config.registry.auth_file, ref), None)
+            info = self._changing(self.engine.pull, ref, regauth.auth_for(self.config.registry.auth_file, ref), None)
         except CbatchError as exc:
             self._failed(ref, exc.message if not isinstance(exc, EngineError) else _reason(exc))
             return
@@ -243,7 +261,7 @@ class ImageManager:
 
     def _have(self, ref: str) -> bool:
         try:
-            return self.engine.image_info(ref) is not None
+            return self._info(ref) is not None
         except CbatchError:
             return False
 
@@ -261,7 +279,7 @@ class ImageManager:
         ``progress``), else JobError ``image: not on this node``. A failed pull is one EngineError line."""
         if ref == NATIVE:
             raise JobError("image", "native is not an image", ref)
-        info = self.engine.image_info(ref)
+        info = self._info(ref)
         if info is not None:
             return info
         if pol.pull != "missing":
@@ -279,7 +297,8 @@ class ImageManager:
                 say(line)
 
         try:
-            info = self.engine.pull(ref, regauth.auth_for(self.config.registry.auth_file, ref), on_event)
+            info = self._changing(self.engine.pull, ref, regauth.auth_for(self.config.registry.auth_file, ref),
+                                  on_event)
         except EngineError as exc:
             self.log(f"cbatch: images: job pull failed: {ref}: {_reason(exc)}", error=True)
             raise EngineError("image", "pull failed", ref, _reason(exc)) from exc
@@ -292,7 +311,7 @@ class ImageManager:
     def digest_of(self, ref: str, info=None) -> Optional[str]:
         """The repo digest pinning ``ref`` (``name@sha256:..``), or None for an image no registry knows
         (built or imported locally). ``info``: the ImageInfo :meth:`ensure` returned, to skip a lookup."""
-        info = info if info is not None else self.engine.image_info(ref)
+        info = info if info is not None else self._info(ref)
         if info is None:
             return None
         if "@" in ref:                   # already pinned: name[:tag]@digest -> name@digest
@@ -304,7 +323,7 @@ class ImageManager:
         engine lists that very repo digest for it), else ()."""
         if "@" not in ref:
             return ()
-        info = self.engine.image_info(ref)
+        info = self._info(ref)
         if info is None or repo_of(ref) + "@" + ref.split("@", 1)[1] not in {
                 repo_of(d) + "@" + d.split("@", 1)[1] for d in info.digests}:
             return ()
@@ -349,7 +368,7 @@ class ImageManager:
                     continue
                 if not dry_run:
                     try:
-                        if not self.engine.remove_image(ref):
+                        if not self._changing(self.engine.remove_image, ref):
                             continue
                     except EngineError as exc:
                         self.log(f"cbatch: images: prune kept {ref}: {_reason(exc)}", error=True)

@@ -31,11 +31,13 @@ def ping(daemon, conn, peer, msg, fds) -> dict:
 
 
 def status(daemon, conn, peer, msg, fds) -> dict:
-    """Every registered job with its containers, and the containers waiting for their client."""
+    """Every registered job with its containers, the containers waiting for their client, and the image
+    check cache's counters (armed, entries, hits, fetches, generation)."""
     jobs = []
     for rec in daemon.registry.all():
         jobs.append({**rec.registration.to_dict(), "started": rec.started, "containers": sorted(rec.containers)})
-    return {"instance": daemon.instance, "jobs": jobs, "adopting": daemon.adoptions.cids()}
+    return {"instance": daemon.instance, "jobs": jobs, "adopting": daemon.adoptions.cids(),
+            "image_cache": daemon.image_cache.state()}
 
 
 def images(daemon, conn, peer, msg, fds) -> dict:

@@ -48,6 +48,8 @@ from cbatch.daemon.imagesync import ImageManager
 from cbatch.daemon.registry import Registry
 from cbatch.engines.direct import DirectEngine
 from cbatch.engines.docker import Engine
+from cbatch.engines.imagecache import InfoCache
+from cbatch.engines.imagewatch import ImageWatch
 from cbatch.engines.router import Router, bundles_dir
 from cbatch.host import paths
 
@@ -96,7 +98,10 @@ class Daemon:
         self.listener = None
         self._refusals, self._refusal_logged = 0, 0.0
         self._reloading = threading.Lock()
-        self.images = ImageManager(self.engine, config, log)   # pre-pull, job-start checks, images op
+        # Image checks answered from memory while Docker's image event stream says nothing changed.
+        self.image_cache = InfoCache()
+        self.image_watch = ImageWatch(docker, self.image_cache, log)
+        self.images = ImageManager(self.engine, config, log, cache=self.image_cache)   # pre-pull, checks, op
 
     # -- start-up and reload ------------------------------------------------------------------------
     def recover(self) -> None:
@@ -170,6 +175,7 @@ class Daemon:
     def serve_forever(self) -> None:
         """Accept connections until stopped; each gets its own thread."""
         sock = self.listener or self.listen()
+        self.image_watch.start()
         self.images.start()
         log.info("cbatchd listening on %s (instance %s, %d registered jobs)", self.config.daemon.socket,
                  self.instance, len(self.registry))

@@ -382,3 +382,41 @@ def test_prune_keeps_prepull_and_default_in_any_spelling():
 """
     m = ImageManager(eng, cfg(extra=extra), None)
     assert m.prune(dry_run=True) == ["junk/z:1"]
+
+
+class CountingEngine(FakeEngine):
+    def __init__(self):
+        super().__init__()
+        self.infos = []
+
+    def image_info(self, ref):
+        self.infos.append(ref)
+        return super().image_info(ref)
+
+
+def test_job_start_checks_served_by_the_armed_cache_and_cleared_by_cbatchs_own_changes():
+    """#13: with the daemon's cache armed, a second start's check is no engine call; a pull or a prune
+    removal done by cbatch itself clears it (the next check asks the engine)."""
+    from cbatch.engines.imagecache import InfoCache
+    ref = f"{REG}/cbt/busybox:1"
+    eng, cache = CountingEngine(), InfoCache()
+    cache.arm()
+    eng.add(ref, "sha256:" + "b" * 64)
+    eng.add("old/img:1", "sha256:" + "c" * 64)
+    eng.registry[ref] = busybox_info()
+    m = ImageManager(eng, cfg(pull="missing"), None, cache=cache)
+    pol = cfg(pull="missing").queue("batch")
+    first = m.ensure(ref, pol)
+    assert m.ensure(ref, pol) is first and eng.infos == [ref]
+    m._pull_one(ref)                                 # the sync thread's pull
+    m.ensure(ref, pol)
+    assert eng.infos == [ref, ref]
+    assert m.prune() == ["old/img:1"]               # a removal
+    m.ensure(ref, pol)
+    assert eng.infos == [ref, ref, ref]
+    del eng.local[ref]                               # removed behind cbatch's back: the engine's event
+    cache.invalidate()
+    assert m._have(ref) is False and m._have(ref) is False   # a negative answer is never kept
+    m.ensure(ref, pol, lambda line: None)
+    m.ensure(ref, pol)
+    assert eng.infos == [ref] * 7 and eng.pulls[-1][0] == ref
