@@ -347,8 +347,8 @@ def main(argv=None) -> int:
         log.warning("daemon.stop_grace %.1f s is not shorter than Torque's default kill_delay (%.0f s): qdel may "
                     "SIGKILL the starter before the container is stopped", cfg.daemon.stop_grace, TORQUE_KILL_DELAY)
     if os.geteuid() == 0:
-        # Forked now, while the daemon is small and has no threads: every child acting as a user is the
-        # server's (cbatch.host.forkserver: a fork of this daemon costs it more than the child's work).
+        # Every child acting as a user is the fork server's (cbatch.host.forkserver): a fork of this daemon
+        # cost it more than the child's work, and the child held every fd the daemon had.
         log.info("fork server: pid %d", paths.start_forkserver())
     try:
         d = Daemon(cfg, os.path.abspath(args.config))
