@@ -29,7 +29,7 @@ def _first_line(argv) -> str:
 
 
 def machine() -> str:
-    """One line: OS, CPU, cores, memory, kernel, engine, runc, Python, cgroup version."""
+    """One line: OS, CPU, cores, memory, kernel, engine, runc, Python, cgroup version and attach tuning."""
     model = "?"
     with open("/proc/cpuinfo") as fh:
         for line in fh:
@@ -43,6 +43,10 @@ def machine() -> str:
     except OSError:
         debian = platform.system()
     cgroup = "v2" if os.path.exists("/sys/fs/cgroup/cgroup.controllers") else "v1"
+    from cbatch.host.cgroups import favor_dynmods
+    favored = favor_dynmods()[0]
+    # Every start's cgroup attach waits for an RCU grace period without it (docs/cbatchd.md, Node tuning).
+    cgroup += f" (favordynmods on {favored})" if favored else " (no favordynmods)"
     docker = _first_line(["docker", "version", "--format", "{{.Server.Version}}"])
     runc = _first_line(["runc", "--version"])
     return (f"{debian}, {model}, {os.cpu_count()} cores, {mem_kib / 1024 / 1024:.1f} GiB, kernel "

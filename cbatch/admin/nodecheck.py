@@ -150,9 +150,23 @@ def run_checks(config_path: str, mom_priv: str, out=sys.stdout, pbs_conf: str = 
         return static, path if static else f"{path}: {why} (it must run in images without libc)"
 
     rep.run("helper", check_helper)
+    rep.run("cgroup attach", cgroup_attach)
     if torque:
         rep.run("accounting", lambda: torque_accounting(mom_priv))
     return rep.failed
+
+
+def cgroup_attach(mounts: str = "/proc/mounts") -> Tuple[bool, str]:
+    """Information, never a FAIL: whether joining a cgroup waits for an RCU grace period on this node
+    (:func:`cbatch.host.cgroups.favor_dynmods`), and the one command that stops it."""
+    favored, target = cgroups.favor_dynmods(mounts)
+    if favored:
+        return True, f"favordynmods on {favored}: a container (or job) joins its cgroup without waiting"
+    if target is None:
+        return True, "no cgroup hierarchy mounted"
+    return True, (f"every container start waits ~5-15 ms for an RCU grace period when runc joins its cgroup; "
+                  f"`mount -o remount,favordynmods {target}` (Linux 6.0+; scripts/setup does it) removes the "
+                  "wait at a small cost to every fork and exit (docs/cbatchd.md, Node tuning)")
 
 
 def _queue_engines(rep: "_Report", cfg) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import errno
 import os
 import re
-from typing import Iterable, List, Optional
+from typing import Iterable, List, Optional, Tuple
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 # The controllers TORQUE itself manages per job: it removes those directories after the epilogue, and
@@ -208,3 +208,31 @@ def read_cpu_ns(path: str) -> Optional[int]:
         return None
     text = text.strip()
     return int(text) if text.isdigit() else None
+
+
+def favor_dynmods(mounts: str = "/proc/mounts") -> Tuple[Optional[str], Optional[str]]:
+    """(the cgroup mount point carrying ``favordynmods``, or None; the mount to set it on, or None).
+
+    Moving a process into a cgroup (runc joining the container's, pbs_mom the job's) takes the kernel's
+    global threadgroup rwsem for writing; unless some hierarchy is mounted with ``favordynmods`` (Linux 6.0+)
+    that waits for an RCU grace period first: 5-13 ms of every container start on this project's VM, idle,
+    not CPU. The option is one mount's but the lock is global, so any one mount suffices; the mount to set
+    it on is the cgroup2 one when there is one (the unified hierarchy of a hybrid host), else the first v1."""
+    try:
+        with open(mounts) as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return None, None
+    v2, v1, favored = None, None, None
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 4 or fields[2] not in ("cgroup", "cgroup2"):
+            continue
+        point = fields[1].replace("\\040", " ")
+        if "favordynmods" in fields[3].split(","):
+            favored = favored or point
+        if fields[2] == "cgroup2":
+            v2 = v2 or point
+        else:
+            v1 = v1 or point
+    return favored, v2 or v1

@@ -108,3 +108,40 @@ def test_tidy_never_follows_symlinks_or_climbs(root, tmp_path_factory):
 def test_tidy_missing_parent_is_empty(root):
     assert cgroups.tidy("/torque/none.vm", root=str(root)) == []
     assert cgroups.existing("/torque/none.vm", root=str(root)) == []
+
+
+# ---- favordynmods: does joining a cgroup wait for an RCU grace period? --------------------------------------------
+HYBRID = """tmpfs /sys/fs/cgroup tmpfs rw,relatime,mode=755 0 0
+cgroup /sys/fs/cgroup/cpu cgroup rw,relatime,cpu 0 0
+cgroup /sys/fs/cgroup/memory cgroup rw,relatime,memory 0 0
+cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime{extra} 0 0
+"""
+
+
+@pytest.mark.parametrize("text, want", [
+    (HYBRID.format(extra=""), (None, "/sys/fs/cgroup/unified")),
+    (HYBRID.format(extra=",favordynmods"), ("/sys/fs/cgroup/unified", "/sys/fs/cgroup/unified")),
+    ("cgroup2 /sys/fs/cgroup cgroup2 rw,nosuid,nodev,noexec,relatime,nsdelegate 0 0\n", (None, "/sys/fs/cgroup")),
+    ("cgroup /sys/fs/cgroup/cpuset cgroup rw,cpuset 0 0\ncgroup /sys/fs/cgroup/pids cgroup rw,favordynmods,pids 0 0\n",
+     ("/sys/fs/cgroup/pids", "/sys/fs/cgroup/cpuset")),
+    # an option that merely contains the word is not the option; other filesystems do not count
+    ("cgroup /sys/fs/cgroup/x cgroup rw,nofavordynmods_x 0 0\ntmpfs /favordynmods tmpfs rw,favordynmods 0 0\n",
+     (None, "/sys/fs/cgroup/x")),
+    ("proc /proc proc rw 0 0\n", (None, None)),
+])
+def test_favor_dynmods_reads_the_cgroup_mounts(tmp_path, text, want):
+    mounts = tmp_path / "mounts"
+    mounts.write_text(text)
+    assert cgroups.favor_dynmods(str(mounts)) == want
+
+
+def test_node_check_says_how_to_stop_the_wait_and_never_fails(tmp_path):
+    from cbatch.admin import nodecheck
+    mounts = tmp_path / "mounts"
+    mounts.write_text(HYBRID.format(extra=""))
+    ok, detail = nodecheck.cgroup_attach(str(mounts))
+    assert ok and "`mount -o remount,favordynmods /sys/fs/cgroup/unified`" in detail
+    mounts.write_text(HYBRID.format(extra=",favordynmods"))
+    assert nodecheck.cgroup_attach(str(mounts)) == (
+        True, "favordynmods on /sys/fs/cgroup/unified: a container (or job) joins its cgroup without waiting")
+    assert nodecheck.cgroup_attach(str(tmp_path / "none"))[0]
