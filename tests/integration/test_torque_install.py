@@ -78,7 +78,7 @@ def test_node_check_good_and_broken(tmp_path, daemon):
     assert failed == 0, lines
     queues = list(daemon.config["queues"])
     assert [l.split()[1].rstrip(":") for l in lines] == ["config", "daemon", "engine"] + ["queue"] * len(queues) + \
-        ["prologue", "epilogue", "mom", "job_starter", "helper", "accounting"]
+        ["prologue", "epilogue", "mom", "job_starter", "helper", "cgroup", "accounting"]
     assert all(l.startswith("OK") for l in lines)
     # The real router's answer for each queue (the test daemon's queues ask for this run's engine).
     engine = daemon.engine_name
