@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -30,6 +28,7 @@ from cbatch.host import cgroups
 from cbatch.clients import client
 from cbatch.admin import install
 from cbatch.emulator.local import Mom
+from engineproxy import EngineProxy
 from torque_helpers import cbatch_lines, direct_containers, job_containers, script, wait_until
 
 ENGINE_URL = os.environ.get("CBATCH_ENGINE_URL", "unix:///var/run/docker.sock")
@@ -194,70 +193,6 @@ def test_starter_waits_for_a_restarting_daemon(fmom, fdaemon, alice):
 
 
 # ---- the engine goes away and comes back --------------------------------------------------------------------
-class EngineProxy:
-    """A unix-socket forwarder to the real engine: ``down()`` drops every connection and stops listening
-    (what cbatchd sees when dockerd stops), ``up()`` listens again (dockerd restarted)."""
-
-    def __init__(self, path: str, target: str):
-        self.path, self.target = path, target
-        self.listener = None
-        self.conns = []
-        self.lock = threading.Lock()
-
-    def up(self) -> None:
-        if os.path.exists(self.path):
-            os.unlink(self.path)
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.bind(self.path)
-        s.listen(64)
-        self.listener = s
-        threading.Thread(target=self._accept, args=(s,), daemon=True).start()
-
-    def down(self) -> None:
-        s, self.listener = self.listener, None
-        if s is not None:
-            s.close()
-            os.unlink(self.path)
-        with self.lock:
-            conns, self.conns = self.conns, []
-        for c in conns:
-            try:
-                c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            c.close()
-
-    def _accept(self, s) -> None:
-        while True:
-            try:
-                a, _ = s.accept()
-            except OSError:
-                return
-            b = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            b.connect(self.target)
-            with self.lock:
-                self.conns += [a, b]
-            for x, y in ((a, b), (b, a)):
-                threading.Thread(target=self._pump, args=(x, y), daemon=True).start()
-
-    @staticmethod
-    def _pump(src, dst) -> None:
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (src, dst):
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-
 @pytest.fixture(scope="module")
 def proxied(daemon_factory, mom_factory):
     proxy = EngineProxy(f"/run/cbatch-test/engine-proxy-{os.getpid()}.sock", ENGINE_URL[len("unix://"):])

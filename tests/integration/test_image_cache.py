@@ -12,93 +12,19 @@ generation counter shows no event (bounded retries), never by hoping for quiet.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
-import threading
-from typing import Dict, List
+from typing import Dict
 
 import pytest
 
 from cbatch.clients import client
+from engineproxy import EngineProxy
 from torque_helpers import cbatch_lines, remove_instance_containers, script, wait_until
 
 ENGINE_SOCKET = os.environ.get("CBATCH_ENGINE_URL", "unix:///var/run/docker.sock")[len("unix://"):]
 BUSYBOX, DEBIAN = "cbatch-test/busybox:1", "cbatch-test/debian:12"
 NAME = f"cbatch-test/house-cache-{os.getpid()}:1"      # allowed by the test config's cbatch-test/*
 LABEL = f"cbatch.test=house-cache-{os.getpid()}"
-
-
-class CountingProxy:
-    """A unix-socket forwarder to the engine that keeps what clients sent (to count requests) and can drop
-    every connection and stop listening (``down``) and listen again (``up``)."""
-
-    def __init__(self, path: str, target: str):
-        self.path, self.target = path, target
-        self.listener = None
-        self.conns: List[socket.socket] = []
-        self.sent: List[bytearray] = []
-        self.lock = threading.Lock()
-
-    def requests(self, needle: bytes) -> int:
-        with self.lock:
-            return sum(bytes(buf).count(needle) for buf in self.sent)
-
-    def up(self) -> None:
-        if os.path.exists(self.path):
-            os.unlink(self.path)
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.bind(self.path)
-        s.listen(64)
-        self.listener = s
-        threading.Thread(target=self._accept, args=(s,), daemon=True).start()
-
-    def down(self) -> None:
-        s, self.listener = self.listener, None
-        if s is not None:
-            s.close()
-            os.unlink(self.path)
-        with self.lock:
-            conns, self.conns = self.conns, []
-        for c in conns:
-            try:
-                c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            c.close()
-
-    def _accept(self, s) -> None:
-        while True:
-            try:
-                a, _ = s.accept()
-            except OSError:
-                return
-            b = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            b.connect(self.target)
-            buf = bytearray()
-            with self.lock:
-                self.conns += [a, b]
-                self.sent.append(buf)
-            threading.Thread(target=self._pump, args=(a, b, buf), daemon=True).start()
-            threading.Thread(target=self._pump, args=(b, a, None), daemon=True).start()
-
-    def _pump(self, src, dst, keep) -> None:
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                if keep is not None:
-                    with self.lock:
-                        keep += data
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (src, dst):
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
 
 def docker(*args: str, stdin=None) -> str:
@@ -112,7 +38,7 @@ def image_id(ref: str) -> str:
 
 @pytest.fixture(scope="module")
 def cached(daemon_factory, mom_factory):
-    proxy = CountingProxy(f"/run/cbatch-test/house-cache-{os.getpid()}.sock", ENGINE_SOCKET)
+    proxy = EngineProxy(f"/run/cbatch-test/house-cache-{os.getpid()}.sock", ENGINE_SOCKET)
     proxy.up()
     d = daemon_factory("image-cache", engine={"url": f"unix://{proxy.path}", "timeout": 10})
     try:
