@@ -80,7 +80,7 @@ def spawn(fields: Sequence[bytes]) -> Optional[socket.socket]:
     server (never started, or gone: it is then forgotten and the caller forks itself).
 
     The child's first message is ``P`` with its pidfd; EOF before it means the server could not fork it."""
-    global _ctl, _pid
+    global _ctl
     ctl = _ctl
     if ctl is None:
         return None
