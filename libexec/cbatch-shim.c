@@ -3,8 +3,12 @@
  *   cbatch-shim BUNDLE RUNC RUNC_ROOT ID CGROUP_PATH
  *
  * stdin/stdout/stderr are the job's own descriptors; fd 3 is the daemon's ready pipe, fd 4 its go pipe: the
- * shim creates nothing before the daemon, having recorded the shim's pid, writes "g" there (a daemon that
- * dies before that leaves no container behind, only a status saying so). The shim becomes a
+ * shim creates nothing before the daemon, having recorded the shim's pid in BUNDLE/meta.json, writes "g"
+ * there. The record, not the byte, is what counts: a daemon that dies before "g" leaves the go pipe at EOF,
+ * and the shim then reads the record itself. Recorded (the daemon died between the two), it starts the
+ * container as if told to: a restarted daemon finds the shim from the record and the job's client takes
+ * the container back. Not recorded, it creates nothing (a restarted daemon sees a container that never
+ * started, removes it and lets the client start again) and leaves a status saying so. The shim becomes a
  * child subreaper, runs `runc run --detach` (one runc process; the container's init is then reparented to
  * the shim), writes one byte to fd 3, then waits for the container's init. When it exits the shim reads
  * the OOM-kill counter, CPU time and peak memory of the container's cgroup (before `runc delete` removes
@@ -231,6 +235,32 @@ static int quick_delete(const char *root, const char *id)
 	return 0;
 }
 
+/* Whether BUNDLE/meta.json records this process as the container's shim ("shim": PID, a top-level key of
+ * the JSON cbatchd writes atomically; every string in it is JSON-escaped, so the text cannot occur inside a
+ * value). Anything unreadable or too long counts as not recorded: the shim then creates nothing. */
+static int recorded(void)
+{
+	char path[4096], want[64], buf[65536];
+	snprintf(path, sizeof path, "%s/meta.json", bundle);
+	int n = snprintf(want, sizeof want, "\"shim\": %ld", (long)getpid());
+	int fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+	if (fd < 0)
+		return 0;
+	size_t len = 0;
+	ssize_t got;
+	while (len < sizeof buf - 1 && ((got = read(fd, buf + len, sizeof buf - 1 - len)) > 0 || (got < 0 && errno == EINTR)))
+		if (got > 0)
+			len += got;
+	close(fd);
+	if (len == sizeof buf - 1)
+		return 0;
+	buf[len] = 0;
+	for (char *p = strstr(buf, want); p; p = strstr(p + 1, want))
+		if (p[n] == ',' || p[n] == '}')
+			return 1;
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	if (argc != 6) {
@@ -258,7 +288,7 @@ int main(int argc, char **argv)
 	while ((got = read(4, &go, 1)) < 0 && errno == EINTR)
 		;
 	close(4);
-	if (got != 1 || go != 'g') {
+	if ((got != 1 || go != 'g') && !(got == 0 && recorded())) {
 		write_status(125, 0, "cbatchd went away before the start");
 		return 0;
 	}

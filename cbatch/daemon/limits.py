@@ -18,6 +18,8 @@ Every refusal is one :class:`~cbatch.core.errors.DaemonError` line naming the li
 
 from __future__ import annotations
 
+import logging
+import resource
 import threading
 import time
 from contextlib import contextmanager
@@ -25,7 +27,9 @@ from typing import Callable, Dict, Optional
 
 from cbatch.core.errors import DaemonError, JobError
 
+log = logging.getLogger("cbatchd")
 ROOT_CONNECTIONS = 4096    # root is trusted, but every limit has a bound
+FD_MARGIN = 1024           # descriptors beyond the connection bounds: jobs' spool files, pidfds, pipes, engine
 PENDING_WAIT = 300.0       # a request over the per-uid preparation cap waits this long for a slot, then fails
 
 
@@ -154,3 +158,24 @@ def run_refusal(job_id: str, limit: int) -> Callable[[int], Exception]:
 def run_limit(configured: int, cpus: Optional[int]) -> int:
     """Concurrent ``cbatch run`` containers one job may have: the key, or max(1, its cpus) when it is 0."""
     return configured if configured > 0 else max(1, cpus or 1)
+
+
+def raise_fd_limit(max_connections: int) -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard one and return it. systemd starts services with a soft limit
+    of 1,024, fewer than the connections the gate itself admits (``daemon.max_connections`` users in no job,
+    root's :data:`ROOT_CONNECTIONS`, 64 for each user with a job): at that limit a flood of connections made
+    every other job's start fail on EMFILE, not on the gate's one-line refusal. Nothing in cbatchd waits with
+    select() (cbatch.host.waitfd), so descriptors past 1,023 are safe. Logged when still short of the bounds."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (OSError, ValueError) as exc:      # RLIM_INFINITY above fs.nr_open: keep the soft limit
+            log.warning("descriptor limit: cannot raise the soft limit %d to %s: %s", soft, hard, exc)
+    need = max_connections + ROOT_CONNECTIONS + FD_MARGIN
+    if soft != resource.RLIM_INFINITY and soft < need:
+        log.warning("descriptor limit %d is below the %d the connection bounds may need (daemon.max_connections "
+                    "+ %d for root + %d): raise LimitNOFILE in cbatchd's unit", soft, need, ROOT_CONNECTIONS,
+                    FD_MARGIN)
+    return soft

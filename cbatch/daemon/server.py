@@ -343,6 +343,7 @@ def main(argv=None) -> int:
                                      signal_map={signal.SIGHUP: None, signal.SIGTERM: None})
         ctx.open()
     setup_logging(args.foreground, cfg.daemon.syslog)
+    log.info("descriptor limit: %d", limits.raise_fd_limit(cfg.daemon.max_connections))
     if cfg.daemon.stop_grace >= TORQUE_KILL_DELAY:
         log.warning("daemon.stop_grace %.1f s is not shorter than Torque's default kill_delay (%.0f s): qdel may "
                     "SIGKILL the starter before the container is stopped", cfg.daemon.stop_grace, TORQUE_KILL_DELAY)

@@ -21,7 +21,6 @@ import contextlib
 import fcntl
 import logging
 import os
-import select
 import shutil
 import signal as _signal
 import subprocess
@@ -34,6 +33,7 @@ from cbatch.core.spec import LABEL_INSTANCE, ContainerSpec
 from cbatch.engines import base, bundles, imagefacts, imagehold, rootfs, seccomp, seccompbpf
 from cbatch.engines.base import ExitInfo, Stdio
 from cbatch.engines.directexec import DirectExecOps
+from cbatch.host import waitfd
 
 log = logging.getLogger("cbatchd")
 PREFIX = "direct-"          # container ids of this engine (Docker's are hex): the router routes by it
@@ -185,12 +185,14 @@ class DirectEngine(DirectExecOps):
         try:
             meta.update(shim=pid, shim_start=bundles.start_time(pid))
             bundles.write_json(os.path.join(bundle, "meta.json"), meta)
-            os.write(go_w, b"g")            # recorded: a restarted daemon finds the shim from here on
+            # Recorded: a restarted daemon finds the shim from here on. Dying before the next line is the same
+            # as after it: the shim, finding the go pipe at EOF, reads this record and starts anyway.
+            os.write(go_w, b"g")
             os.close(go_w)
             go_w = -1
             # The shim is in its own session and outlives us; reap it when it ends while we still run.
             _reaper(pid)
-            ready = select.select([ready_r], [], [], self.timeout)[0]
+            ready = waitfd.readable(ready_r, self.timeout)
             answer = os.read(ready_r, 1) if ready else b""
         finally:
             os.close(ready_r)
@@ -271,7 +273,7 @@ class DirectEngine(DirectExecOps):
         fd = self._shim_fd(meta)
         if fd is not None:
             try:
-                select.select([fd], [], [])
+                waitfd.readable(fd)
             finally:
                 os.close(fd)
         status = bundles.read_status(bundle)
@@ -342,7 +344,7 @@ class DirectEngine(DirectExecOps):
         if fd is not None:
             try:
                 self._runc("kill", "--all", meta["name"], "KILL")
-                if not select.select([fd], [], [], REMOVE_WAIT)[0]:
+                if not waitfd.readable(fd, REMOVE_WAIT):
                     os.kill(int(meta["shim"]), _signal.SIGKILL)
             finally:
                 os.close(fd)

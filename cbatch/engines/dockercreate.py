@@ -62,13 +62,16 @@ class CreateOps:
         env = [f"{k}={v}" for k, v in spec.env_dict().items()]
         # tini (/.cbatch/init) then signals the job's whole process group, as pbs_mom signals the session.
         env.append("TINI_KILL_PROCESS_GROUP=1")
-        image = self._call("inspect image", spec.image, self.api.inspect_image, spec.image)
+        # The image the daemon checked, by id: a name moved since (a tag, a pull) must not start another image
+        # than the job's CBATCH_IMAGE_ID and the audit say, nor one whose VOLUMEs the inspect here never saw.
+        ref = spec.image_id or spec.image
+        image = self._call("inspect image", spec.image, self.api.inspect_image, ref)
         conf = image.get("Config") or {}
         # Numeric 0:0 so the engine resolves no name; the helper becomes the job's ids (--ids).
         user = "0:0" if spec.uid != 0 else f"{spec.uid}:{spec.gid}"
         host_config = self._host_config(spec, stdio, helper, conf)
         config = dict(
-            image=spec.image, name=spec.name, entrypoint=self._command(spec, stdio, conf), command=None,
+            image=ref, name=spec.name, entrypoint=self._command(spec, stdio, conf), command=None,
             user=user, working_dir=spec.workdir, environment=env, labels=labels,
             hostname=spec.hostname, host_config=host_config,
             # stdin_open with detach=False also sets StdinOnce: our stdin EOF closes the container's stdin.
@@ -96,7 +99,7 @@ class CreateOps:
         argv = list(spec.argv)
         if spec.use_entrypoint:
             if conf is None:
-                conf = (self._call("inspect image", spec.image, self.api.inspect_image, spec.image)
+                conf = (self._call("inspect image", spec.image, self.api.inspect_image, spec.image_id or spec.image)
                         .get("Config") or {})
             argv = list(conf.get("Entrypoint") or []) + (argv or list(conf.get("Cmd") or []))
         if not argv:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import array
 import errno
 import os
-import select
 import signal
 import socket
 import stat
@@ -25,7 +24,7 @@ import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from cbatch.core.errors import PolicyError
-from cbatch.host import forkserver
+from cbatch.host import forkserver, waitfd
 
 TIMEOUT = 10.0      # a hung NFS mount must not hang the daemon's start request forever
 MAX_FDS = 200       # fds per SCM_RIGHTS message (the kernel's SCM_MAX_FD is 253)
@@ -212,7 +211,7 @@ def _collect(parent: socket.socket, pid: int, what: str) -> Tuple[bytes, List[in
                 elif pidfd >= 0:
                     signal.pidfd_send_signal(pidfd, signal.SIGKILL)
                 raise _error(what, errno.ETIMEDOUT)
-            if not select.select([parent], [], [], left)[0]:
+            if not waitfd.readable(parent, left):
                 continue
             data, got = _recv(parent)
             if not pid and pidfd < 0 and data == b"P" and len(got) == 1:

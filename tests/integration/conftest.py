@@ -4,7 +4,8 @@
 - ``images``: session; builds the test images (``scripts/build-test-images``), returns {short: tag}.
 - ``daemon_factory``: session; ``start(name="main", **overrides)`` runs ``cbatchd --foreground --config``
   as root with its own socket, state dir and a unique ``daemon.instance``; overrides are merged into the
-  YAML (``engine={"url": ...}``, ``queues={...}``). Every daemon is stopped at the end and the containers
+  YAML (``engine={"url": ...}``, ``queues={...}``); ``nofile=(soft, hard)`` starts it under that
+  descriptor limit. Every daemon is stopped at the end and the containers
   of its instance removed.
 - ``daemon``: session; the default daemon. ``mom``: session; a :class:`cbatch.emulator.local.Mom` whose hooks and
   starter talk to ``daemon``.
@@ -93,8 +94,9 @@ def _merge(base: dict, over: dict) -> dict:
 class Daemon:
     """One cbatchd run as root in the foreground, with its own config, socket, state and instance."""
 
-    def __init__(self, name: str, config: dict, run_dir: Path):
+    def __init__(self, name: str, config: dict, run_dir: Path, nofile: Optional[tuple] = None):
         self.name, self.config, self.run_dir = name, config, run_dir
+        self.nofile = nofile          # (soft, hard) RLIMIT_NOFILE to start it under (systemd's is 1024:524288)
         self.socket = config["daemon"]["socket"]
         self.instance = config["daemon"]["instance"]
         self.config_path = run_dir / "cbatch.yaml"
@@ -105,7 +107,10 @@ class Daemon:
 
     def start(self, wait: bool = True) -> "Daemon":
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([CBATCHD, "--foreground", "--config", str(self.config_path)],
+        argv = [CBATCHD, "--foreground", "--config", str(self.config_path)]
+        if self.nofile:
+            argv = ["prlimit", "--nofile=%d:%d" % self.nofile, "--"] + argv      # execs cbatchd: same pid
+        self.proc = subprocess.Popen(argv,
                                      stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         log.close()
@@ -176,7 +181,7 @@ def daemon_factory(users, images, helper, engine_name):
     RUN_BASE.mkdir(mode=0o755, exist_ok=True)
     os.chmod(RUN_BASE, 0o755)
 
-    def start(name: str = "main", wait: bool = True, **overrides) -> Daemon:
+    def start(name: str = "main", wait: bool = True, nofile: Optional[tuple] = None, **overrides) -> Daemon:
         n = next(_counter)
         run_dir = RUN_BASE / f"{os.getpid()}-{n}"
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -184,7 +189,7 @@ def daemon_factory(users, images, helper, engine_name):
         instance = f"cbt-{os.getpid()}-{n}-{name}"
         config = base_config(run_dir, instance, helper)
         config["defaults"]["engine"] = engine_name
-        d = Daemon(name, _merge(config, overrides), run_dir)
+        d = Daemon(name, _merge(config, overrides), run_dir, nofile)
         d.engine_name = engine_name
         started.append(d)
         return d.start(wait=wait)

@@ -1,7 +1,8 @@
 """A unix-socket forwarder to the real container engine for integration tests: ``down()`` drops every
 connection and stops listening (what cbatchd sees when dockerd stops), ``up()`` listens again (dockerd
 restarted); it keeps what clients sent, so a test can count the requests cbatchd made
-(:meth:`EngineProxy.requests`)."""
+(:meth:`EngineProxy.requests`), and :meth:`EngineProxy.before` runs a test's action once, just before the
+first request containing a needle reaches the engine (a change made at exactly that moment of a start)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,15 @@ class EngineProxy:
         self.conns: List[socket.socket] = []
         self.sent: List[bytearray] = []
         self.lock = threading.Lock()
+        self.hooks: List[list] = []           # [needle, action, done Event]
+
+    def before(self, needle: bytes, action) -> threading.Event:
+        """Run ``action()`` once, before the first chunk a client sends that contains ``needle`` is forwarded;
+        the returned event is set once it ran (the moment was reached)."""
+        done = threading.Event()
+        with self.lock:
+            self.hooks.append([needle, action, done])
+        return done
 
     def requests(self, needle: bytes) -> int:
         with self.lock:
@@ -72,6 +82,11 @@ class EngineProxy:
                 if keep is not None:
                     with self.lock:
                         keep += data
+                        due = [h for h in self.hooks if h[0] in data]
+                        self.hooks = [h for h in self.hooks if h not in due]
+                    for _needle, action, done in due:
+                        action()
+                        done.set()
                 dst.sendall(data)
         except OSError:
             pass

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -89,6 +90,39 @@ def test_connection_flood_by_a_user_in_no_job(mom_factory, ldaemon, alice, bob):
     log = ldaemon.log()
     for job in jobs:
         assert f"job {job.job_id}: registered" in log and f"job {job.job_id}: unregistered" in log
+
+
+def _nofile(pid: int) -> tuple:
+    with open(f"/proc/{pid}/limits") as fh:
+        (line,) = [ln for ln in fh if ln.startswith("Max open files")]
+    return tuple(int(x) for x in line.split()[3:5])
+
+
+def test_a_connection_flood_past_systemds_soft_descriptor_limit(daemon_factory, mom_factory, alice, bob):
+    """cbatchd started as systemd starts it (soft descriptor limit 1,024, hard far above), on a site that lets
+    a user hold more connections than that: bob holds 1,100 while alice's jobs start. Before: the daemon kept
+    the soft limit, its accept() failed with EMFILE ("accept failed: Too many open files") and every other
+    client waited behind the flood. Now it raises the soft limit to the hard one at start-up."""
+    d = daemon_factory("fdlimit", nofile=(1024, 20000),
+                       daemon={"max_connections": FLOOD + 500, "max_connections_per_user": FLOOD + 500})
+    assert _nofile(d.proc.pid) == (20000, 20000), d.log()[-2000:]
+    mom = mom_factory(d)
+    flooder = subprocess.Popen([sys.executable, "-c", FLOODER, d.socket, bob.name, str(FLOOD)],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert flooder.stdout.readline().strip() == "flooding"
+        # The moment: the daemon holds more descriptors than the soft limit it was started with.
+        assert wait_until(lambda: len(os.listdir(f"/proc/{d.proc.pid}/fd")) > 1100, 60) is not None, \
+            (len(os.listdir(f"/proc/{d.proc.pid}/fd")), d.log()[-2000:])
+        jobs = [mom.submit(script(f"echo job-{i}; exit {i}"), alice.name, queue="debian") for i in range(2)]
+        for i, job in enumerate(jobs):
+            r = job.wait(180)
+            assert (r.exit_status, r.stdout, r.stderr) == (i, f"job-{i}\n".encode(), b""), (r, d.log()[-3000:])
+    finally:
+        flooder.stdin.close()
+        flooder.wait(30)
+    assert "accept failed" not in d.log()
+    assert "descriptor limit: 20000" in d.log()
 
 
 def test_run_containers_per_job_are_capped(mom, daemon, alice, workdir):

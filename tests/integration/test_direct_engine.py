@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import uuid
+from pathlib import Path
 
 import pytest
 
 import image_builder
-from torque_helpers import DIRECT_BUNDLES, RUNC_ROOT, direct_json, job_containers, script, wait_until
+from torque_helpers import (DIRECT_BUNDLES, RUNC_ROOT, cbatch_lines, direct_json, job_containers, script,
+                            wait_until)
 
 
 ENGINES_ONLY = ("direct",)     # conftest deselects these tests for the other engines
@@ -256,3 +259,74 @@ def test_the_ended_container_leaves_no_cgroup_and_no_runc_state(direct_mom, dire
     assert [c for c in cgroups if os.path.exists(c)] == []
     assert not os.path.lexists(state)
     assert _die_event(direct_daemon.instance, cid)["deleted"] == how
+
+
+# A stand-in for cbatch-shim that kills cbatchd at the shim's start and hands the real shim a go pipe at EOF:
+# what the shim sees when the daemon dies between recording it in meta.json and writing "g". "unrecorded"
+# also puts meta.json back as it was before the record (a daemon that died before writing it).
+_SHIM_WRAPPER = """#!/usr/bin/python3 -I
+import json, os, signal, sys, time
+marker, real = {marker!r}, {real!r}
+if os.path.exists(marker):
+    os.execv(real, [real] + sys.argv[1:])
+meta_path = os.path.join(sys.argv[1], "meta.json")
+while True:
+    try:
+        with open(meta_path) as fh:
+            meta = json.load(fh)
+        if meta.get("shim") == os.getpid():
+            break
+    except (OSError, ValueError):
+        pass
+    time.sleep(0.001)
+os.kill(os.getppid(), signal.SIGKILL)
+if {unrecorded!r}:
+    del meta["shim"], meta["shim_start"]
+    with open(meta_path + ".tmp", "w") as fh:
+        json.dump(meta, fh)
+    os.rename(meta_path + ".tmp", meta_path)
+got = os.read(4, 1)
+r, w = os.pipe()
+os.close(w)
+os.dup2(r, 4)
+with open(marker, "w") as fh:
+    fh.write(got.decode() or "eof")
+os.execv(real, [real] + sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("record", ["recorded", "unrecorded"])
+def test_a_daemon_dying_between_the_record_and_go_loses_no_job(daemon_factory, mom_factory, engine_name, alice,
+                                                               helper, record):
+    """Before: the shim of a recorded start, finding the go pipe at EOF, wrote 125 "cbatchd went away before
+    the start" and the restarted daemon reported it (CI: test_daemon_restart_faults[direct-stop-container]).
+    Now a recorded shim starts the job, which its client takes back (status 5, every line once); an unrecorded
+    one creates nothing (its bundle is removed and the client starts again: a container started there too
+    would print every line twice, into the same spool files)."""
+    assert engine_name == "direct"
+    libexec = Path(f"/run/cbatch-test/shimwrap-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    libexec.mkdir(mode=0o755, parents=True)
+    try:
+        src = Path(helper).parent
+        for name, mode in (("cbatch-exec", 0o755), ("cbatch-filter", 0o711)):
+            shutil.copy(src / name, libexec / name)
+            os.chmod(libexec / name, mode)
+        shutil.copy(src / "cbatch-shim", libexec / "cbatch-shim.real")
+        os.chmod(libexec / "cbatch-shim.real", 0o755)
+        marker = libexec / "withheld"
+        (libexec / "cbatch-shim").write_text(_SHIM_WRAPPER.format(
+            marker=str(marker), real=str(libexec / "cbatch-shim.real"), unrecorded=record == "unrecorded"))
+        os.chmod(libexec / "cbatch-shim", 0o755)
+        d = daemon_factory("shimwrap", daemon={"helper": str(libexec / "cbatch-exec")})
+        job = mom_factory(d).submit(script("echo ready; sleep 1; echo bye; exit 5"), alice.name)
+        assert wait_until(marker.exists, timeout=60) is not None, (job.peek(), d.log()[-2000:])
+        assert d.proc.wait(30) == -signal.SIGKILL                 # the moment: the daemon died mid-start
+        meta = direct_json(job_containers(d.instance, job.job_id)[0], "meta.json")
+        assert ("shim" in meta) == (record == "recorded"), meta
+        d.start()
+        r = job.wait(120)
+        assert (r.exit_status, r.stdout, cbatch_lines(r.stderr)) == (5, b"ready\nbye\n", []), \
+            (r.exit_status, r.stdout, r.stderr, d.log()[-3000:])
+        assert wait_until(lambda: not job_containers(d.instance, job.job_id), timeout=30) is not None
+    finally:
+        shutil.rmtree(libexec, ignore_errors=True)

@@ -26,7 +26,7 @@ LAYERS = {
     "core": {"core"},
     "protocol": {"core"},
     "host": {"core", "host"},
-    "engines": {"core", "engines"},
+    "engines": {"core", "host", "engines"},
     "clients": {"core", "host", "protocol", "clients"},
     "daemon": {"core", "host", "protocol", "engines", "daemon"},
     "admin": {"core", "host", "protocol", "clients", "engines", "admin"},

@@ -76,3 +76,23 @@ def test_pending_waits_for_a_slot_then_refuses():
     with pytest.raises(DaemonError) as exc:
         c.take(1000, 1, refuse, wait=0.1)
     assert exc.value.message.startswith("cbatch: start: too many requests in progress: uid 1000: 1 (limit 1, ")
+
+
+RAISE = """
+import logging, resource, sys
+from cbatch.daemon import limits
+logging.basicConfig(level=logging.WARNING, stream=sys.stdout, format="%(message)s")
+resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[1]), int(sys.argv[2])))
+print("soft", limits.raise_fd_limit(int(sys.argv[3])), resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+"""
+
+
+@pytest.mark.parametrize("soft, hard, conns, warned", [(1024, 4096, 1024, True), (1024, 20000, 1024, False),
+                                                       (20000, 20000, 1024, False), (512, 512, 64, True)])
+def test_the_soft_descriptor_limit_is_raised_to_the_hard_one(soft, hard, conns, warned):
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", RAISE, str(soft), str(hard), str(conns)], check=True,
+                         capture_output=True, text=True).stdout.splitlines()
+    assert out[-1] == f"soft {hard} {hard}"
+    assert any("raise LimitNOFILE" in ln for ln in out[:-1]) is warned, out
