@@ -1,6 +1,7 @@
 """TORQUE built with --enable-cgroups (scripts/torque-up --cgroups, /opt/torque-cg): the container is nested
 under the job's cgroup in every controller TORQUE uses, so the job's memory limit and cpuset hold and
-pbs_mom's accounting sees the container's work; nothing is left behind. These run last (one switch)."""
+pbs_mom's cput counts the container's work (its mem does not: see test_resources_used_of_a_busy_container_job);
+nothing is left behind. These run last (one switch)."""
 
 from __future__ import annotations
 
@@ -77,15 +78,32 @@ def test_mem_limit_oom_line(torque_cg, cbatchd, alice, wd):
     assert wait_until(lambda: not _leftovers(job), 30), _leftovers(job)
 
 
+def _memory_stat(job_id) -> dict:
+    try:
+        with open(f"{CG}/memory/torque/{job_id}/memory.stat") as fh:
+            return {k: int(v) for k, v in (line.split() for line in fh)}
+    except FileNotFoundError:
+        return {}
+
+
 def test_resources_used_of_a_busy_container_job(torque_cg, cbatchd, alice, wd):
-    """pbs_mom reads cput and mem from the job's cgroup, which holds the nested container."""
+    """pbs_mom's cput is the job cgroup's cpuacct.usage, which counts the nested container's CPU. Its mem is
+    the job cgroup's own ``rss`` line of memory.stat (mom_mach.c, not ``total_rss``): in cgroup v1 the pages of
+    a nested container are charged to the container's cgroup, so resources_used.mem leaves them out (it was
+    asserted non-zero here, which only the starter's own pages made true, and only when one of the mom's
+    5-second polls fell inside the job: flaky, and not about the container). What holds is the job's limit
+    over the container's pages (test_mem_limit_oom_line) and the job cgroup's hierarchical total, seen here
+    while the container holds 60 MiB."""
     t = torque_cg
-    job = t.qsub(alice, "#!/bin/bash\nhead -c 60m /dev/zero | tail > /dev/null & \n"
+    job = t.qsub(alice, "#!/bin/bash\n{ head -c 60m /dev/zero; sleep 3; } | tail > /dev/null & \n"
                  f"{cpu_spin(3)}; wait; echo done\n",
                  ["-q", "short", "-l", "nodes=1:ppn=1,mem=500mb"], wd)
+    held = wait_until(lambda: (lambda st: st if st.get("total_rss", 0) >= 50 << 20 else None)(_memory_stat(job)),
+                      120, interval=0.05)
+    assert held is not None, (t.qstat(job), cbatchd.log()[-2000:])    # the moment: the container holds its 60 MiB
+    assert held["rss"] < 16 << 20, held          # charged to the container's own cgroup, not the job's
     r = t.wait(job)
     assert (r.exit_status, r.stdout) == (0, b"done\n"), (r.attrs, r.stderr)
     h, m, s = (int(x) for x in r.attrs["resources_used.cput"].split(":"))
     assert h * 3600 + m * 60 + s >= 2, r.attrs
-    assert int(r.attrs["resources_used.mem"].rstrip("kb")) > 0, r.attrs
     assert wait_until(lambda: not _leftovers(job), 30), _leftovers(job)
