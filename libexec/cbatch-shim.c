@@ -8,7 +8,8 @@
  * and the shim then reads the record itself. Recorded (the daemon died between the two), it starts the
  * container as if told to: a restarted daemon finds the shim from the record and the job's client takes
  * the container back. Not recorded, it creates nothing (a restarted daemon sees a container that never
- * started, removes it and lets the client start again) and leaves a status saying so. The shim becomes a
+ * started, removes it and lets the client start again) and leaves a status saying so. The record and the
+ * status go through the bundle directory's descriptor, opened first: never a path. The shim becomes a
  * child subreaper, runs `runc run --detach` (one runc process; the container's init is then reparented to
  * the shim), writes one byte to fd 3, then waits for the container's init. When it exits the shim reads
  * the OOM-kill counter, CPU time and peak memory of the container's cgroup (before `runc delete` removes
@@ -34,6 +35,10 @@
 #include <unistd.h>
 
 static char *bundle;
+/* The bundle directory as opened at the start: the status and the record are read and written through it,
+ * never by path, so a shim that outlives its bundle (removed by a restarted daemon, then made again under
+ * the same name for the job's next start) cannot touch the new one. */
+static int bundle_fd = -1;
 
 /* What the container's cgroup used, read before `runc delete` removes it (-1: not reported). */
 static long long cpu_us = -1, peak_bytes = -1;
@@ -43,12 +48,14 @@ static const char *deleted = "runc";
 
 static void write_status(int status, long oom, const char *why)
 {
-	char tmp[4096], path[4096];
-	snprintf(tmp, sizeof tmp, "%s/status.tmp", bundle);
-	snprintf(path, sizeof path, "%s/status", bundle);
-	FILE *f = fopen(tmp, "w");
-	if (!f)
+	int fd = openat(bundle_fd, "status.tmp", O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0600);
+	if (fd < 0)
 		return;
+	FILE *f = fdopen(fd, "w");
+	if (!f) {
+		close(fd);
+		return;
+	}
 	fprintf(f, "status %d oom %ld cpu_us %lld peak_bytes %lld deleted %s\n", status, oom, cpu_us, peak_bytes,
 		deleted);
 	if (why)
@@ -56,7 +63,7 @@ static void write_status(int status, long oom, const char *why)
 	fflush(f);
 	fsync(fileno(f));
 	fclose(f);
-	rename(tmp, path);
+	renameat(bundle_fd, "status.tmp", bundle_fd, "status");
 }
 
 /* Run argv to completion; its stdio is ours unless quiet (then /dev/null). Returns the wait status. */
@@ -240,10 +247,9 @@ static int quick_delete(const char *root, const char *id)
  * value). Anything unreadable or too long counts as not recorded: the shim then creates nothing. */
 static int recorded(void)
 {
-	char path[4096], want[64], buf[65536];
-	snprintf(path, sizeof path, "%s/meta.json", bundle);
+	char want[64], buf[65536];
 	int n = snprintf(want, sizeof want, "\"shim\": %ld", (long)getpid());
-	int fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+	int fd = openat(bundle_fd, "meta.json", O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
 	if (fd < 0)
 		return 0;
 	size_t len = 0;
@@ -268,6 +274,11 @@ int main(int argc, char **argv)
 		return 125;
 	}
 	bundle = argv[1];
+	bundle_fd = open(bundle, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	if (bundle_fd < 0) {
+		fprintf(stderr, "cbatch: shim: bundle: cannot open: %s\n", bundle);
+		return 125;
+	}
 	char *runc = argv[2], *root = argv[3], *id = argv[4], *cgroup = argv[5];
 	char pidfile[4096];
 	snprintf(pidfile, sizeof pidfile, "%s/pid", bundle);
@@ -300,7 +311,10 @@ int main(int argc, char **argv)
 	int started = st >= 0 && WIFEXITED(st) && WEXITSTATUS(st) == 0;
 	long cpid = 0;
 	if (started) {
-		FILE *pf = fopen(pidfile, "r");
+		int pfd = openat(bundle_fd, "pid", O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+		FILE *pf = pfd >= 0 ? fdopen(pfd, "r") : NULL;
+		if (pfd >= 0 && !pf)
+			close(pfd);
 		started = pf && fscanf(pf, "%ld", &cpid) == 1 && cpid > 1;
 		if (pf)
 			fclose(pf);

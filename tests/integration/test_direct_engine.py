@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 import image_builder
-from torque_helpers import (DIRECT_BUNDLES, RUNC_ROOT, cbatch_lines, direct_json, job_containers, script,
-                            wait_until)
+from torque_helpers import (DIRECT_BUNDLES, RUNC_ROOT, cbatch_lines, direct_bundle_file, direct_json, job_containers,
+                            script, wait_until)
 
 
 ENGINES_ONLY = ("direct",)     # conftest deselects these tests for the other engines
@@ -263,10 +263,12 @@ def test_the_ended_container_leaves_no_cgroup_and_no_runc_state(direct_mom, dire
 
 # A stand-in for cbatch-shim that kills cbatchd at the shim's start and hands the real shim a go pipe at EOF:
 # what the shim sees when the daemon dies between recording it in meta.json and writing "g". "unrecorded"
-# also puts meta.json back as it was before the record (a daemon that died before writing it).
+# also puts meta.json back as it was before the record (a daemon that died before writing it); "stalled" is
+# unrecorded with the EOF held back (by a child holding the pipe's write end) until the test makes RELEASE:
+# a shim descheduled past the restarted daemon's removal of its bundle and the job's next start.
 _SHIM_WRAPPER = """#!/usr/bin/python3 -I
 import json, os, signal, sys, time
-marker, real = {marker!r}, {real!r}
+marker, real, release, mode = {marker!r}, {real!r}, {release!r}, {mode!r}
 if os.path.exists(marker):
     os.execv(real, [real] + sys.argv[1:])
 meta_path = os.path.join(sys.argv[1], "meta.json")
@@ -280,29 +282,44 @@ while True:
         pass
     time.sleep(0.001)
 os.kill(os.getppid(), signal.SIGKILL)
-if {unrecorded!r}:
+if mode != "recorded":
     del meta["shim"], meta["shim_start"]
     with open(meta_path + ".tmp", "w") as fh:
         json.dump(meta, fh)
     os.rename(meta_path + ".tmp", meta_path)
 got = os.read(4, 1)
 r, w = os.pipe()
+if mode == "stalled" and os.fork() == 0:
+    os.closerange(0, w)
+    while not os.path.exists(release):
+        time.sleep(0.01)
+    os._exit(0)
 os.close(w)
 os.dup2(r, 4)
 with open(marker, "w") as fh:
-    fh.write(got.decode() or "eof")
+    fh.write((got.decode() or "eof") + " " + str(os.getpid()))
 os.execv(real, [real] + sys.argv[1:])
 """
 
 
-@pytest.mark.parametrize("record", ["recorded", "unrecorded"])
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.parametrize("record", ["recorded", "unrecorded", "stalled"])
 def test_a_daemon_dying_between_the_record_and_go_loses_no_job(daemon_factory, mom_factory, engine_name, alice,
-                                                               helper, record):
+                                                               helper, workdir, record):
     """Before: the shim of a recorded start, finding the go pipe at EOF, wrote 125 "cbatchd went away before
     the start" and the restarted daemon reported it (CI: test_daemon_restart_faults[direct-stop-container]).
     Now a recorded shim starts the job, which its client takes back (status 5, every line once); an unrecorded
     one creates nothing (its bundle is removed and the client starts again: a container started there too
-    would print every line twice, into the same spool files)."""
+    would print every line twice, into the same spool files). Stalled: the unrecorded shim sees its EOF only
+    once the job's next start runs in a new bundle of the same name; it must leave that one alone (before: it
+    wrote its 125 status there by path, so the running container's bundle said it had ended)."""
     assert engine_name == "direct"
     libexec = Path(f"/run/cbatch-test/shimwrap-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     libexec.mkdir(mode=0o755, parents=True)
@@ -313,20 +330,32 @@ def test_a_daemon_dying_between_the_record_and_go_loses_no_job(daemon_factory, m
             os.chmod(libexec / name, mode)
         shutil.copy(src / "cbatch-shim", libexec / "cbatch-shim.real")
         os.chmod(libexec / "cbatch-shim.real", 0o755)
-        marker = libexec / "withheld"
+        marker, release = libexec / "withheld", libexec / "release"
         (libexec / "cbatch-shim").write_text(_SHIM_WRAPPER.format(
-            marker=str(marker), real=str(libexec / "cbatch-shim.real"), unrecorded=record == "unrecorded"))
+            marker=str(marker), real=str(libexec / "cbatch-shim.real"), release=str(release), mode=record))
         os.chmod(libexec / "cbatch-shim", 0o755)
         d = daemon_factory("shimwrap", daemon={"helper": str(libexec / "cbatch-exec")})
-        job = mom_factory(d).submit(script("echo ready; sleep 1; echo bye; exit 5"), alice.name)
+        job = mom_factory(d).submit(script("echo ready; while [ ! -e go ]; do sleep 0.1; done; echo bye; exit 5"),
+                                    alice.name, initdir=str(workdir))
         assert wait_until(marker.exists, timeout=60) is not None, (job.peek(), d.log()[-2000:])
         assert d.proc.wait(30) == -signal.SIGKILL                 # the moment: the daemon died mid-start
+        old_shim = int(marker.read_text().split()[1])
         meta = direct_json(job_containers(d.instance, job.job_id)[0], "meta.json")
         assert ("shim" in meta) == (record == "recorded"), meta
         d.start()
+        assert job.wait_output(b"ready\n", timeout=60), (job.peek(), d.log()[-3000:])
+        if record == "stalled":
+            assert not _gone(old_shim)                            # still waiting for its go
+            (cid,) = job_containers(d.instance, job.job_id)
+            assert direct_json(cid, "meta.json")["shim"] != old_shim      # the job's next start, same name
+            release.touch()
+            assert wait_until(lambda: _gone(old_shim), timeout=30) is not None
+            assert direct_bundle_file(cid, "status") is None, direct_bundle_file(cid, "status")
+        (workdir / "go").touch()
         r = job.wait(120)
         assert (r.exit_status, r.stdout, cbatch_lines(r.stderr)) == (5, b"ready\nbye\n", []), \
             (r.exit_status, r.stdout, r.stderr, d.log()[-3000:])
         assert wait_until(lambda: not job_containers(d.instance, job.job_id), timeout=30) is not None
     finally:
+        release.touch() if "release" in locals() else None
         shutil.rmtree(libexec, ignore_errors=True)
