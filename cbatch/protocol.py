@@ -17,7 +17,6 @@ from __future__ import annotations
 import array
 import json
 import os
-import select
 import socket
 import struct
 import time
@@ -26,6 +25,7 @@ if TYPE_CHECKING:     # typing costs the starter memory on every job: annotation
     from typing import Any, Iterable, List, Optional, Sequence, Tuple
 
 from cbatch.core.errors import DaemonError
+from cbatch.host import waitfd
 
 VERSION = 1
 MAX_MESSAGE = 1 << 20
@@ -73,18 +73,9 @@ def send(sock: socket.socket, obj: dict, fds: Sequence[int] = ()) -> None:
 
 
 def wait_readable(sock, deadline: Optional[float]) -> bool:
-    """Wait until ``sock`` (a socket or fd) is readable or ``deadline`` (monotonic) passes; True if readable.
-
-    poll, not select: the daemon holds more than FD_SETSIZE descriptors under load.
-    """
-    p = select.poll()
-    p.register(sock, select.POLLIN | select.POLLHUP | select.POLLERR)
-    while True:
-        left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        if p.poll(None if left is None else int(left * 1000) + 1):
-            return True
-        if deadline is not None and time.monotonic() >= deadline:
-            return False
+    """Wait until ``sock`` (a socket or fd) is readable or ``deadline`` (monotonic) passes; True if readable
+    (:func:`cbatch.host.waitfd.readable`: poll, as the daemon holds more than FD_SETSIZE descriptors)."""
+    return waitfd.readable(sock, None if deadline is None else max(0.0, deadline - time.monotonic()))
 
 
 def _wait_readable(sock: socket.socket, deadline: Optional[float]) -> None:

@@ -94,13 +94,11 @@ class CreateOps:
         # The image the container really has (a tag may have moved since the inspect above).
         self.check_targets(cid, attrs["Image"], [m["Target"] for m in host_config.get("Mounts") or []])
 
-    def _command(self, spec: ContainerSpec, stdio: Stdio, conf: Optional[dict] = None) -> List[str]:
-        """The container's full command: the helper, its options, ``--``, then what it execs."""
+    def _command(self, spec: ContainerSpec, stdio: Stdio, conf: dict) -> List[str]:
+        """The container's full command: the helper, its options, ``--``, then what it execs (``conf``: the
+        checked image's ``Config``, for its entrypoint and cmd)."""
         argv = list(spec.argv)
         if spec.use_entrypoint:
-            if conf is None:
-                conf = (self._call("inspect image", spec.image, self.api.inspect_image, spec.image_id or spec.image)
-                        .get("Config") or {})
             argv = list(conf.get("Entrypoint") or []) + (argv or list(conf.get("Cmd") or []))
         if not argv:
             raise EngineError("container", "no command", spec.image,

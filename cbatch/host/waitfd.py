@@ -9,8 +9,8 @@ import time
 from typing import Optional
 
 
-def readable(fd: int, timeout: Optional[float] = None) -> bool:
-    """Block until ``fd`` is readable, at its end of file or hung up (True), or ``timeout`` seconds have passed
+def readable(fd, timeout: Optional[float] = None) -> bool:
+    """Block until ``fd`` (a number or an object with ``fileno()``) is readable, at its end of file or hung up (True), or ``timeout`` seconds have passed
     (False; None waits for ever). A pidfd is readable once its process has exited."""
     poller = select.poll()
     poller.register(fd, select.POLLIN)

@@ -49,14 +49,15 @@ _counter = itertools.count(1)
 
 
 def pytest_collection_modifyitems(config, items):
-    """Every test in this directory needs root and the engine. A module with ``ENGINES_ONLY`` (the engines
-    its tests are about) is not collected for the others: deselected, not skipped."""
+    """Every test in this directory needs root and the engine. A module with ``ENGINES_ONLY`` or a test marked
+    ``engines_only(...)`` (the engines it is about) is not collected for the others: deselected, not skipped."""
     keep, drop = [], []
     for item in items:
         if HERE in Path(str(item.fspath)).parents:
             item.add_marker(pytest.mark.root)
             item.add_marker(pytest.mark.docker)
-        only = getattr(getattr(item, "module", None), "ENGINES_ONLY", None)
+        marked = item.get_closest_marker("engines_only")
+        only = marked.args if marked else getattr(getattr(item, "module", None), "ENGINES_ONLY", None)
         params = getattr(getattr(item, "callspec", None), "params", {})
         (drop if only and params.get("engine_name", only[0]) not in only else keep).append(item)
     if drop:

@@ -323,6 +323,7 @@ def test_a_daemon_dying_between_the_record_and_go_loses_no_job(daemon_factory, m
     assert engine_name == "direct"
     libexec = Path(f"/run/cbatch-test/shimwrap-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     libexec.mkdir(mode=0o755, parents=True)
+    marker, release = libexec / "withheld", libexec / "release"
     try:
         src = Path(helper).parent
         for name, mode in (("cbatch-exec", 0o755), ("cbatch-filter", 0o711)):
@@ -330,7 +331,6 @@ def test_a_daemon_dying_between_the_record_and_go_loses_no_job(daemon_factory, m
             os.chmod(libexec / name, mode)
         shutil.copy(src / "cbatch-shim", libexec / "cbatch-shim.real")
         os.chmod(libexec / "cbatch-shim.real", 0o755)
-        marker, release = libexec / "withheld", libexec / "release"
         (libexec / "cbatch-shim").write_text(_SHIM_WRAPPER.format(
             marker=str(marker), real=str(libexec / "cbatch-shim.real"), release=str(release), mode=record))
         os.chmod(libexec / "cbatch-shim", 0o755)
@@ -357,5 +357,5 @@ def test_a_daemon_dying_between_the_record_and_go_loses_no_job(daemon_factory, m
             (r.exit_status, r.stdout, r.stderr, d.log()[-3000:])
         assert wait_until(lambda: not job_containers(d.instance, job.job_id), timeout=30) is not None
     finally:
-        release.touch() if "release" in locals() else None
+        release.touch()         # a stalled shim still waiting ends (the test failed before it was released)
         shutil.rmtree(libexec, ignore_errors=True)

@@ -159,15 +159,16 @@ def test_unannounced_name_store_change_is_seen(cached, carol):
         pytest.fail("ten tries, each with an image event in between: cannot show the witness")
 
 
+# The direct engine asks the engine nothing between the check and the start: it runs the checked id's own
+# layers (test_direct_engine.py::test_a_retagged_name_runs_the_image_it_names_now).
+@pytest.mark.engines_only("docker")
 def test_a_name_moved_at_the_create_still_starts_the_checked_image(cached, carol):
     """The Docker engine creates the job's container from the image id the daemon checked: here the name moves
     to another image at the moment cbatchd's create request reaches the engine. Before: the create named the
     image, so Docker ran the other one while the job's CBATCH_IMAGE_ID and the audit named the checked one (and
     its VOLUMEs, never inspected, would have become anonymous volumes)."""
     proxy, d, mom = cached
-    if d.engine_name != "docker":
-        pytest.skip("the direct engine asks the engine nothing between the check and the start: it runs the "
-                    "checked id's own layers (test_direct_engine.py::test_a_retagged_name_runs_the_image_it_names_now)")
+    assert d.engine_name == "docker"
     docker("tag", BUSYBOX, NAME)
     moved = proxy.before(b"/containers/create", lambda: docker("tag", DEBIAN, NAME))
     job = mom.submit(script('echo "id=$CBATCH_IMAGE_ID"; [ -e /etc/debian_version ] && echo debian || echo busybox',

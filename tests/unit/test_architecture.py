@@ -24,7 +24,7 @@ DOC = ROOT / "docs" / "architecture.md"
 # Which top-level parts of the package each part may import (itself included where listed).
 LAYERS = {
     "core": {"core"},
-    "protocol": {"core"},
+    "protocol": {"core", "host"},
     "host": {"core", "host"},
     "engines": {"core", "host", "engines"},
     "clients": {"core", "host", "protocol", "clients"},
