@@ -2,6 +2,8 @@
  *
  *   cbatch-shim BUNDLE RUNC RUNC_ROOT ID CGROUP_PATH
  *
+ * RUNC is the runc to run: /proc/self/fd/5 when cbatchd passes its sealed in-memory copy of runc as fd 5
+ * (cbatch/engines/runcbinary.py: runc then skips copying itself at every start), else a path.
  * stdin/stdout/stderr are the job's own descriptors; fd 3 is the daemon's ready pipe, fd 4 its go pipe: the
  * shim creates nothing before the daemon, having recorded the shim's pid in BUNDLE/meta.json, writes "g"
  * there. The record, not the byte, is what counts: a daemon that dies before "g" leaves the go pipe at EOF,
@@ -30,9 +32,17 @@
 #include <sys/prctl.h>
 #include <dirent.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
+
+#ifndef SYS_close_range
+#define SYS_close_range 436
+#endif
+#ifndef CLOSE_RANGE_CLOEXEC
+#define CLOSE_RANGE_CLOEXEC (1U << 2)
+#endif
 
 static char *bundle;
 /* The bundle directory as opened at the start: the status and the record are read and written through it,
@@ -60,14 +70,15 @@ static void write_status(int status, long oom, const char *why)
 		deleted);
 	if (why)
 		fprintf(f, "error %s\n", why);
-	fflush(f);
-	fsync(fileno(f));
+	/* No fsync: the status is for a daemon of this same boot (a crash takes the container, its client and
+	 * the bundle's tmpfs with it); the rename alone makes it whole or absent for every reader. */
 	fclose(f);
 	renameat(bundle_fd, "status.tmp", bundle_fd, "status");
 }
 
-/* Run argv to completion; its stdio is ours unless quiet (then /dev/null). Returns the wait status. */
-static int run(char *const argv[], int quiet)
+/* Run the program at path with argv to completion; its stdio is ours unless quiet (then /dev/null). Returns
+ * the wait status. */
+static int run(const char *path, char *const argv[], int quiet)
 {
 	pid_t pid = fork();
 	if (pid < 0)
@@ -86,7 +97,7 @@ static int run(char *const argv[], int quiet)
 		signal(SIGTERM, SIG_DFL);
 		signal(SIGINT, SIG_DFL);
 		signal(SIGHUP, SIG_DFL);
-		execv(argv[0], argv);
+		execv(path, argv);
 		_exit(127);
 	}
 	int st;
@@ -280,6 +291,12 @@ int main(int argc, char **argv)
 		return 125;
 	}
 	char *runc = argv[2], *root = argv[3], *id = argv[4], *cgroup = argv[5];
+	/* Nothing past the go pipe reaches runc: the sealed runc cbatchd may pass as fd 5 (RUNC is then
+	 * /proc/self/fd/5, which execve opens before it closes close-on-exec descriptors) is runc's own
+	 * /proc/self/exe, never an open descriptor of runc's or of the container's. */
+	if (syscall(SYS_close_range, 5, ~0U, CLOSE_RANGE_CLOEXEC) != 0)
+		for (int fd = 5; fd < 1024; fd++)
+			fcntl(fd, F_SETFD, FD_CLOEXEC);
 	char pidfile[4096];
 	snprintf(pidfile, sizeof pidfile, "%s/pid", bundle);
 
@@ -306,8 +323,8 @@ int main(int argc, char **argv)
 
 	/* One runc process: `run --detach` creates and starts (runc itself brings the new netns's lo up); its
 	 * init is reparented to us, the subreaper, when runc exits. */
-	char *runit[] = {runc, "--root", root, "run", "--detach", "--bundle", bundle, "--pid-file", pidfile, id, NULL};
-	int st = run(runit, 0);
+	char *runit[] = {"runc", "--root", root, "run", "--detach", "--bundle", bundle, "--pid-file", pidfile, id, NULL};
+	int st = run(runc, runit, 0);
 	int started = st >= 0 && WIFEXITED(st) && WEXITSTATUS(st) == 0;
 	long cpid = 0;
 	if (started) {
@@ -333,8 +350,8 @@ int main(int argc, char **argv)
 	}
 	close(3);
 	if (!started) {
-		char *del[] = {runc, "--root", root, "delete", "--force", id, NULL};
-		run(del, 1);
+		char *del[] = {"runc", "--root", root, "delete", "--force", id, NULL};
+		run(runc, del, 1);
 		write_status(125, 0, "runc run failed");
 		return 0;
 	}
@@ -358,8 +375,8 @@ int main(int argc, char **argv)
 	long oom = oom_kills(cgroup);
 	usage(cgroup);
 	if (quick_delete(root, id) != 0) {
-		char *del[] = {runc, "--root", root, "delete", "--force", id, NULL};
-		run(del, 1);
+		char *del[] = {"runc", "--root", root, "delete", "--force", id, NULL};
+		run(runc, del, 1);
 	}
 	write_status(status, oom, NULL);
 	return 0;

@@ -7,7 +7,8 @@ containers. Per container it keeps a bundle directory ``<bundles>/<instance>/<na
 
 Start: ``libexec/cbatch-shim`` (a subreaper in its own session, spawned with the job's own descriptors as
 its stdio - the spool files or pipes the client passed, so no byte of output passes through cbatchd) runs
-``runc run --detach`` (one runc process) and says so on a pipe; only then does :meth:`DirectEngine.start` return, so
+``runc run --detach`` (one runc process, run from the daemon's sealed copy of runc:
+:mod:`cbatch.engines.runcbinary`) and says so on a pipe; only then does :meth:`DirectEngine.start` return, so
 the pinned mounts are in the container's mount namespace. The shim waits for the container's init, records
 its status and OOM-kill count and deletes it (itself where it can, else ``runc delete``). It outlives cbatchd: a restarted daemon lists bundles, waits
 on the shim by pidfd and reads the same status file (recovery is the same code for both engines).
@@ -30,7 +31,7 @@ from typing import Dict, List, Optional
 
 from cbatch.core.errors import EngineError
 from cbatch.core.spec import LABEL_INSTANCE, ContainerSpec
-from cbatch.engines import base, bundles, imagefacts, imagehold, rootfs, seccomp, seccompbpf
+from cbatch.engines import base, bundles, imagefacts, imagehold, rootfs, runcbinary, seccomp, seccompbpf
 from cbatch.engines.base import ExitInfo, Stdio
 from cbatch.engines.directexec import DirectExecOps
 from cbatch.host import waitfd
@@ -42,6 +43,7 @@ SHIM = "cbatch-shim"        # next to the helper (daemon.helper)
 STDIN_LINE_MAX = 60 * 1024  # the helper writes it into a pipe before exec: it must fit the buffer
 REMOVE_WAIT = 10.0          # how long remove() waits for a killed container's shim to record it
 TIMING = os.environ.get("CBATCH_TIMING") == "1"
+SHIM_RUNC_FD = 5            # the shim's descriptor of the sealed runc (cbatch.engines.runcbinary), after 0-4
 
 
 def _timing(step: str, since: float) -> float:
@@ -61,6 +63,7 @@ class DirectEngine(DirectExecOps):
         self.root = os.path.join(bundles, "runc")
         self.instance = instance
         self.runc = runc
+        self.sealed_runc = runcbinary.SealedRunc(runc)     # runc runs from one sealed copy (no copy per start)
         self.timeout = timeout
         self.holds = imagehold.Holds(docker, instance)
         self.facts = imagefacts.Facts(docker)
@@ -169,9 +172,13 @@ class DirectEngine(DirectExecOps):
             stdin = null if spec.stdin_line is not None or fds[0] is None else fds[0]
             out = fds[1] if fds[1] is not None else null
             err = fds[2] if fds[2] is not None else null
-            # Every source above 9 first, so no dup2 below overwrites a source it has yet to copy.
-            high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in (stdin, out, err, ready_w, go_r)]
-            argv = [self._beside(helper, SHIM), bundle, self.runc, self.root, spec.name, meta["cgroup"]]
+            with self.sealed_runc.use() as sealed:
+                # Every source above 9 first, so no dup2 below overwrites a source it has yet to copy. The
+                # sealed runc becomes the shim's fd 5 (its runc is then /proc/self/fd/5).
+                sources = (stdin, out, err, ready_w, go_r) + (() if sealed is None else (sealed,))
+                high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in sources]
+            runc = self.runc if sealed is None else f"/proc/self/fd/{SHIM_RUNC_FD}"
+            argv = [self._beside(helper, SHIM), bundle, runc, self.root, spec.name, meta["cgroup"]]
             actions = [(os.POSIX_SPAWN_DUP2, fd, n) for n, fd in enumerate(high)]
             env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
             pid = os.posix_spawn(argv[0], argv, env, file_actions=actions, setsid=True)
@@ -294,8 +301,9 @@ class DirectEngine(DirectExecOps):
                         peak_bytes=status.get("peak_bytes"))
 
     def _runc(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([self.runc, "--root", self.root, *args], stdin=subprocess.DEVNULL,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=self.timeout)
+        with self.sealed_runc.executable() as runc:
+            return subprocess.run(["runc", "--root", self.root, *args], executable=runc, stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=self.timeout)
 
     def signal(self, cid: str, signum: int) -> None:
         """``signum`` to the container's init (tini forwards it to the job's process group); a stopped or

@@ -27,7 +27,7 @@ EXEC_PREFIX = "exec-"
 
 
 class DirectExecOps:
-    """``exec_start`` / ``exec_state`` for the direct engine (needs ``runc``, ``root``, ``_meta``, ``_dir``)."""
+    """``exec_start`` / ``exec_state`` for the direct engine (needs ``sealed_runc``, ``root``, ``_meta``, ``_dir``)."""
 
     def exec_start(self, cid: str, argv: List[str], env: Dict[str, str], workdir: str, uid: int, gid: int,
                    groups: Sequence[int], umask: Optional[int] = None) -> Tuple[str, socket.socket]:
@@ -49,9 +49,10 @@ class DirectExecOps:
         path = os.path.join(self._dir(cid), eid.rsplit("/", 1)[1] + ".json")
         bundles.write_json(path, process)
         try:
-            proc = subprocess.Popen([self.runc, "--root", self.root, "exec", "--process", path, meta["name"]],
-                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    start_new_session=True)
+            with self.sealed_runc.executable() as runc:
+                proc = subprocess.Popen(["runc", "--root", self.root, "exec", "--process", path, meta["name"]],
+                                        executable=runc, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, start_new_session=True)
         except OSError as exc:
             os.unlink(path)
             raise EngineError("container", "exec failed", cid, str(exc)) from exc

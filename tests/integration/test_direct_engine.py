@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import image_builder
+from cbatch.engines.runcbinary import SEALS
 from torque_helpers import (DIRECT_BUNDLES, RUNC_ROOT, cbatch_lines, direct_bundle_file, direct_json, job_containers,
                             script, wait_until)
 
@@ -302,6 +303,51 @@ os.execv(real, [real] + sys.argv[1:])
 """
 
 
+def _libexec_copy(helper: str) -> Path:
+    """A copy of the built helpers in a fresh directory, the shim as ``cbatch-shim.real``: the test writes its
+    own ``cbatch-shim`` (a stand-in that execs the real one) and points a daemon's ``helper`` there."""
+    libexec = Path(f"/run/cbatch-test/shimwrap-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    libexec.mkdir(mode=0o755, parents=True)
+    src = Path(helper).parent
+    for name, mode in (("cbatch-exec", 0o755), ("cbatch-filter", 0o711), ("cbatch-shim", 0o755)):
+        shutil.copy(src / name, libexec / (name + ".real" if name == "cbatch-shim" else name))
+        os.chmod(libexec / (name + ".real" if name == "cbatch-shim" else name), mode)
+    (libexec / "cbatch-shim").touch(mode=0o755)
+    return libexec
+
+
+_SHIM_RUNC_PROBE = """#!/usr/bin/python3 -I
+import fcntl, json, os, sys
+try:
+    seen = {{"runc": sys.argv[2], "fd5": os.readlink("/proc/self/fd/5"), "seals": fcntl.fcntl(5, fcntl.F_GET_SEALS)}}
+except OSError as exc:
+    seen = {{"runc": sys.argv[2], "error": str(exc)}}
+with open({marker!r}, "w") as fh:
+    json.dump(seen, fh)
+os.execv({real!r}, [{real!r}] + sys.argv[1:])
+"""
+
+
+def test_the_shim_runs_runc_from_the_daemons_sealed_copy(daemon_factory, mom_factory, engine_name, alice, helper):
+    """cbatchd hands each shim its one sealed copy of runc (fd 5, named runc, sealed as runc's own check wants:
+    test_runc_sealed.py shows the real runc then runs its init from it instead of a copy made per start), and
+    the shim runs runc by it: the job runs. Before: the shim got /usr/sbin/runc and runc bind-mounted itself
+    on the host and re-executed at every start."""
+    assert engine_name == "direct"
+    libexec = _libexec_copy(helper)
+    marker = libexec / "seen"
+    try:
+        (libexec / "cbatch-shim").write_text(_SHIM_RUNC_PROBE.format(marker=str(marker),
+                                                                     real=str(libexec / "cbatch-shim.real")))
+        d = daemon_factory("sealedrunc", daemon={"helper": str(libexec / "cbatch-exec")})
+        r = mom_factory(d).submit(script("echo in-container; exit 3"), alice.name).wait(120)
+        assert (r.exit_status, r.stdout, cbatch_lines(r.stderr)) == (3, b"in-container\n", []), (r, d.log()[-2000:])
+        assert json.loads(marker.read_text()) == {"runc": "/proc/self/fd/5", "fd5": "/memfd:runc (deleted)",
+                                                  "seals": SEALS}
+    finally:
+        shutil.rmtree(libexec, ignore_errors=True)
+
+
 def _gone(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as fh:
@@ -321,19 +367,11 @@ def test_a_daemon_dying_between_the_record_and_go_loses_no_job(daemon_factory, m
     once the job's next start runs in a new bundle of the same name; it must leave that one alone (before: it
     wrote its 125 status there by path, so the running container's bundle said it had ended)."""
     assert engine_name == "direct"
-    libexec = Path(f"/run/cbatch-test/shimwrap-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    libexec.mkdir(mode=0o755, parents=True)
+    libexec = _libexec_copy(helper)
     marker, release = libexec / "withheld", libexec / "release"
     try:
-        src = Path(helper).parent
-        for name, mode in (("cbatch-exec", 0o755), ("cbatch-filter", 0o711)):
-            shutil.copy(src / name, libexec / name)
-            os.chmod(libexec / name, mode)
-        shutil.copy(src / "cbatch-shim", libexec / "cbatch-shim.real")
-        os.chmod(libexec / "cbatch-shim.real", 0o755)
         (libexec / "cbatch-shim").write_text(_SHIM_WRAPPER.format(
             marker=str(marker), real=str(libexec / "cbatch-shim.real"), release=str(release), mode=record))
-        os.chmod(libexec / "cbatch-shim", 0o755)
         d = daemon_factory("shimwrap", daemon={"helper": str(libexec / "cbatch-exec")})
         job = mom_factory(d).submit(script("echo ready; while [ ! -e go ]; do sleep 0.1; done; echo bye; exit 5"),
                                     alice.name, initdir=str(workdir))
