@@ -112,3 +112,42 @@ def test_scan_without_a_memo_reads_every_time(tmp_path):
     for _ in range(2):
         assert bundles.scan(str(tmp_path), {"cbatch.job": "1.vm"}, meta_of) == ["a"]
     assert len(reads) == 4
+
+
+def test_restart_adoption_and_hold_drop_read_each_meta_once(tmp_path, monkeypatch):
+    """After a restart (adopt) and at a hold sweep (drop_idle_holds) the direct engine takes each of its
+    instance's containers with the record the scan read: one read of each meta.json, none of another instance."""
+    from cbatch.engines.direct import DirectEngine
+
+    for name, image in (("a", "sha256:1"), ("b", "sha256:2"), ("c", None)):
+        meta = _bundle(tmp_path, "inst", name, "1.vm") / "meta.json"
+        record = json.loads(meta.read_text())
+        record.update({"image_id": image} if image else {})
+        meta.write_text(json.dumps(record))
+    _bundle(tmp_path, "elsewhere", "x", "1.vm")
+    reads = []
+    real = bundles.read_json
+    monkeypatch.setattr(bundles, "read_json", lambda path: reads.append(os.path.relpath(path, tmp_path)) or real(path))
+
+    class Holds:
+        adopted, kept = [], None
+
+        def adopt(self, image_id, cid):
+            self.adopted.append((image_id, cid))
+
+        def sweep(self):
+            pass
+
+        def drop_idle(self, in_use):
+            self.kept = sorted(i for i in ("sha256:1", "sha256:2", "sha256:3") if in_use(i))
+
+    engine = DirectEngine(docker=None, bundles=str(tmp_path), instance="inst")
+    engine.holds = Holds()
+    monkeypatch.setattr(bundles, "sweep", lambda *args: None)
+    engine.adopt()
+    assert sorted(engine.holds.adopted) == [("sha256:1", "direct-a"), ("sha256:2", "direct-b")]
+    assert sorted(reads) == ["inst/a/meta.json", "inst/b/meta.json", "inst/c/meta.json"]
+    reads.clear()
+    engine.drop_idle_holds()
+    assert engine.holds.kept == ["sha256:1", "sha256:2"]
+    assert sorted(reads) == ["inst/a/meta.json", "inst/b/meta.json", "inst/c/meta.json"]
