@@ -88,29 +88,27 @@ class InfoCache:
             self._entries[ref] = (answer, stamp)
             return True
 
-    def invalidate(self) -> None:
-        """An image event (or a change cbatch made itself): forget every answer."""
+    def _forget(self, **state) -> None:
+        """Forget every answer (a fetch in flight then keeps nothing: the generation moved) and set ``state``."""
         with self._lock:
             self._generation += 1
             self._entries.clear()
+            for key, value in state.items():
+                setattr(self, key, value)
+
+    def invalidate(self) -> None:
+        """An image event (or a change cbatch made itself): forget every answer."""
+        self._forget()
 
     def arm(self, witness: Optional[Callable[[], object]] = None) -> None:
         """The event stream is established: answers taken from now on may be kept. ``witness``: a cheap
         stamp of the engine's name store (None: none known), read before each fetch and at each hit; an
         answer is served only while it reads the same (a change the engine made without an event)."""
-        with self._lock:
-            self._generation += 1
-            self._entries.clear()
-            self._witness = witness
-            self._armed = True
+        self._forget(_witness=witness, _armed=True)
 
     def disarm(self) -> None:
         """The event stream ended, failed or is not connected yet: forget everything, keep nothing."""
-        with self._lock:
-            self._generation += 1
-            self._entries.clear()
-            self._witness = None
-            self._armed = False
+        self._forget(_witness=None, _armed=False)
 
     def state(self) -> dict:
         """For ``status``: armed, witness (known or not), entries, hits, fetches, unannounced, generation."""
