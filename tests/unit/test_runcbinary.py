@@ -116,6 +116,6 @@ def test_without_a_copy_the_file_itself_is_used_and_said_once(tmp_path, caplog):
     assert missing in warned[0] and "runc copies itself at every start" in warned[0]
 
 
-def test_the_seals_are_runcs(monkeypatch):
+def test_the_seals_are_runcs():
     """RUNC_MEMFD_SEALS in runc 1.1's nsenter/cloned_binary.c."""
     assert runcbinary.SEALS == fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
