@@ -39,7 +39,11 @@ def _head(doc: dict) -> List[str]:
           "docker CLI with cbatch's flags (bench/starters/docker-run); runc = runc run on the same root "
           "filesystem, started directly. All other jobs go through the pbs_mom emulator "
           "(cbatch.emulator.local.Mom); the method of each benchmark is in its module's docstring (bench/*.py).",
-          "", "## Targets (issue #13)", "", "| target | wanted | measured | met |", "| --- | --- | --- | --- |"]
+          "", "## Targets (issue #13)", "",
+          "They are the bars for the path a node runs: the C client (`cbatch install-hooks` installs it). The "
+          "py modes (the Python reference client: the same protocol, a Python interpreter per hook and per "
+          "starter) are measured against the same bars.", "",
+          "| target | wanted | measured | met |", "| --- | --- | --- | --- |"]
     for name, t in doc["targets"].items():
         met = _MET[t["met"]] if "note" not in t else t["note"]
         L.append(f"| {name} | {t['target']} | {_cell(t['value'])} | {met} |")
