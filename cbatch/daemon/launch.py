@@ -276,6 +276,31 @@ def _tags_of(daemon):
     return daemon.images.tags_of
 
 
+def _proxy_again(daemon, cid: str, job_id: str, info: dict, fds) -> tuple:
+    """``(tty_fd, pump_fds)`` for a session taken back: the streams the old daemon proxied (its record says
+    which), now between the reattached client's own descriptors and a new attach stream. A terminal gets its
+    input again; other stdin does not (Docker closed it when the old attach ended). Without a new stream the
+    session goes on unproxied, as before, and says so in the log."""
+    pump = [bool(x) for x in (info.get("pump") or ())][:3]
+    tty = bool(info.get("tty"))
+    none = (None, None, None)
+    if not (tty or any(pump)) or len(fds) != 3 or not daemon.engine.proxied(cid):
+        return None, none
+    if tty and not os.isatty(fds[0]):
+        log.error("job %s: container %s: the reattached client's stdin is no terminal: not proxied", job_id,
+                  cid[:12])
+        return None, none
+    try:
+        daemon.engine.reattach(cid, stdin=tty)
+    except CbatchError as exc:
+        log.error("job %s: container %s: its streams cannot be proxied again: %s", job_id, cid[:12], exc)
+        return None, none
+    if tty:
+        return fds[0], none
+    pump += [False] * (3 - len(pump))
+    return None, (None, fds[1] if pump[1] else None, fds[2] if pump[2] else None)
+
+
 def _int_or_none(value):
     """A recorded number (the registry is root's own file; still, only an int becomes a limit)."""
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
@@ -297,9 +322,11 @@ def attach(daemon, conn, peer, msg: dict, fds) -> None:
     if info is None:
         raise AccessDenied("attach", "no container is waiting for this client", (cid or f"pid {peer.pid}")[:64],
                            "only the original client may reattach, within the adoption window")
+    tty_fd, pump_fds = _proxy_again(daemon, cid, job_id, info, fds)
     sess = Session(cid=cid, job_id=job_id, batch=str(info.get("batch", "torque")), kind=str(info.get("kind")),
-                   peer_pid=peer.pid, uid=peer.uid, memory_limit=info.get("memory_limit"),
-                   owned_fds=tuple(fds), user=str(info.get("user", "")), queue=str(info.get("queue", "")),
+                   peer_pid=peer.pid, uid=peer.uid, memory_limit=info.get("memory_limit"), tty_fd=tty_fd,
+                   pump_fds=pump_fds, owned_fds=tuple(fds), user=str(info.get("user", "")),
+                   queue=str(info.get("queue", "")),
                    image=str(info.get("image", "")), image_id=str(info.get("image_id", "")),
                    cgroup_parent=info.get("cgroup_parent"), cput_limit=_int_or_none(info.get("cput_limit")),
                    tm_port=_int_or_none(info.get("tm_port")),

@@ -68,7 +68,9 @@ class Session:
                 "uid": self.uid, "memory_limit": self.memory_limit, "batch": self.batch, "user": self.user,
                 "queue": self.queue, "image": self.image, "image_id": self.image_id,
                 "cgroup_parent": self.cgroup_parent, "cput_limit": self.cput_limit,
-                "started_wall": self.started_wall, "tm_port": self.tm_port}
+                "started_wall": self.started_wall, "tm_port": self.tm_port,
+                # Which of the client's streams the daemon proxies (a restarted daemon proxies them again).
+                "tty": self.tty_fd is not None, "pump": [fd is not None for fd in self.pump_fds]}
 
 
 def supervise(daemon, conn, sess: Session) -> None:

@@ -6,7 +6,8 @@ restart by asking again), ``signal(id, signum)``, ``stop(id, grace)``, ``running
 (``created``/``running``/``exited``/``gone``), ``container_pid(id)``, ``cgroup_name(id)`` (what the
 container's cgroup path names it by: a pid is the container's only if its cgroup does), ``remove(id)`` (idempotent),
 ``list_ids(labels)`` and ``cleanup(labels)`` (by cbatch's labels), and ``proxied(id)``: whether the
-daemon must proxy the stdio the engine could not hand over (:class:`Stdio`). Images are Docker's in both
+daemon must proxy the stdio the engine could not hand over (:class:`Stdio`), through ``attach(id)`` (the
+stream the start opened, or the one ``reattach(id, stdin)`` opened for a session taken back after a restart). Images are Docker's in both
 cases (:mod:`cbatch.engines.dockerimages`). :mod:`cbatch.engines.router` picks the engine per queue.
 """
 

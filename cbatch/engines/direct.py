@@ -270,6 +270,10 @@ class DirectEngine(DirectExecOps):
         """The direct engine has no attach stream (the job has its descriptors itself)."""
         raise EngineError("container", "not attached", cid, "the direct engine passes descriptors")
 
+    def reattach(self, cid: str, stdin: bool):  # noqa: ARG002 - the interface (cbatch.engines.base)
+        """Nothing to take back: the container still has the client's descriptors."""
+        return self.attach(cid)
+
     # -- wait, signal, remove -------------------------------------------------------------------------
     def wait(self, cid: str) -> ExitInfo:
         """Block until the container has ended (its shim exits after recording the status)."""

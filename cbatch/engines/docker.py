@@ -150,6 +150,14 @@ class Engine(CreateOps, ExecOps, ImageOps):
                        ok=lambda exc: _gone(exc) or isinstance(exc, requests.exceptions.RequestException))
         layer.release(ldir)
 
+    def reattach(self, cid: str, stdin: bool) -> None:
+        """A new attach socket on the running ``cid`` (a session a restarted daemon takes back), for
+        :meth:`attach`: the output from now on, and input only with ``stdin`` (a terminal's: Docker closed a
+        non-terminal container's stdin when the old daemon's attach ended, as ``StdinOnce`` says)."""
+        self._drop_attach(cid)
+        self._attached[cid] = self._call("attach", cid, self.api.attach_socket, cid,
+                                         params={"stdin": int(stdin), "stdout": 1, "stderr": 1, "stream": 1})
+
     def attach(self, cid: str) -> socket.socket:
         """The attach socket opened by :meth:`start` (``stdio.attach``): pass it to :func:`cbatch.daemon.streams.pump`."""
         sio = self._attached.get(cid)

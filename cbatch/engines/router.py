@@ -26,7 +26,7 @@ from cbatch.engines.direct import PREFIX, DirectEngine
 
 log = logging.getLogger("cbatchd")
 _PER_CONTAINER = ("wait", "signal", "stop", "running", "status", "container_pid", "cgroup_name", "remove", "attach",
-                  "proxied", "resize", "exec_start", "exec_state", "stat")
+                  "reattach", "proxied", "resize", "exec_start", "exec_state", "stat")
 
 
 class Router:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from torque_helpers import job_containers, script
+from torque_helpers import job_containers, script, wait_until
 
 CBATCH = str(Path(sys.executable).parent / "cbatch")     # this venv's cbatch: the code under test
 IMG = "cbatch-test/busybox:1"
@@ -193,3 +193,29 @@ echo rc2=$?
     assert lines[0] == "rc=125" and lines[1] != "rc2=0", lines
     err = r.stderr.decode().splitlines()
     assert len(err) == 1 and err[0].startswith("cbatch: cbatch run: no command given"), err
+
+
+@pytest.mark.engines_only("docker")     # the direct engine hands the container the client's descriptors
+def test_piped_output_of_cbatch_run_survives_a_daemon_restart(daemon_factory, mom_factory, alice, workdir):
+    """The Docker engine proxies a `cbatch run` whose stdout and stderr are pipes (its attach stream). cbatchd
+    restarted while it runs: the client reattaches and the new daemon proxies both again, so what the command
+    prints afterwards arrives and its status is its own. Before: the container was taken back unproxied and
+    everything printed after the restart was lost."""
+    d = daemon_factory("runpipe")
+    job = _submit(mom_factory(d), d, alice, f"""
+mkfifo out err
+cat out & cat err >&2 &
+$C run --image {IMG} sh -c 'echo one; while [ ! -e go ]; do sleep 0.1; done; echo two; echo err-two >&2; exit 3' \\
+    >out 2>err
+echo rc=$?
+wait
+""", workdir=workdir)
+    assert job.wait_output(b"one\n", timeout=60), (job.peek(), d.log()[-2000:])
+    d.restart()
+    assert wait_until(lambda: any(f"job {job.job_id}: container " in ln and ln.endswith("reattached")
+                                  for ln in d.log().splitlines()), 60) is not None, d.log()[-3000:]
+    (workdir / "go").touch()
+    r = job.wait(120)
+    assert (r.exit_status, r.stdout.decode().splitlines(), r.stderr.decode().splitlines()) == \
+        (0, ["one", "two", "rc=3"], ["err-two"]), (r, d.log()[-3000:])
+    assert not job_containers(d.instance, job.job_id)

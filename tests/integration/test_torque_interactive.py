@@ -168,3 +168,33 @@ def test_second_start_from_the_job_session_is_refused(mom, daemon, alice, tmp_pa
     finally:
         os.close(tty)
     assert b"cbatch: start:" in out, out
+
+
+def _reattached(d, job) -> bool:
+    return any(f"job {job.job_id}: container " in ln and ln.endswith("reattached") for ln in d.log().splitlines())
+
+
+def test_an_interactive_container_job_keeps_its_terminal_across_a_daemon_restart(daemon_factory, mom_factory,
+                                                                                  alice):
+    """cbatchd restarted (an upgrade) under a user's `qsub -I` shell in a container: the starter reattaches and
+    the new daemon proxies the terminal again, both ways (Docker keeps a terminal's stdin open when an
+    attach ends). Before: the container was taken back without its terminal; what the user typed went
+    nowhere and the shell printed nothing, until a qdel."""
+    d = daemon_factory("ttyrestart")
+    job = mom_factory(d).submit(script("", image=None), alice.name, queue="strict", interactive=True,
+                                shell="/bin/bash")
+    tty = job.pty_master
+    try:
+        _type(tty, b"echo before-$((20+1))\n")
+        _read_until(tty, b"before-21")
+        d.restart()
+        assert wait_until(lambda: _reattached(d, job), 60) is not None, d.log()[-3000:]
+        _type(tty, b"echo after-$((40+2)); tty\n")
+        out = _read_until(tty, b"/dev/pts/", 30)
+        assert b"after-42" in out, out
+        _type(tty, b"exit 7\n")
+        r = job.wait(60)
+    finally:
+        os.close(tty)
+    assert r.shell_status == 7, (r.shell_status, r.stderr)
+    assert b"cbatch:" not in r.stderr, r.stderr
