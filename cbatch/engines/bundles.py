@@ -131,6 +131,19 @@ def instance_of(bundles: str, name: str) -> Optional[str]:
     return None
 
 
+def instance_metas(bundles: str, instance: str) -> Dict[str, dict]:
+    """The bundles of ``instance`` and their ``meta.json`` records (name -> record), each read once: the
+    records the scan itself read."""
+    read: Dict[str, dict] = {}
+
+    def meta_of(path: str) -> Optional[dict]:
+        meta = read_json(path)
+        if meta:
+            read[os.path.basename(os.path.dirname(path))] = meta
+        return meta
+    return {name: read[name] for name in scan(bundles, {"cbatch.instance": instance}, meta_of)}
+
+
 def scan(bundles: str, labels: Dict[str, str], meta_of: Callable[[str], Optional[dict]],
          unmatched: Optional[Dict[str, int]] = None) -> List[str]:
     """Names of the bundles whose ``meta.json`` labels include every one of ``labels``.

@@ -375,19 +375,8 @@ class DirectEngine(DirectExecOps):
 
     def drop_idle_holds(self) -> None:
         """Let Docker remove images no direct container of this instance uses any more."""
-        used = {meta.get("image_id") for meta in self._instance_metas().values()}
+        used = {meta.get("image_id") for meta in bundles.instance_metas(self.bundles, self.instance).values()}
         self.holds.drop_idle(lambda image_id: image_id in used)
-
-    def _instance_metas(self) -> Dict[str, dict]:
-        """This instance's containers and their records, each ``meta.json`` read once (by the scan itself)."""
-        read: Dict[str, dict] = {}
-
-        def meta_of(path: str) -> Optional[dict]:
-            meta = bundles.read_json(path)
-            if meta:
-                read[os.path.basename(os.path.dirname(path))] = meta
-            return meta
-        return {PREFIX + n: read[n] for n in bundles.scan(self.bundles, {LABEL_INSTANCE: self.instance}, meta_of)}
 
     def list_ids(self, labels: Dict[str, str], unmatched: Optional[Dict[str, int]] = None) -> List[str]:
         """Ids of this node's direct containers carrying every one of ``labels`` (bundles on disk);
@@ -396,9 +385,9 @@ class DirectEngine(DirectExecOps):
 
     def adopt(self) -> None:
         """After a restart: count the surviving containers' images as held, drop unused holders."""
-        for cid, meta in self._instance_metas().items():
+        for name, meta in bundles.instance_metas(self.bundles, self.instance).items():
             if meta.get("image_id"):
-                self.holds.adopt(meta["image_id"], cid)
+                self.holds.adopt(meta["image_id"], PREFIX + name)
         self.holds.sweep()
         bundles.sweep(self.bundles, self.instance)
 
