@@ -126,8 +126,13 @@ def test_pinned_mounts_show_the_right_content_and_leave_nothing(pmom, pdaemon, a
 def _fork_server(daemon) -> int:
     """The pid of ``daemon``'s fork server (cbatch.host.forkserver), from its log line, checked in /proc."""
     pid = int(re.findall(r"fork server: pid (\d+)", daemon.log())[-1])
-    status = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
-    assert (status["Name"], int(status["PPid"])) == ("cbatchd-fork", daemon.proc.pid)
+
+    def status() -> dict:
+        return dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    # The daemon logs the pid when it has spawned the server, which names itself only once its interpreter is
+    # up (forkserver.serve_forever): a test right after a (re)start used to read "python3" here.
+    assert wait_until(lambda: status()["Name"] == "cbatchd-fork", 10) is not None, status()
+    assert int(status()["PPid"]) == daemon.proc.pid
     return pid
 
 
