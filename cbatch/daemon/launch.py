@@ -281,7 +281,7 @@ def _proxy_again(daemon, cid: str, job_id: str, info: dict, fds) -> tuple:
     which), now between the reattached client's own descriptors and a new attach stream. A terminal gets its
     input again; other stdin does not (Docker closed it when the old attach ended). Without a new stream the
     session goes on unproxied, as before, and says so in the log."""
-    pump = [bool(x) for x in (info.get("pump") or ())][:3]
+    pump = ([bool(x) for x in (info.get("pump") or ())] + [False] * 3)[:3]
     tty = bool(info.get("tty"))
     none = (None, None, None)
     if not (tty or any(pump)) or len(fds) != 3 or not daemon.engine.proxied(cid):
@@ -297,7 +297,6 @@ def _proxy_again(daemon, cid: str, job_id: str, info: dict, fds) -> tuple:
         return None, none
     if tty:
         return fds[0], none
-    pump += [False] * (3 - len(pump))
     return None, (None, fds[1] if pump[1] else None, fds[2] if pump[2] else None)
 
 

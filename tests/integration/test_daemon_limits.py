@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from torque_helpers import cbatch_lines, script, wait_until
+from torque_helpers import cbatch_lines, reattached, script, wait_until
 
 CBATCH = str(Path(sys.executable).parent / "cbatch")
 IMG = "cbatch-test/busybox:1"
@@ -177,10 +177,7 @@ $C run --image {IMG} echo after
     assert job.wait_output(b"both-up\n", timeout=120), (job.peek(), d.log()[-3000:])
     d.restart()
     # The moment: both runs' clients have taken their containers back from the restarted daemon.
-    def reattached() -> int:
-        return sum(f"job {job.job_id}: container " in ln and ln.endswith("reattached")
-                   for ln in d.log().splitlines())
-    assert wait_until(lambda: reattached() == 2, timeout=60) is not None, d.log()[-3000:]
+    assert wait_until(lambda: reattached(d, job.job_id) == 2, timeout=60) is not None, d.log()[-3000:]
     (workdir / "restarted").touch()
     r = job.wait(120)
     out = r.stdout.decode().splitlines()

@@ -309,9 +309,10 @@ def _libexec_copy(helper: str) -> Path:
     libexec = Path(f"/run/cbatch-test/shimwrap-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     libexec.mkdir(mode=0o755, parents=True)
     src = Path(helper).parent
-    for name, mode in (("cbatch-exec", 0o755), ("cbatch-filter", 0o711), ("cbatch-shim", 0o755)):
-        shutil.copy(src / name, libexec / (name + ".real" if name == "cbatch-shim" else name))
-        os.chmod(libexec / (name + ".real" if name == "cbatch-shim" else name), mode)
+    for name, copy, mode in (("cbatch-exec", "cbatch-exec", 0o755), ("cbatch-filter", "cbatch-filter", 0o711),
+                             ("cbatch-shim", "cbatch-shim.real", 0o755)):
+        shutil.copy(src / name, libexec / copy)
+        os.chmod(libexec / copy, mode)
     (libexec / "cbatch-shim").touch(mode=0o755)
     return libexec
 

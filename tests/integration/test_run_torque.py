@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from torque_helpers import job_containers, script, wait_until
+from torque_helpers import job_containers, reattached, script, wait_until
 
 CBATCH = str(Path(sys.executable).parent / "cbatch")     # this venv's cbatch: the code under test
 IMG = "cbatch-test/busybox:1"
@@ -212,8 +212,7 @@ wait
 """, workdir=workdir)
     assert job.wait_output(b"one\n", timeout=60), (job.peek(), d.log()[-2000:])
     d.restart()
-    assert wait_until(lambda: any(f"job {job.job_id}: container " in ln and ln.endswith("reattached")
-                                  for ln in d.log().splitlines()), 60) is not None, d.log()[-3000:]
+    assert wait_until(lambda: reattached(d, job.job_id), 60) is not None, d.log()[-3000:]
     (workdir / "go").touch()
     r = job.wait(120)
     assert (r.exit_status, r.stdout.decode().splitlines(), r.stderr.decode().splitlines()) == \

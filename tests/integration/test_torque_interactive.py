@@ -15,7 +15,7 @@ import time
 import pytest
 
 from cbatch.emulator import momproc
-from torque_helpers import script, wait_until
+from torque_helpers import reattached, script, wait_until
 
 pytestmark = [pytest.mark.root, pytest.mark.docker]
 
@@ -170,10 +170,6 @@ def test_second_start_from_the_job_session_is_refused(mom, daemon, alice, tmp_pa
     assert b"cbatch: start:" in out, out
 
 
-def _reattached(d, job) -> bool:
-    return any(f"job {job.job_id}: container " in ln and ln.endswith("reattached") for ln in d.log().splitlines())
-
-
 def test_an_interactive_container_job_keeps_its_terminal_across_a_daemon_restart(daemon_factory, mom_factory,
                                                                                   alice):
     """cbatchd restarted (an upgrade) under a user's `qsub -I` shell in a container: the starter reattaches and
@@ -188,7 +184,7 @@ def test_an_interactive_container_job_keeps_its_terminal_across_a_daemon_restart
         _type(tty, b"echo before-$((20+1))\n")
         _read_until(tty, b"before-21")
         d.restart()
-        assert wait_until(lambda: _reattached(d, job), 60) is not None, d.log()[-3000:]
+        assert wait_until(lambda: reattached(d, job.job_id), 60) is not None, d.log()[-3000:]
         _type(tty, b"echo after-$((40+2)); tty\n")
         out = _read_until(tty, b"/dev/pts/", 30)
         assert b"after-42" in out, out

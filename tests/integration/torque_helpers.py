@@ -135,6 +135,11 @@ def run_epilogue(mom, job, exit_status: int = 0) -> subprocess.CompletedProcess:
                           stdin=subprocess.DEVNULL, cwd=mom.mom_priv, timeout=60)
 
 
+def reattached(daemon, job_id: str) -> int:
+    """How many of ``job_id``'s clients have taken their containers back from ``daemon`` (its log lines)."""
+    return sum(f"job {job_id}: container " in ln and ln.endswith("reattached") for ln in daemon.log().splitlines())
+
+
 def wait_until(predicate, timeout: float, interval: float = 0.05) -> Optional[float]:
     """Poll ``predicate`` until true; return the seconds it took, or None on timeout."""
     import time
